@@ -1,0 +1,4 @@
+# The cffi extension modules need setup.py's cffi_modules hook; everything else is in pyproject.toml.
+from setuptools import setup
+
+setup(cffi_modules=["reporter/_build.py:ffi", "tracker/_build.py:ffi"])
