@@ -1,0 +1,323 @@
+"""`nbdrep verify`: compare two NBD exports and list the ranges that differ.
+
+Theory of operation
+-------------------
+Both exports are read chunk by chunk (default 4 MiB) with libnbd aio over
+one connection each, `DEPTH` chunks ahead on both sides, from one thread
+driving both sockets with `Pump`; the two sides are therefore read
+concurrently and libnbd releases the GIL while it waits.
+
+Each chunk pair is compared with ``bytes ==`` (memcmp).  Hashing both sides
+(blake2b) would only add CPU: both buffers are in this process anyway, and
+on these machines blake2b ran at ~0.3 GB/s against ~8 GB/s for memcmp.  A
+differing chunk is narrowed to its differing 4 KiB blocks, and ranges that
+touch are merged, so the result is the exact set of differing blocks.
+
+When both exports support base:allocation, block status is asked once per
+`ZERO_WINDOW` bytes (256 MiB), and a chunk that both sides report
+as reading zeros (STATE_ZERO; a hole without that bit proves nothing) is
+skipped without being read.
+
+Exports of different sizes differ: the common prefix is compared and the
+tail past the smaller size is reported as one more range.
+"""
+
+import argparse
+import bisect
+import collections
+import re
+import sys
+import time
+
+import nbd
+
+from copier.replica import Pump, ReplicaError, Stalled, connect, describe_error, parse_uri
+
+BLOCK = 4096
+DEPTH = 4
+ZERO_WINDOW = 256 << 20
+IO_TIMEOUT = 60.0
+PROGRESS_INTERVAL = 0.25
+UNITS = ("KiB", "MiB", "GiB", "TiB")
+SHIFTS = {"": 0, "K": 10, "M": 20, "G": 30}
+
+
+def verify(source_uri, replica_uri, *, chunk=4 << 20, progress=None, connect_timeout=10.0):
+    """Return the sorted, merged (offset, length) ranges where the two exports differ.
+
+    [] means byte-for-byte equal.  Ranges are 4 KiB-block precise (the
+    last block of an export may be shorter).  `progress(done, total)` is
+    called at most every 0.25 s and at the end.  Raises ValueError for a bad
+    URI or chunk, ReplicaError if an export is unreachable or a read fails.
+
+    Cost: reads both exports once (minus ranges zero on both sides);
+    memory O(DEPTH * chunk + number of differing ranges).
+    """
+    check_chunk(chunk)
+    parse_uri(source_uri)
+    parse_uri(replica_uri)
+    source = connect(source_uri, timeout=connect_timeout, what="source", block_status=True)
+    replica = connect(replica_uri, timeout=connect_timeout, what="replica", block_status=True)
+    sizes = source.get_size(), replica.get_size()
+    ranges = _Comparison((source, replica), chunk, min(sizes), progress).run()
+    if sizes[0] != sizes[1]:
+        add_range(ranges, min(sizes), abs(sizes[0] - sizes[1]))
+    for h in (source, replica):
+        h.aio_disconnect()
+    return ranges
+
+
+def check_chunk(chunk):
+    """Raise ValueError unless `chunk` is a positive multiple of 4 KiB (at most 64 MiB). O(1)."""
+    if not isinstance(chunk, int) or chunk <= 0 or chunk % BLOCK or chunk > 64 << 20:
+        raise ValueError(f"bad chunk {chunk!r}: must be a multiple of {BLOCK} bytes, "
+                         "at most 64 MiB")
+
+
+def add_range(ranges, offset, length):
+    """Append (offset, length) to sorted `ranges`, merging with the last if they touch. O(1)."""
+    if ranges and ranges[-1][0] + ranges[-1][1] == offset:
+        start, _ = ranges[-1]
+        ranges[-1] = (start, offset + length - start)
+    else:
+        ranges.append((offset, length))
+
+
+def differing_blocks(a, b, offset):
+    """Yield (offset, length) of each 4 KiB block where equal-length `a` and `b` differ.
+
+    `offset` is where `a` starts in the export.  O(len(a)).
+    """
+    for i in range(0, len(a), BLOCK):
+        if a[i:i + BLOCK] != b[i:i + BLOCK]:
+            yield offset + i, min(BLOCK, len(a) - i)
+
+
+def zero_extents(h, offset, length):
+    """Return merged [start, end) extents of the range that `h` reports as reading zeros.
+
+    Uses base:allocation block status (STATE_ZERO only).  O(extents) calls
+    to the server in the worst case, usually one.
+    """
+    found = []
+    pos, end = offset, offset + length
+    while pos < end:
+        before = pos
+        entries = _block_status(h, pos, end - pos)
+        for i in range(0, len(entries), 2):
+            stop = min(pos + entries[i], end)
+            if entries[i + 1] & nbd.STATE_ZERO:
+                _add_extent(found, pos, stop)
+            pos = stop
+        if pos == before:
+            break
+    return found
+
+
+def _block_status(h, offset, length):
+    entries = []
+
+    def extent(metacontext, _offset, got, _error):
+        if metacontext == nbd.CONTEXT_BASE_ALLOCATION:
+            entries.extend(got)
+        return 0
+
+    h.block_status(length, offset, extent)
+    return entries
+
+
+def _add_extent(extents, start, end):
+    if extents and extents[-1][1] == start:
+        extents[-1] = (extents[-1][0], end)
+    else:
+        extents.append((start, end))
+
+
+def covered(extents, start, end):
+    """True if [start, end) lies inside one of the merged, sorted `extents`. O(log n)."""
+    i = bisect.bisect_right(extents, (start, float("inf"))) - 1
+    return i >= 0 and extents[i][0] <= start and end <= extents[i][1]
+
+
+class _Read:
+    """One chunk read in flight on one side; its buffer and outcome."""
+
+    __slots__ = ("buffer", "done", "error")
+
+    def __init__(self, length):
+        self.buffer = bytearray(length)
+        self.done = False
+        self.error = 0
+
+    def __call__(self, error):
+        self.done = True
+        self.error = error.value
+        return 1
+
+
+class _Comparison:
+    """Reads the common prefix of both exports and collects the differing ranges."""
+
+    def __init__(self, handles, chunk, size, progress):
+        self.handles = handles
+        self.chunk = chunk
+        self.size = size
+        self.pump = Pump(handles)
+        self.pending = collections.deque()
+        self.ranges = []
+        self.progress = progress
+        self.done = 0
+        self.last_progress = time.monotonic()
+        self.skip_zero = all(h.can_meta_context(nbd.CONTEXT_BASE_ALLOCATION) for h in handles)
+
+    def run(self):
+        try:
+            for offset, length in self._chunks_to_read():
+                self._issue(offset, length)
+                if len(self.pending) >= DEPTH:
+                    self._finish_head()
+            while self.pending:
+                self._finish_head()
+        except nbd.Error as e:
+            raise ReplicaError(f"verify: NBD connection failed: {e}", e.errnum) from None
+        except Stalled:
+            raise ReplicaError(f"verify: an export did not answer for {IO_TIMEOUT:g} s") from None
+        self._tick(0, final=True)
+        return self.ranges
+
+    def _chunks_to_read(self):
+        window = max(self.chunk, ZERO_WINDOW // self.chunk * self.chunk)
+        for start in range(0, self.size, window):
+            length = min(window, self.size - start)
+            zeros = self._zeros_on_both(start, length)
+            for offset in range(start, start + length, self.chunk):
+                n = min(self.chunk, self.size - offset)
+                if zeros and all(covered(z, offset, offset + n) for z in zeros):
+                    self._tick(n)
+                else:
+                    yield offset, n
+
+    def _zeros_on_both(self, start, length):
+        if not self.skip_zero:
+            return None
+        return [zero_extents(h, start, length) for h in self.handles]
+
+    def _issue(self, offset, length):
+        reads = []
+        for h in self.handles:
+            read = _Read(length)
+            h.aio_pread(nbd.Buffer.from_buffer(read.buffer), offset, completion=read)
+            reads.append(read)
+        self.pending.append((offset, reads))
+
+    def _finish_head(self):
+        offset, reads = self.pending[0]
+        while not all(r.done for r in reads):
+            self.pump.wait(IO_TIMEOUT)
+        self.pending.popleft()
+        for side, r in zip(("source", "replica"), reads):
+            if r.error:
+                raise ReplicaError(f"verify: reading the {side} at offset {offset} failed: "
+                                   f"{describe_error(r.error)}", r.error)
+        a, b = reads[0].buffer, reads[1].buffer
+        if a != b:
+            for off, n in differing_blocks(a, b, offset):
+                add_range(self.ranges, off, n)
+        self._tick(len(a))
+
+    def _tick(self, n, final=False):
+        self.done += n
+        now = time.monotonic()
+        if self.progress and (final or now - self.last_progress >= PROGRESS_INTERVAL):
+            self.last_progress = now
+            self.progress(self.done, self.size)
+
+
+def human(n):
+    """Format a byte count with binary units ('1.5 MiB'). O(1)."""
+    if n < 1024:
+        return f"{n} bytes"
+    exponent = min(len(UNITS), (n.bit_length() - 1) // 10)
+    return f"{n / (1 << 10 * exponent):.1f} {UNITS[exponent - 1]}"
+
+
+class ProgressLine:
+    """Prints verify progress to `stream`: CR-updated on a TTY, else one line per 25 %."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.tty = stream.isatty()
+        self.start = time.monotonic()
+        self.next_quarter = 25
+        self.shown = False
+
+    def __call__(self, done, total):
+        percent = 100 if total == 0 else done * 100 // total
+        rate = done / max(time.monotonic() - self.start, 1e-6) / 1e6
+        text = f"verify: {percent:3d}% of {human(total)}, {rate:.0f} MB/s"
+        if self.tty:
+            self.stream.write("\r" + text)
+        elif percent >= self.next_quarter:
+            self.stream.write(text + "\n")
+            self.next_quarter = (percent // 25 + 1) * 25
+        self.shown = True
+        self.stream.flush()
+
+    def finish(self):
+        if self.tty and self.shown:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def format_ranges(ranges):
+    """Return the differing ranges as a text table (bytes and binary units). O(n)."""
+    total = sum(n for _, n in ranges)
+    lines = [f"{len(ranges)} differing range(s), {total} bytes ({human(total)}):",
+             f"{'offset':>16} {'':12} {'length':>16}"]
+    for offset, length in ranges:
+        lines.append(f"{offset:>16} {'(' + human(offset) + ')':12} {length:>16} ({human(length)})")
+    return "\n".join(lines)
+
+
+def parse_size(text):
+    """Parse '4194304', '512K', '4M', '4MiB' into bytes (binary units). O(len(text))."""
+    match = re.fullmatch(r"(\d+)\s*([KMG]?)(I?B)?", text.strip(), re.IGNORECASE)
+    if not match:
+        raise argparse.ArgumentTypeError(f"bad size {text!r}: use BYTES or a K/M/G suffix")
+    return int(match[1]) << SHIFTS[match[2].upper()]
+
+
+def _parser():
+    p = argparse.ArgumentParser(
+        prog="nbdrep verify",
+        description="Compare two NBD exports byte for byte. Exit 0 if equal, 1 if they "
+                    "differ (the ranges are printed), 2 on error.")
+    p.add_argument("source", metavar="SOURCE_URI", help="nbd:// or nbd+unix:// URI")
+    p.add_argument("replica", metavar="REPLICA_URI", help="nbd:// or nbd+unix:// URI")
+    p.add_argument("--chunk", type=parse_size, default=4 << 20, metavar="BYTES",
+                   help="bytes read per request, a multiple of 4096 (default 4M)")
+    p.add_argument("--quiet", action="store_true", help="no progress, no 'equal' line")
+    return p
+
+
+def main(argv=None):
+    """Run `nbdrep verify`; return the exit status (0 equal, 1 differ, 2 error)."""
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as e:
+        return e.code
+    line = None if args.quiet else ProgressLine(sys.stderr)
+    try:
+        ranges = verify(args.source, args.replica, chunk=args.chunk, progress=line)
+    except (ValueError, ReplicaError) as e:
+        print(f"nbdrep verify: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if line:
+            line.finish()
+    if ranges:
+        print(format_ranges(ranges))
+        return 1
+    if not args.quiet:
+        print("equal: the source and the replica are identical")
+    return 0

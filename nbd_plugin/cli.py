@@ -1,0 +1,308 @@
+"""The ``nbdrep`` command: serve, rp, status, report, verify.
+
+``serve`` runs nbdkit in the foreground with this package's plugin. nbdkit embeds Debian's
+``/usr/bin/python3``, which knows nothing of our venv, so the CLI hands it the package root
+and the venv's sys.path through PYTHONPATH.
+"""
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import nbd_plugin
+from nbd_plugin import control, startup
+from nbd_plugin.params import Config
+
+PLUGIN = os.path.join(os.path.dirname(os.path.abspath(nbd_plugin.__file__)), "plugin.py")
+PACKAGE_ROOT = os.path.dirname(os.path.dirname(PLUGIN))
+START_TIMEOUT = 60.0
+
+
+def default_state_dir():
+    base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+    return os.path.join(base, "nbdrep")
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (CLIError, *startup.ERRORS) as e:
+        print(f"nbdrep: {e}", file=sys.stderr)
+        return 2
+
+
+class CLIError(Exception):
+    """A user-facing failure with a clear message."""
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="nbdrep", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(required=True, metavar="COMMAND")
+    _add_serve(sub)
+    _add_rp(sub)
+    _add_status(sub)
+    _add_report(sub)
+    verify = sub.add_parser("verify", help="compare two NBD exports", add_help=False)
+    verify.add_argument("rest", nargs=argparse.REMAINDER)
+    verify.set_defaults(func=lambda a: _verify(a.rest))
+    return parser
+
+
+def _control_arg(p):
+    p.add_argument("--control", default=os.path.join(default_state_dir(), "control.sock"),
+                   help="the server's control socket (default: %(default)s)")
+
+
+def _add_serve(sub):
+    p = sub.add_parser("serve", help="serve sources over NBD, tracking and replicating writes")
+    p.add_argument("--source", action="append", required=True, metavar="[NAME=]PATH",
+                   help="file or block device to serve; repeat with NAME= for named exports")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--socket", metavar="PATH", help="listen on this unix socket")
+    where.add_argument("--port", type=int, metavar="N", help="listen on this TCP port")
+    p.add_argument("--bind", default="127.0.0.1", help="TCP address with --port (default: %(default)s)")
+    p.add_argument("--replica", action="append", default=[], metavar="[NAME=]URI",
+                   help="NBD URI of the replica export (nbd://, nbd+unix://); one per source")
+    p.add_argument("--cycle", default="1", metavar="SECONDS", help="RP interval (default: %(default)s)")
+    p.add_argument("--control", metavar="PATH", help="control socket (default: SOCKET.ctl, or in --state)")
+    p.add_argument("--state", default=default_state_dir(), metavar="DIR",
+                   help="state directory (default: %(default)s)")
+    p.add_argument("--tracking", choices=("on", "off"), default="on",
+                   help="off serves without tracking, for benchmarks")
+    p.add_argument("--readonly", action="store_true", help="serve read-only")
+    p.add_argument("--threads", type=int, default=16, help="nbdkit worker threads (default: %(default)s)")
+    p.add_argument("--keepaside-mem", default="256M", help="memory for point-in-time copies before spilling")
+    p.add_argument("--tracker-mem", default="64M", help="memory cap of the tracker's TE arrays")
+    p.add_argument("--verbose", action="store_true", help="nbdkit -v")
+    p.set_defaults(func=_serve)
+
+
+def _add_rp(sub):
+    p = sub.add_parser("rp", help="take a recovery point now")
+    p.add_argument("--wait", action="store_true", help="return when the cycle is committed")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait (default: %(default)s)")
+    _control_arg(p)
+    p.set_defaults(func=_rp)
+
+
+def _add_status(sub):
+    p = sub.add_parser("status", help="show the replication session")
+    fmt = p.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true", help="machine-readable")
+    fmt.add_argument("--prometheus", action="store_true", help="Prometheus text format")
+    _control_arg(p)
+    p.set_defaults(func=_status)
+
+
+def _add_report(sub):
+    p = sub.add_parser("report", help="print the extents of the newest report, as JSON")
+    _control_arg(p)
+    p.set_defaults(func=_report)
+
+
+# -- serve ------------------------------------------------------------------------------------
+
+def serve_config(args):
+    """The plugin's key=value parameters for ``args``, checked exactly as the plugin checks them."""
+    params = [("source", s) for s in args.source] + [("replica", r) for r in args.replica]
+    params += [("cycle", str(args.cycle)), ("tracking", args.tracking), ("state", args.state),
+               ("control", control_path(args)), ("readonly", "on" if args.readonly else "off"),
+               ("keepaside-mem", args.keepaside_mem), ("tracker-mem", args.tracker_mem)]
+    cfg = Config()
+    for key, value in params:
+        cfg.add(key, value)
+    cfg.complete()
+    return cfg, params
+
+
+def preflight(cfg):
+    """The plugin's start-up checks, run here first so a failure is one clean line."""
+    backends = startup.open_sources(cfg)
+    try:
+        startup.check(cfg, backends, record=False)
+    finally:
+        for backend in backends.values():
+            backend.close()
+
+
+def control_path(args):
+    if args.control:
+        return args.control
+    if args.socket:
+        return args.socket + ".ctl"
+    return os.path.join(args.state, f"control-{args.port}.sock")
+
+
+def nbdkit_command(args, params):
+    cmd = ["nbdkit", "--foreground", "--exit-with-parent", "--threads", str(args.threads)]
+    if args.verbose:
+        cmd.append("--verbose")
+    if args.readonly:
+        cmd.append("--readonly")
+    if args.socket:
+        cmd += ["--unix", args.socket]
+    else:
+        cmd += ["--ipaddr", args.bind, "--port", str(args.port)]
+    return cmd + ["python", PLUGIN] + [f"{k}={v}" for k, v in params]
+
+
+def nbdkit_env():
+    env = dict(os.environ)
+    paths = [PACKAGE_ROOT] + [p for p in sys.path if p and os.path.isdir(p)]
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def _serve(args):
+    if args.threads < 1:
+        raise CLIError("--threads must be at least 1")
+    if args.port is not None and not 0 < args.port < 65536:
+        raise CLIError(f"--port {args.port} is not a TCP port")
+    cfg, params = serve_config(args)
+    preflight(cfg)
+    os.makedirs(args.state, exist_ok=True)
+    proc = subprocess.Popen(nbdkit_command(args, params), env=nbdkit_env())
+    forward = lambda signum, frame: proc.send_signal(signum)  # noqa: E731
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, forward)
+    if _wait_listening(proc, args):
+        print(attach_help(args), flush=True)
+    return proc.wait()
+
+
+def _wait_listening(proc, args):
+    """True once nbdkit accepts connections; False if it exited first (its stderr says why)."""
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline and proc.poll() is None:
+        if _listening(args):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _listening(args):
+    if args.socket:
+        return os.path.exists(args.socket)
+    with socket.socket() as s:
+        return s.connect_ex((args.bind, args.port)) == 0
+
+
+def attach_help(args):
+    if args.socket:
+        uri = f"nbd+unix:///?socket={args.socket}"
+        kernel = f"nbd-client -unix {args.socket} /dev/nbd0"
+    else:
+        uri = f"nbd://{args.bind}:{args.port}/"
+        kernel = f"nbd-client {args.bind} {args.port} /dev/nbd0"
+    return "\n".join([
+        f"nbdrep: serving {', '.join(args.source)} at {uri}",
+        f"  kernel:  {kernel}",
+        f"  fuse:    mkdir m && nbdfuse m/disk '{uri}' &   # then losetup -f --show m/disk",
+        f"  fio:     fio --ioengine=nbd --uri='{uri}' ...",
+        f"  control: nbdrep status --control {control_path(args)}",
+    ])
+
+
+# -- control clients ---------------------------------------------------------------------------
+
+def _ask(args, message, timeout=10.0):
+    try:
+        reply = control.request(args.control, message, timeout)
+    except (FileNotFoundError, ConnectionRefusedError):
+        raise CLIError(f"no nbdrep server at control socket {args.control}") from None
+    except TimeoutError:
+        raise CLIError(f"control socket {args.control} did not answer in {timeout:.0f} s") from None
+    if "error" in reply:
+        raise CLIError(reply["error"])
+    return reply
+
+
+def _rp(args):
+    if not 0 < args.timeout <= 86400:
+        raise CLIError(f"--timeout {args.timeout} must be > 0 and at most 86400 seconds")
+    reply = _ask(args, {"cmd": "rp", "wait": args.wait, "timeout": args.timeout},
+                 timeout=args.timeout + 10)
+    if args.wait and not reply["committed"]:
+        print(f"nbdrep: cycle {reply['cycle']} not committed within {args.timeout} s", file=sys.stderr)
+        return 1
+    print(reply["cycle"])
+    return 0
+
+
+def _status(args):
+    if args.prometheus:
+        print(_ask(args, {"cmd": "metrics"})["text"], end="")
+        return 0
+    status = _ask(args, {"cmd": "status"})
+    print(json.dumps(status, indent=2) if args.json else format_status(status))
+    return 0
+
+
+def _report(args):
+    print(json.dumps(_ask(args, {"cmd": "report"})))
+    return 0
+
+
+def _verify(rest):
+    from copier import verify
+    return verify.main(rest)
+
+
+# -- status table ------------------------------------------------------------------------------
+
+COLUMNS = ("cycle", "state", "writes", "extents", "bytes_written", "bytes_copied", "bytes_zeroed",
+           "rp_time", "commit_time")
+
+
+def format_status(status, rows=10):
+    """The status dict as a readable summary and a table of recent cycles."""
+    lag = "-" if status["lag"] is None else f"{status['lag']:.2f} s"
+    head = [
+        f"state: {status['state']}   cycle: {status['cycle']}   "
+        f"committed: {status['committed_cycle'] if status['replicated'] else '(no replica)'}   lag: {lag}",
+    ]
+    head += [f"  export {d['name'] or '(default)'!r}: {d['path']} ({_human(d['size'])})"
+             f" -> {d['replica'] or '-'}" for d in status["devices"]]
+    cycles = status["cycles"][-rows:]
+    table = [list(COLUMNS)] + [[_cell(c, k) for k in COLUMNS] for c in cycles]
+    widths = [max(len(r[i]) for r in table) for i in range(len(COLUMNS))]
+    lines = ["  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in table]
+    return "\n".join(head + [""] + lines)
+
+
+def _cell(cycle, key):
+    value = cycle[key]
+    if value is None:
+        return "-"
+    if key.endswith("_time"):
+        return time.strftime("%H:%M:%S", time.localtime(value)) + f".{int(value * 1000) % 1000:03d}"
+    if key.startswith("bytes"):
+        return _human(value)
+    if key == "state":
+        return _state_cell(cycle)
+    return str(value)
+
+
+def _state_cell(cycle):
+    text = cycle["state"]
+    if text == "copying" and cycle["bytes_total"]:
+        text += f" {100 * cycle['bytes_done'] // cycle['bytes_total']}%"
+    return text + " (sync)" if cycle["initial_sync"] else text
+
+
+def _human(n):
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            break
+        n /= 1024
+    return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

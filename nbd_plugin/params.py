@@ -1,0 +1,149 @@
+"""The plugin's parameters: ``nbdkit python plugin.py key=value ...``, parsed and checked.
+
+Everything is validated before a single source is opened, so a bad parameter fails at
+start-up with one clear message and touches no data.
+"""
+import dataclasses
+import math
+import re
+
+from copier.replica import parse_uri
+
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+KEYS = ("source", "replica", "tracking", "readonly", "cycle", "control", "state", "keepaside-mem", "tracker-mem")
+SIZE_SUFFIXES = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+class ParamError(ValueError):
+    """A parameter nbdrep cannot accept; the message names it."""
+
+
+@dataclasses.dataclass
+class Source:
+    name: str
+    path: str
+    dev: int
+    replica: str | None = None
+
+
+@dataclasses.dataclass
+class Config:
+    sources: list = dataclasses.field(default_factory=list)
+    replicas: dict = dataclasses.field(default_factory=dict)
+    tracking: bool = True
+    readonly: bool = False
+    cycle: float = 1.0
+    control: str | None = None
+    state: str | None = None
+    keepaside_mem: int = 256 << 20
+    tracker_mem: int = 64 << 20
+
+    def add(self, key, value):
+        """Take one ``key=value`` from nbdkit's command line. O(1) (O(sources) for source names)."""
+        if key not in KEYS:
+            raise ParamError(f"unknown parameter {key!r} (known: {', '.join(KEYS)})")
+        _SETTERS[key](self, value)
+
+    def complete(self):
+        """Check the whole configuration once all parameters are in. O(sources)."""
+        if not self.sources:
+            raise ParamError("no source given: use source=PATH (or source=NAME=PATH)")
+        names = {s.name for s in self.sources}
+        for name, uri in self.replicas.items():
+            if name not in names:
+                raise ParamError(f"replica for {name or 'the default export'!r} names no source")
+            self.by_name(name).replica = uri
+        missing = [s.name or "(default)" for s in self.sources if self.replicas and s.replica is None]
+        if missing:
+            raise ParamError(f"every source of a replication session needs a replica; missing for {missing}")
+        if self.replicas and not self.tracking:
+            raise ParamError("replication needs tracking: drop tracking=off or the replicas")
+        if self.readonly and self.replicas:
+            raise ParamError("a read-only source never changes: replicate it once with nbdcopy instead")
+
+    def by_name(self, name):
+        """The source serving export ``name``, or None. O(sources)."""
+        return next((s for s in self.sources if s.name == name), None)
+
+
+def split_named(value, what):
+    """'NAME=VALUE' -> (NAME, VALUE); a plain VALUE -> ('', VALUE).
+
+    A prefix counts as a name only if it looks like one, so paths and URIs containing '='
+    (``nbd+unix:///?socket=/run/x``) stay whole.
+    """
+    head, sep, tail = value.partition("=")
+    if sep and NAME_RE.fullmatch(head):
+        return head, tail
+    if not value:
+        raise ParamError(f"empty {what}")
+    return "", value
+
+
+def parse_size(text, what):
+    """'256M' -> 268435456. Binary suffixes k, M, G, T; must be > 0."""
+    m = re.fullmatch(r"\s*(\d+)\s*([kKmMgGtT]?)\s*", text)
+    if not m:
+        raise ParamError(f"{what}={text!r} is not a size (e.g. 4096, 64M, 1G)")
+    size = int(m.group(1)) * SIZE_SUFFIXES[m.group(2).lower()]
+    if size <= 0:
+        raise ParamError(f"{what} must be > 0")
+    return size
+
+
+def parse_cycle(text):
+    """Cycle length in seconds: a finite number in (0, 86400]."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise ParamError(f"cycle={text!r} is not a number of seconds") from None
+    if not (math.isfinite(seconds) and 0 < seconds <= 86400):
+        raise ParamError(f"cycle={text!r} must be > 0 and at most 86400 seconds")
+    return seconds
+
+
+def _set_source(cfg, value):
+    name, path = split_named(value, "source")
+    if cfg.by_name(name) is not None:
+        raise ParamError(f"two sources for export {name or '(default)'!r}")
+    cfg.sources.append(Source(name, path, dev=len(cfg.sources)))
+
+
+def _set_replica(cfg, value):
+    name, uri = split_named(value, "replica")
+    try:
+        parse_uri(uri)
+    except ValueError as e:
+        raise ParamError(str(e)) from None
+    if name in cfg.replicas:
+        raise ParamError(f"two replicas for export {name or '(default)'!r}")
+    cfg.replicas[name] = uri
+
+
+def _set_switch(attr):
+    def setter(cfg, value):
+        if value not in ("on", "off"):
+            raise ParamError(f"{attr}={value!r}: use on or off")
+        setattr(cfg, attr, value == "on")
+    return setter
+
+
+def _set_path(attr):
+    def setter(cfg, value):
+        if not value:
+            raise ParamError(f"{attr}= needs a path")
+        setattr(cfg, attr, value)
+    return setter
+
+
+_SETTERS = {
+    "source": _set_source,
+    "replica": _set_replica,
+    "tracking": _set_switch("tracking"),
+    "readonly": _set_switch("readonly"),
+    "cycle": lambda cfg, v: setattr(cfg, "cycle", parse_cycle(v)),
+    "control": _set_path("control"),
+    "state": _set_path("state"),
+    "keepaside-mem": lambda cfg, v: setattr(cfg, "keepaside_mem", parse_size(v, "keepaside-mem")),
+    "tracker-mem": lambda cfg, v: setattr(cfg, "tracker_mem", parse_size(v, "tracker-mem")),
+}

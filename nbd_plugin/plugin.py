@@ -1,0 +1,208 @@
+"""nbdrep's nbdkit plugin: serves files or raw block devices and records every write.
+
+    nbdkit python /path/to/nbd_plugin/plugin.py source=disk.img [replica=nbd+unix:///?socket=r.sock]
+
+``nbdrep serve`` builds that command line; see ``nbd_plugin.params`` for every key.
+
+A flat module of nbdkit callbacks, as nbdkit's own example plugins are. Each write callback
+brackets the back-end call with ``session.begin_write``/``session.end_write``: begin tags the
+write with the open cycle (and, while a cycle is being copied, keeps aside the bytes it is
+about to overwrite), end records the tracking entry. A write that fails is recorded as data over
+its whole range, because its bytes may have changed and only reading the source tells how.
+
+Start-up order matters (nbdkit forks after ``get_ready``, and threads do not survive a fork):
+``config``/``config_complete`` parse and check, ``get_ready`` opens the sources and checks that
+every replica is reachable and big enough (its errors reach the user; those of ``after_fork``
+only reach syslog), ``after_fork`` starts the session's threads.
+"""
+import errno
+import logging
+import sys
+
+import nbdkit
+
+from copier.session import Session
+from nbd_plugin import startup
+from nbd_plugin.control import ControlServer
+from nbd_plugin.params import Config
+from tracker import KIND_DATA, KIND_TRIM, KIND_ZERO
+
+API_VERSION = 2
+
+config_ = Config()
+backends = {}
+session = None
+control = None
+
+
+class Handle:
+    __slots__ = ("backend", "dev")
+
+    def __init__(self, backend, dev):
+        self.backend = backend
+        self.dev = dev
+
+
+def thread_model():
+    return nbdkit.THREAD_MODEL_PARALLEL
+
+
+def config(key, value):
+    config_.add(key, value)
+
+
+def config_complete():
+    config_.complete()
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="nbdrep: %(message)s")
+
+
+def get_ready():
+    global session
+    backends.update(startup.open_sources(config_))
+    startup.check(config_, backends, record=True)
+    if config_.tracking:
+        session = Session(config_, backends)
+
+
+def after_fork():
+    global control
+    if session is None:
+        return
+    session.start()
+    if config_.control:
+        control = ControlServer(config_.control, session)
+        control.start()
+
+
+def cleanup():
+    if control is not None:
+        control.stop()
+    if session is not None:
+        session.stop()
+    for backend in backends.values():
+        backend.close()
+
+
+def list_exports(readonly, is_tls):
+    return [(s.name, s.path) for s in config_.sources]
+
+
+def default_export(readonly, is_tls):
+    return config_.sources[0].name
+
+
+def open(readonly):
+    name = nbdkit.export_name()
+    src = config_.by_name(name)
+    if src is None:
+        nbdkit.set_error(errno.ENOENT)
+        raise LookupError(f"no export named {name!r}")
+    return Handle(backends[name], src.dev)
+
+
+def export_description(h):
+    return h.backend.path
+
+
+def get_size(h):
+    return h.backend.size
+
+
+def block_size(h):
+    return (1, 4096, 0xFFFFFFFF)
+
+
+def is_rotational(h):
+    return False
+
+
+def can_multi_conn(h):
+    # One back end per export, shared by all connections: a flush on one covers them all.
+    return True
+
+
+def can_write(h):
+    return not h.backend.readonly
+
+
+def can_flush(h):
+    return True
+
+
+def can_trim(h):
+    return True
+
+
+def can_zero(h):
+    return True
+
+
+def can_fast_zero(h):
+    return True
+
+
+def can_fua(h):
+    return nbdkit.FUA_NATIVE
+
+
+def can_cache(h):
+    return nbdkit.CACHE_NATIVE
+
+
+def can_extents(h):
+    return True
+
+
+def pread(h, buf, offset, flags):
+    h.backend.pread(buf, offset)
+
+
+def pwrite(h, buf, offset, flags):
+    _tracked(h, KIND_DATA, offset, len(buf), lambda: h.backend.pwrite(buf, offset), flags)
+
+
+def zero(h, count, offset, flags):
+    may_trim = bool(flags & nbdkit.FLAG_MAY_TRIM)
+    fast = bool(flags & nbdkit.FLAG_FAST_ZERO)
+    try:
+        _tracked(h, KIND_ZERO, offset, count,
+                 lambda: h.backend.zero(offset, count, may_trim, fast), flags)
+    except OSError as e:
+        nbdkit.set_error(e.errno)
+        raise
+
+
+def trim(h, count, offset, flags):
+    kind = KIND_TRIM if h.backend.trim_reads_zero else KIND_DATA
+    _tracked(h, kind, offset, count, lambda: h.backend.trim(offset, count), flags)
+
+
+def flush(h, flags):
+    h.backend.flush()
+
+
+def cache(h, count, offset, flags):
+    h.backend.cache(offset, count)
+
+
+def extents(h, count, offset, flags):
+    hole = nbdkit.EXTENT_HOLE | nbdkit.EXTENT_ZERO
+    return [(off, length, hole if is_hole else 0)
+            for off, length, is_hole in h.backend.extents(offset, count)]
+
+
+def _tracked(h, kind, offset, length, write, flags):
+    """Run ``write`` on the back end inside a tracked bracket."""
+    if session is None:
+        write()
+    else:
+        cycle = session.begin_write(h.dev, offset, length)
+        ok = False
+        try:
+            write()
+            ok = True
+        finally:
+            session.end_write(cycle, h.dev, kind if ok else KIND_DATA, offset, length)
+    if flags & nbdkit.FLAG_FUA:
+        h.backend.flush()
+

@@ -1,0 +1,37 @@
+"""Start-up checks shared by the plugin's ``get_ready`` and ``nbdrep serve``'s preflight.
+
+nbdkit reports a failing callback as a Python traceback, so ``nbdrep serve`` runs the same
+checks first and prints one clean line; the plugin runs them again because nbdkit can also be
+started by hand. Nothing here writes to a source or a replica.
+"""
+import os
+
+from copier.replica import Replica, ReplicaError
+from nbd_plugin import state
+from nbd_plugin.backend import Backend, BackendError
+
+ERRORS = (BackendError, ReplicaError, state.StateError, ValueError)
+
+
+def open_sources(cfg):
+    """Open every source; on any failure close those already open and re-raise. O(sources)."""
+    backends = {}
+    try:
+        for src in cfg.sources:
+            backends[src.name] = Backend(src.path, readonly=cfg.readonly)
+    except BaseException:
+        for backend in backends.values():
+            backend.close()
+        raise
+    return backends
+
+
+def check(cfg, backends, record):
+    """Check sizes against the last run (recording them if ``record``) and every replica."""
+    if cfg.state:
+        sizes = {os.path.realpath(b.path): b.size for b in backends.values()}
+        state.check_sizes(cfg.state, sizes, record)
+    for src in cfg.sources:
+        if src.replica:
+            with Replica(src.replica) as replica:
+                replica.check_size(backends[src.name].size)

@@ -1,0 +1,320 @@
+"""Replica against real nbdkit servers on unix sockets under tmp_path."""
+
+import errno
+import hashlib
+import os
+import random
+import signal
+import socket
+import subprocess
+import time
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from copier.replica import Replica, ReplicaError, parse_uri, pieces, validate_sgl
+
+MiB = 1 << 20
+
+
+def wait_listening(sock, proc):
+    """Wait (at most ~10 s) until nbdkit accepts connections on `sock`."""
+    for _ in range(500):
+        assert proc.poll() is None, f"nbdkit exited with {proc.returncode}"
+        try:
+            with socket.socket(socket.AF_UNIX) as s:
+                s.connect(str(sock))
+            return
+        except OSError:
+            time.sleep(0.02)
+    pytest.fail(f"nbdkit did not listen on {sock}")
+
+
+def stop(proc):
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait(10)
+
+
+class Servers:
+    """Starts nbdkit processes; every one is stopped by pid at teardown."""
+
+    def __init__(self, directory):
+        self.directory = directory
+        self.procs = []
+
+    def start(self, name, *args):
+        sock = self.directory / f"{name}.sock"
+        if sock.exists():
+            sock.unlink()
+        log = open(self.directory / f"{name}.log", "ab")
+        proc = subprocess.Popen(["nbdkit", "-U", str(sock), "--exit-with-parent", "-f", *args],
+                                stdout=log, stderr=log)
+        log.close()
+        self.procs.append(proc)
+        wait_listening(sock, proc)
+        return f"nbd+unix:///?socket={sock}", proc
+
+    def stop_all(self):
+        for proc in self.procs:
+            stop(proc)
+
+
+@pytest.fixture
+def servers(tmp_path):
+    s = Servers(tmp_path)
+    yield s
+    s.stop_all()
+
+
+def make_image(path, size, seed):
+    data = random.Random(seed).randbytes(size)
+    path.write_bytes(data)
+    return bytearray(data)
+
+
+def apply(image, source, sgl):
+    """The oracle: what the replica must read after executing `sgl`."""
+    for offset, length, kind in sgl:
+        if kind == "data":
+            image[offset:offset + length] = source[offset:offset + length]
+        else:
+            image[offset:offset + length] = bytes(length)
+
+
+def reader(source):
+    return lambda offset, length: memoryview(source)[offset:offset + length]
+
+
+def digest(path):
+    return hashlib.blake2b(path.read_bytes()).hexdigest()
+
+
+MIXED_SGL = [
+    (0, 4096, "data"),
+    (4096, 12288, "zero"),
+    (20000, 777, "data"),
+    (65536, 3 * MiB, "trim"),
+    (4 * MiB, 1 * MiB + 5, "data"),
+    (5 * MiB + 100, 2 * MiB, "zero"),
+    (7 * MiB + 200, 100, "trim"),
+    (8 * MiB - 4096, 4096, "data"),
+]
+
+
+@pytest.mark.parametrize("connections", [1, 3])
+@pytest.mark.parametrize("filters", [[], ["--filter=nozero"]], ids=["zero", "nozero"])
+def test_execute_mixed_sgl_matches_oracle(servers, tmp_path, connections, filters):
+    img = tmp_path / "replica.img"
+    image = make_image(img, 8 * MiB, seed=1)
+    source = bytearray(random.Random(2).randbytes(8 * MiB))
+    uri, _ = servers.start("r", *filters, "file", str(img))
+    calls = []
+    with Replica(uri, connections=connections) as r:
+        assert r.can_zero == (not filters)
+        counts = r.execute(MIXED_SGL, reader(source), max_inflight=3,
+                           progress=lambda d, t: calls.append((d, t)))
+        r.flush()
+    apply(image, source, MIXED_SGL)
+    assert img.read_bytes() == image
+    sizes = {k: sum(n for _, n, kind in MIXED_SGL if kind == k) for k in ("data", "zero", "trim")}
+    assert counts == {"bytes_copied": sizes["data"], "bytes_zeroed": sizes["zero"],
+                      "bytes_trimmed": sizes["trim"], "segments": len(MIXED_SGL)}
+    assert calls[-1] == (sum(sizes.values()), sum(sizes.values()))
+
+
+def test_properties_and_size(servers, tmp_path):
+    img = tmp_path / "replica.img"
+    make_image(img, 3 * MiB, seed=3)
+    uri, _ = servers.start("r", "file", str(img))
+    with Replica(uri) as r:
+        assert r.size == 3 * MiB
+        assert r.can_flush and r.can_zero and r.can_trim
+        r.check_size(3 * MiB)
+        r.check_size(0)
+
+
+@pytest.fixture(scope="module")
+def shared_replica(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("shared")
+    s = Servers(directory)
+    img = directory / "replica.img"
+    image = make_image(img, 2 * MiB, seed=4)
+    uri, _ = s.start("r", "file", str(img))
+    try:
+        with Replica(uri, connections=2) as r:
+            yield r, img, image
+    finally:
+        s.stop_all()
+
+
+@st.composite
+def sgls(draw, size=2 * MiB):
+    cuts = sorted(set(draw(st.lists(st.integers(0, size), min_size=1, max_size=30))))
+    bounds = list(zip(cuts, cuts[1:]))
+    kinds = draw(st.lists(st.sampled_from(["data", "zero", "trim", None]),
+                          min_size=len(bounds), max_size=len(bounds)))
+    return [(a, b - a, k) for (a, b), k in zip(bounds, kinds) if k]
+
+
+@settings(deadline=None, max_examples=25, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(sgl=sgls(), seed=st.integers(0, 2**32), inflight=st.integers(1, 8))
+def test_random_sgl_matches_oracle(shared_replica, sgl, seed, inflight):
+    r, img, image = shared_replica
+    source = bytearray(random.Random(seed).randbytes(r.size))
+    r.execute(sgl, reader(source), max_inflight=inflight)
+    r.flush()
+    apply(image, source, sgl)
+    assert img.read_bytes() == image
+
+
+def test_too_small_replica_is_refused_and_untouched(servers, tmp_path):
+    img = tmp_path / "replica.img"
+    make_image(img, 1 * MiB, seed=5)
+    before = digest(img)
+    uri, _ = servers.start("r", "file", str(img))
+    with Replica(uri) as r:
+        with pytest.raises(ReplicaError, match=r"replica is smaller than the source "
+                                               r"\(1048576 < 2097152 bytes\)"):
+            r.check_size(2 * MiB)
+        with pytest.raises(ValueError, match="past the replica"):
+            r.execute([(0, 4096, "data"), (MiB - 10, 20, "zero")], reader(bytearray(2 * MiB)))
+    assert digest(img) == before
+
+
+@pytest.mark.parametrize("sgl, message", [
+    ([(0, 10, "copy")], "bad segment kind"),
+    ([(100, 10, "data"), (50, 10, "data")], "out of order"),
+    ([(0, 10, "data"), (5, 10, "zero")], "overlaps"),
+    ([(0, 0, "zero")], "empty"),
+])
+def test_bad_sgl_raises_before_writing(servers, tmp_path, sgl, message):
+    img = tmp_path / "replica.img"
+    make_image(img, MiB, seed=6)
+    before = digest(img)
+    uri, _ = servers.start("r", "file", str(img))
+    with Replica(uri) as r:
+        with pytest.raises(ValueError, match=message):
+            r.execute(sgl, reader(bytearray(MiB)))
+    assert digest(img) == before
+
+
+def test_short_read_is_a_value_error(servers):
+    uri, _ = servers.start("r", "memory", "1M")
+    with Replica(uri) as r:
+        with pytest.raises(ValueError, match="returned 10 bytes"):
+            r.execute([(0, 4096, "data")], lambda o, n: b"x" * 10)
+
+
+def test_unreachable_replica_fails_fast(tmp_path):
+    start = time.monotonic()
+    with pytest.raises(ReplicaError, match="cannot connect to replica.*ENOENT") as e:
+        Replica(f"nbd+unix:///?socket={tmp_path}/none.sock", connect_timeout=30)
+    assert e.value.errno == errno.ENOENT
+    assert time.monotonic() - start < 20
+
+
+def test_silent_server_times_out(tmp_path):
+    path = str(tmp_path / "silent.sock")
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(path)
+        listener.listen(1)
+        with pytest.raises(ReplicaError, match="no NBD handshake within 0.5 s"):
+            Replica(f"nbd+unix:///?socket={path}", connect_timeout=0.5)
+
+
+@pytest.mark.parametrize("uri", [
+    "x", "http://host/", "/dev/sda", "nbd+unix:///", "nbd:///export", "nbd+vsock://1", 42])
+def test_bad_uri_is_a_value_error(uri):
+    with pytest.raises(ValueError, match="bad NBD URI"):
+        parse_uri(uri)
+    with pytest.raises(ValueError, match="bad NBD URI"):
+        Replica(uri)
+
+
+def test_good_uris_are_accepted():
+    for uri in ["nbd://h", "nbds://h:10810/exp", "nbd+unix:///?socket=/s", "nbds+unix:///e?socket=/s"]:
+        assert parse_uri(uri) == uri
+
+
+def test_bad_parameters():
+    with pytest.raises(ValueError, match="connections"):
+        Replica("nbd://h", connections=0)
+    with pytest.raises(ValueError, match="timeout"):
+        Replica("nbd://h", connect_timeout=0)
+
+
+def test_failing_writes_raise_with_eio(servers):
+    uri, _ = servers.start("r", "--filter=error", "memory", "64M",
+                           "error-pwrite-rate=1", "error-pwrite=EIO")
+    sgl = [(i * 256 * 1024, 256 * 1024, "data") for i in range(40)]
+    with Replica(uri) as r:
+        with pytest.raises(ReplicaError, match=r"writing data at offset \d+.*EIO") as e:
+            r.execute(sgl, reader(bytearray(64 * MiB)), max_inflight=8)
+    assert e.value.errno == errno.EIO
+
+
+def test_killed_replica_raises_then_reconnect_works(servers, tmp_path):
+    img = tmp_path / "replica.img"
+    image = make_image(img, 8 * MiB, seed=7)
+    source = bytearray(random.Random(8).randbytes(8 * MiB))
+    uri, proc = servers.start("r", "file", str(img))
+    calls = 0
+
+    def read_then_kill(offset, length):
+        nonlocal calls
+        calls += 1
+        if calls == 10:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+        return memoryview(source)[offset:offset + length]
+
+    sgl = [(o, 64 * 1024, "data") for o in range(0, 8 * MiB, 64 * 1024)]
+    r = Replica(uri, io_timeout=30)
+    with pytest.raises(ReplicaError, match="replica"):
+        r.execute(sgl, read_then_kill, max_inflight=4)
+    assert calls < len(sgl)
+    with pytest.raises(ReplicaError, match="not connected"):
+        r.execute(sgl[:1], reader(source))
+    servers.start("r", "file", str(img))
+    r.reconnect()
+    r.execute(sgl, reader(source))
+    r.flush()
+    r.close()
+    apply(image, source, sgl)
+    assert img.read_bytes() == image
+
+
+def test_stalled_replica_times_out_then_reconnects(servers, tmp_path):
+    img = tmp_path / "replica.img"
+    make_image(img, 4 * MiB, seed=9)
+    uri, proc = servers.start("r", "file", str(img))
+    source = bytearray(4 * MiB)
+    r = Replica(uri, io_timeout=0.5)
+    os.kill(proc.pid, signal.SIGSTOP)
+    try:
+        with pytest.raises(ReplicaError, match="did not answer for 0.5 s") as e:
+            r.execute([(0, 4 * MiB, "data")], reader(source))
+        assert e.value.errno == errno.ETIMEDOUT
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+    r.reconnect()
+    r.execute([(0, 4 * MiB, "zero")], reader(source))
+    r.flush()
+    r.close()
+    assert img.read_bytes() == source
+
+
+def test_closed_replica_refuses_work(servers):
+    uri, _ = servers.start("r", "memory", "1M")
+    r = Replica(uri)
+    r.close()
+    with pytest.raises(ReplicaError, match="not connected"):
+        r.flush()
+
+
+def test_validate_sgl_and_pieces():
+    assert validate_sgl(iter([[0, 5, "data"], (5, 5, "zero")]), 10) == [(0, 5, "data"),
+                                                                          (5, 5, "zero")]
+    assert list(pieces(10, 25, 10)) == [(10, 10), (20, 10), (30, 5)]

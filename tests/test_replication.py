@@ -1,0 +1,198 @@
+"""Replication sessions end to end: nbdrep serve -> nbdkit replica, with real writes."""
+import hashlib
+import os
+import subprocess
+import time
+
+import nbd
+import pytest
+
+from conftest import Server, file_digests, make_image, mounted, nbdrep, nbdrep_cmd, run, uri
+
+MiB = 1 << 20
+KiB = 1 << 10
+
+
+def connect(sock):
+    h = nbd.NBD()
+    h.connect_uri(uri(sock))
+    return h
+
+
+def sha(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def wait_committed(server, cycle, timeout=120):
+    """Poll status (bounded) until ``cycle`` is committed, without requesting another RP."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = server.status()
+        if status["committed_cycle"] >= cycle:
+            return status
+        time.sleep(0.1)
+    raise AssertionError(f"cycle {cycle} not committed within {timeout} s: {status}")
+
+
+def cycle_record(status, cycle):
+    return next(c for c in status["cycles"] if c["cycle"] == cycle)
+
+
+@pytest.fixture
+def images(tmp_path):
+    src = make_image(str(tmp_path / "source.img"), 64 * MiB, random_mib=8)
+    dst = make_image(str(tmp_path / "replica.img"), 64 * MiB)
+    return src, dst
+
+
+def test_initial_sync_then_fio_randwrite_converges(procs, nbdkit, tmp_path, images):
+    src, dst = images
+    rsock, _ = nbdkit("file", dst)
+    server = Server(procs, str(tmp_path), [src], [uri(rsock)], extra=["--cycle", "1"])
+    first = server.rp()
+    assert server.status()["committed_cycle"] >= first
+    fio = subprocess.run(
+        ["fio", "--name=rw", "--ioengine=nbd", f"--uri={server.uri}", "--rw=randwrite", "--bs=4k",
+         "--iodepth=16", "--numjobs=1", "--size=100%", "--runtime=20", "--time_based",
+         "--output=/dev/null"], timeout=120)
+    assert fio.returncode == 0
+    server.rp()
+    status = server.status()
+    assert sum(c["state"] == "committed" for c in status["cycles"]) >= 10, "1 s cycles ran during fio"
+    assert nbdrep("verify", server.uri, uri(rsock), check=False).returncode == 0
+    assert subprocess.run(["cmp", src, dst]).returncode == 0
+
+
+def test_point_in_time_while_replica_is_slow(procs, nbdkit, tmp_path):
+    src = make_image(str(tmp_path / "source.img"), 32 * MiB)
+    dst = make_image(str(tmp_path / "replica.img"), 32 * MiB)
+    rsock, _ = nbdkit("--filter=delay", "file", dst, "delay-write=1000ms")
+    server = Server(procs, str(tmp_path), [src], [uri(rsock)], extra=["--cycle", "3600"])
+    server.rp()
+    pattern_a, pattern_b = os.urandom(32 * MiB), os.urandom(32 * MiB)
+    h = connect(server.sock)
+    write_all(h, pattern_a)
+    cycle_a = int(nbdrep("rp", "--control", server.control).stdout)
+    write_all(h, pattern_b)
+    h.shutdown()
+    status = wait_committed(server, cycle_a)
+    assert status["keepaside"]["kept_blocks_total"] > 0, "B overwrote A while A was being copied"
+    assert open(dst, "rb").read() == pattern_a
+    server.rp()
+    assert open(dst, "rb").read() == pattern_b
+
+
+def write_all(h, data, chunk=MiB):
+    for off in range(0, len(data), chunk):
+        h.pwrite(data[off:off + chunk], off)
+    h.flush()
+
+
+def test_report_copies_exactly_the_union_of_the_fig6_writes(procs, nbdkit, tmp_path):
+    src = make_image(str(tmp_path / "source.img"), 16 * MiB)
+    dst = make_image(str(tmp_path / "replica.img"), 16 * MiB)
+    rsock, _ = nbdkit("file", dst)
+    server = Server(procs, str(tmp_path), [src], [uri(rsock)], extra=["--cycle", "3600"])
+    server.rp()
+    # FIG. 6 scaled to KiB: writes 1-3 disjoint; 4 envelops 2; 5 overlaps 4 and envelops 3.
+    writes = [(0, 64), (256, 64), (640, 64), (192, 192), (352, 416)]
+    h = connect(server.sock)
+    for off, n in writes:
+        h.pwrite(os.urandom(n * KiB), off * KiB)
+    h.shutdown()
+    cycle = server.rp()
+    record = cycle_record(server.status(), cycle)
+    assert record["writes"] == 5
+    assert record["bytes_written"] == sum(n for _, n in writes) * KiB
+    assert record["extents"] == 2
+    assert record["bytes_copied"] == (64 + (352 + 416 - 192)) * KiB
+    assert server.report()["exports"][""]["data"] == [[0, 64 * KiB], [192 * KiB, 576 * KiB]]
+    assert open(src, "rb").read() == open(dst, "rb").read()
+
+
+def test_zero_and_trim_ranges_go_out_as_write_zeroes(procs, nbdkit, tmp_path):
+    src = make_image(str(tmp_path / "source.img"), 16 * MiB, random_mib=16)
+    dst = make_image(str(tmp_path / "replica.img"), 16 * MiB)
+    rsock, _ = nbdkit("file", dst)
+    server = Server(procs, str(tmp_path), [src], [uri(rsock)], extra=["--cycle", "3600"])
+    server.rp()
+    h = connect(server.sock)
+    h.zero(4 * MiB, 0)
+    h.trim(1 * MiB, 8 * MiB)
+    h.pwrite(b"x" * 4096, 8 * MiB + 4096)
+    h.shutdown()
+    cycle = server.rp()
+    record = cycle_record(server.status(), cycle)
+    assert record["bytes_copied"] == 4096
+    assert record["bytes_zeroed"] == 4 * MiB + MiB - 4096
+    assert open(src, "rb").read() == open(dst, "rb").read()
+
+
+def test_replica_killed_mid_cycle_recovers_and_converges(procs, nbdkit, tmp_path, images):
+    src, dst = images
+    rsock, replica = nbdkit("--filter=delay", "file", dst, "delay-write=300ms")
+    server = Server(procs, str(tmp_path), [src], [uri(rsock)], extra=["--cycle", "3600"])
+    server.rp()
+    h = connect(server.sock)
+    write_all(h, os.urandom(32 * MiB))
+    nbdrep("rp", "--control", server.control)
+    time.sleep(0.5)
+    procs.stop(replica)
+    h.pwrite(os.urandom(MiB), 40 * MiB)
+    h.shutdown()
+    status = server.status()
+    deadline = time.monotonic() + 60
+    while not any(c["state"] == "failed" for c in status["cycles"]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+        status = server.status()
+    assert any(c["state"] == "failed" for c in status["cycles"]), status["cycles"]
+    os.unlink(rsock)
+    nbdkit("file", dst, sock=rsock)
+    server.rp()
+    assert nbdrep("verify", server.uri, uri(rsock), check=False).returncode == 0
+    assert open(src, "rb").read() == open(dst, "rb").read()
+
+
+@pytest.mark.parametrize("case", ["too-small", "unreachable", "bad-uri", "negative-cycle"])
+def test_bad_replica_input_fails_clearly_and_writes_nothing(procs, nbdkit, tmp_path, case):
+    src = make_image(str(tmp_path / "source.img"), 16 * MiB, random_mib=1)
+    dst = make_image(str(tmp_path / "replica.img"), 8 * MiB)
+    with open(dst, "r+b") as f:
+        f.write(b"replica data that must survive")
+    before = sha(dst), sha(src)
+    rsock, _ = nbdkit("file", dst)
+    replica, extra, message = {
+        "too-small": (uri(rsock), [], "smaller than the source"),
+        "unreachable": (uri(str(tmp_path / "nobody.sock")), [], "cannot connect to replica"),
+        "bad-uri": ("http://example.invalid/x", [], "bad NBD URI"),
+        "negative-cycle": (uri(rsock), ["--cycle", "-1"], "must be > 0"),
+    }[case]
+    run = subprocess.run(
+        nbdrep_cmd("serve", "--source", src, "--socket", str(tmp_path / "s.sock"),
+                   "--state", str(tmp_path / "state"), "--replica", replica, *extra),
+        capture_output=True, text=True, timeout=60)
+    assert run.returncode != 0
+    assert message in run.stderr, run.stderr
+    assert "Traceback" not in run.stderr
+    assert (sha(dst), sha(src)) == before
+
+
+def test_ext4_written_through_a_loop_device_arrives_whole(procs, nbdkit, fuse_loop, tmp_path):
+    src = make_image(str(tmp_path / "source.img"), 128 * MiB)
+    dst = make_image(str(tmp_path / "replica.img"), 128 * MiB)
+    rsock, _ = nbdkit("file", dst)
+    server = Server(procs, str(tmp_path), [src], [uri(rsock)], extra=["--cycle", "1"])
+    loop = fuse_loop(server.uri)
+    run("mkfs.ext4", "-q", loop)
+    with mounted(loop, str(tmp_path / "src-mnt")) as mnt:
+        for i in range(4):
+            run("dd", "if=/dev/urandom", f"of={mnt}/file{i}", "bs=1M", "count=4", "conv=fsync", "status=none")
+        os.makedirs(f"{mnt}/dir")
+        run("cp", "-a", f"{mnt}/file0", f"{mnt}/dir/copy")
+        expected = file_digests(mnt)
+    server.rp()
+    assert subprocess.run(["e2fsck", "-fn", dst], capture_output=True).returncode == 0
+    with mounted(dst, str(tmp_path / "dst-mnt"), "-o", "loop,ro") as mnt:
+        assert file_digests(mnt) == expected
+    assert len(expected) == 5

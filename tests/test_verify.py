@@ -1,0 +1,224 @@
+"""verify() and `nbdrep verify` against real nbdkit file exports under tmp_path."""
+
+import argparse
+import os
+import random
+import socket
+import subprocess
+import time
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from copier.replica import connect
+from copier.verify import (add_range, covered, differing_blocks, format_ranges, human, main,
+                           parse_size, verify, zero_extents)
+
+MiB = 1 << 20
+BLOCK = 4096
+
+
+def wait_listening(sock, proc):
+    """Wait (at most ~10 s) until nbdkit accepts connections on `sock`."""
+    for _ in range(500):
+        assert proc.poll() is None, f"nbdkit exited with {proc.returncode}"
+        try:
+            with socket.socket(socket.AF_UNIX) as s:
+                s.connect(str(sock))
+            return
+        except OSError:
+            time.sleep(0.02)
+    pytest.fail(f"nbdkit did not listen on {sock}")
+
+
+class Pair:
+    """Source and replica image files, each served by `nbdkit file`; stopped by pid."""
+
+    def __init__(self, directory, source_bytes, replica_bytes):
+        self.procs = []
+        self.paths = []
+        self.uris = []
+        for name, data in (("source", source_bytes), ("replica", replica_bytes)):
+            path = directory / f"{name}.img"
+            path.write_bytes(data)
+            self.paths.append(path)
+            self.uris.append(self._serve(directory / f"{name}.sock", path))
+
+    def _serve(self, sock, path):
+        proc = subprocess.Popen(["nbdkit", "-U", str(sock), "--exit-with-parent", "-f",
+                                 "file", str(path)], stderr=subprocess.DEVNULL)
+        self.procs.append(proc)
+        wait_listening(sock, proc)
+        return f"nbd+unix:///?socket={sock}"
+
+    def stop(self):
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(10)
+
+
+@pytest.fixture
+def make_pair(tmp_path):
+    pairs = []
+
+    def make(source_bytes, replica_bytes):
+        pairs.append(Pair(tmp_path, source_bytes, replica_bytes))
+        return pairs[-1]
+
+    yield make
+    for p in pairs:
+        p.stop()
+
+
+def naive_diff(a, b):
+    """The oracle: differing 4 KiB blocks of the common prefix, merged, plus the tail."""
+    ranges = []
+    common = min(len(a), len(b))
+    for off in range(0, common, BLOCK):
+        if a[off:off + BLOCK] != b[off:off + BLOCK]:
+            add_range(ranges, off, min(BLOCK, common - off))
+    if len(a) != len(b):
+        add_range(ranges, common, abs(len(a) - len(b)))
+    return ranges
+
+
+def image(size, seed):
+    return bytearray(random.Random(seed).randbytes(size))
+
+
+def test_equal_exports(make_pair, capsys):
+    data = image(6 * MiB + 512, seed=1)
+    pair = make_pair(data, data)
+    assert verify(*pair.uris, chunk=MiB) == []
+    assert main(list(pair.uris)) == 0
+    out, err = capsys.readouterr()
+    assert "identical" in out
+    assert "100%" in err
+
+
+def test_two_differences_found_at_block_precision(make_pair, capsys):
+    source = image(10 * MiB, seed=2)
+    replica = bytearray(source)
+    replica[5000] ^= 1
+    replica[4 * MiB - 100:4 * MiB + 5000] = bytes(5100)
+    pair = make_pair(source, replica)
+    expected = [(4096, 4096), (4 * MiB - 4096, 4096 + 8192)]
+    assert naive_diff(source, replica) == expected
+    assert verify(*pair.uris) == expected
+    assert verify(*pair.uris, chunk=64 * 1024) == expected
+    assert main([*pair.uris, "--quiet", "--chunk", "1M"]) == 1
+    out, err = capsys.readouterr()
+    assert err == ""
+    assert "2 differing range(s)" in out
+    assert f"{4 * MiB - 4096}" in out and "12288 (12.0 KiB)" in out
+
+
+@pytest.mark.parametrize("extra", [5000, -8192])
+def test_different_sizes_are_reported(make_pair, capsys, extra):
+    source = image(3 * MiB, seed=3)
+    replica = source + image(extra, seed=4) if extra > 0 else source[:extra]
+    pair = make_pair(source, replica)
+    common = min(len(source), len(replica))
+    assert verify(*pair.uris) == [(common, abs(extra))]
+    assert main([*pair.uris, "--quiet"]) == 1
+    assert str(common) in capsys.readouterr().out
+
+
+def test_sparse_and_written_zeros_compare_equal(make_pair, tmp_path):
+    data = image(8 * MiB, seed=5)
+    data[MiB:5 * MiB] = bytes(4 * MiB)
+    pair = make_pair(data, data)
+    os.truncate(pair.paths[0], 0)
+    with open(pair.paths[0], "r+b") as f:
+        f.write(data[:MiB])
+        f.seek(5 * MiB)
+        f.write(data[5 * MiB:])
+    assert verify(*pair.uris, chunk=MiB) == []
+    with open(pair.paths[1], "r+b") as f:
+        f.seek(3 * MiB + 7)
+        f.write(b"\1")
+    assert verify(*pair.uris, chunk=MiB) == [(3 * MiB, 4096)]
+
+
+def test_sparse_on_both_sides_is_equal(make_pair):
+    pair = make_pair(b"", b"")
+    for path in pair.paths:
+        os.truncate(path, 300 * MiB)
+    assert verify(*pair.uris) == []
+    with open(pair.paths[1], "r+b") as f:
+        f.seek(299 * MiB)
+        f.write(b"x")
+    assert verify(*pair.uris) == [(299 * MiB, 4096)]
+
+
+@pytest.fixture
+def shared_pair(tmp_path):
+    source = image(2 * MiB + 3000, seed=6)
+    pair = Pair(tmp_path, source, source)
+    yield pair, source
+    pair.stop()
+
+
+@settings(deadline=None, max_examples=20, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(edits=st.lists(st.tuples(st.integers(0, 2 * MiB + 2999), st.integers(1, 20000)),
+                      max_size=6),
+       chunk=st.sampled_from([BLOCK, 64 * 1024, MiB, 4 * MiB]))
+def test_random_edits_match_oracle(shared_pair, edits, chunk):
+    pair, source = shared_pair
+    replica = bytearray(source)
+    for offset, length in edits:
+        end = min(offset + length, len(replica))
+        replica[offset:end] = bytes(b ^ 0xFF for b in replica[offset:end])
+    pair.paths[1].write_bytes(replica)
+    assert verify(*pair.uris, chunk=chunk) == naive_diff(source, replica)
+
+
+@pytest.mark.parametrize("argv", [["x", "nbd://h"], ["nbd+unix:///", "nbd://h"]])
+def test_bad_uri_exits_2(capsys, argv):
+    assert main(argv) == 2
+    assert "bad NBD URI" in capsys.readouterr().err
+
+
+def test_unreachable_export_exits_2(tmp_path, capsys):
+    uri = f"nbd+unix:///?socket={tmp_path}/none.sock"
+    assert main([uri, uri]) == 2
+    assert "cannot connect to source" in capsys.readouterr().err
+
+
+def test_bad_chunk_exits_2(make_pair, capsys):
+    pair = make_pair(b"a" * 4096, b"a" * 4096)
+    assert main([*pair.uris, "--chunk", "1000"]) == 2
+    assert "bad chunk 1000" in capsys.readouterr().err
+    assert main([*pair.uris, "--chunk", "lots"]) == 2
+    assert "bad size" in capsys.readouterr().err
+
+
+def test_helpers():
+    ranges = []
+    for off, n in [(0, 4096), (4096, 4096), (12288, 10)]:
+        add_range(ranges, off, n)
+    assert ranges == [(0, 8192), (12288, 10)]
+    a, b = bytes(10000), bytearray(10000)
+    b[9000] = 1
+    assert list(differing_blocks(a, b, 100)) == [(8292, 10000 - 8192)]
+    assert covered([(0, 10), (20, 30)], 20, 30) and not covered([(0, 10), (20, 30)], 5, 15)
+    assert not covered([], 0, 1)
+    assert [human(n) for n in (5, 1536, 3 << 30)] == ["5 bytes", "1.5 KiB", "3.0 GiB"]
+    assert parse_size("4M") == 4 * MiB and parse_size("512KiB") == 512 * 1024
+    with pytest.raises(argparse.ArgumentTypeError):
+        parse_size("4X")
+    assert "4096 (4.0 KiB)" in format_ranges([(MiB, 4096)])
+
+
+def test_zero_extents_follow_holes(make_pair):
+    pair = make_pair(b"", b"")
+    os.truncate(pair.paths[0], 64 * MiB)
+    with open(pair.paths[0], "r+b") as f:
+        f.seek(10 * MiB)
+        f.write(b"x" * MiB)
+    h = connect(pair.uris[0], what="source", block_status=True)
+    extents = zero_extents(h, 0, 64 * MiB)
+    assert covered(extents, 0, 10 * MiB) and covered(extents, 11 * MiB, 64 * MiB)
+    assert not any(covered(extents, off, off + 1) for off in (10 * MiB, 11 * MiB - 1))
