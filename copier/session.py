@@ -43,6 +43,8 @@ from tracker import KIND_DATA, KIND_TRIM, KIND_ZERO, Tracker
 log = logging.getLogger("nbdrep")
 
 MAX_SEGMENT = 1 << 20
+MAX_REPORT_EXTENTS = 1 << 20
+FIRST_GRANULE = 64 << 10
 HISTORY = 64
 BACKOFF_FIRST, BACKOFF_MAX = 0.5, 30.0
 DRAIN_TIMEOUT = 60.0
@@ -237,6 +239,7 @@ class Session:
         if self._carry is not None:
             record.initial_sync = self.committed_cycle == 0
             report = report.merged_with(self._carry)
+        report = self._capped(report)
         record.extents = report.extent_count()
         if not self.replicated:
             return self._finish_reported(record, report)
@@ -337,6 +340,15 @@ class Session:
             zero[d.dev] = reporter.subtract(zeros, data[d.dev])
         return Report(data, zero)
 
+    def _capped(self, report):
+        """The report within MAX_REPORT_EXTENTS per device (coarser, never smaller)."""
+        for d in self.devices:
+            data, zero = report.data.get(d.dev, []), report.zero.get(d.dev, [])
+            if len(data) + len(zero) > MAX_REPORT_EXTENTS:
+                report.data[d.dev] = coarsen(_union(data, zero), d.size)
+                report.zero[d.dev] = []
+        return report
+
     def _initial_sync_report(self):
         data, zero = {}, {}
         for d in self.devices:
@@ -370,6 +382,25 @@ def _merge(*entry_buffers):
     for buf in entry_buffers:
         tree.insert_batch(buf)
     return tree.extents()
+
+
+def coarsen(extents, size, cap=None):
+    """At most ``cap`` extents covering ``extents``, rounded out to a doubling granule.
+
+    The report's memory cap (invariant 4): past it the report degrades to coarser extents,
+    copying more bytes but never fewer. Every extent becomes data, since a widened zero range
+    would zero bytes nobody zeroed. Ends are clipped to the device ``size``. O(n log n) a round.
+    """
+    cap = MAX_REPORT_EXTENTS if cap is None else cap
+    granule = FIRST_GRANULE
+    while len(extents) > cap:
+        rounded = []
+        for off, n in extents:
+            start = off - off % granule
+            rounded.append((start, min(size, -(-(off + n) // granule) * granule) - start))
+        extents = _merge(_pack(rounded))
+        granule *= 2
+    return extents
 
 
 def _union(a, b):

@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -166,6 +167,8 @@ def _serve(args):
         raise CLIError(f"--port {args.port} is not a TCP port")
     cfg, params = serve_config(args)
     preflight(cfg)
+    if args.socket:
+        _claim_socket(args.socket)
     os.makedirs(args.state, exist_ok=True)
     proc = subprocess.Popen(nbdkit_command(args, params), env=nbdkit_env())
     forward = lambda signum, frame: proc.send_signal(signum)  # noqa: E731
@@ -188,9 +191,25 @@ def _wait_listening(proc, args):
 
 def _listening(args):
     if args.socket:
+        # _claim_socket removed any stale file, so the file means nbdkit has bound it.
         return os.path.exists(args.socket)
-    with socket.socket() as s:
-        return s.connect_ex((args.bind, args.port)) == 0
+    return _answers(socket.AF_INET, (args.bind, args.port))
+
+
+def _answers(family, address):
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        return s.connect_ex(address) == 0
+
+
+def _claim_socket(path):
+    """Remove a socket file a dead server left behind; refuse one a live server listens on."""
+    if not os.path.exists(path):
+        return
+    if not stat.S_ISSOCK(os.stat(path).st_mode):
+        raise CLIError(f"{path} exists and is not a socket; choose another --socket")
+    if _answers(socket.AF_UNIX, path):
+        raise CLIError(f"a server is already listening on {path}")
+    os.unlink(path)
 
 
 def attach_help(args):

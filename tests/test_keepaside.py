@@ -37,7 +37,8 @@ def disjoint(extents):
 
 @settings(max_examples=200, deadline=None)
 @given(seed=st.integers(0, 2**32), report=st.lists(extent, min_size=1, max_size=8),
-       writes=st.lists(extent, max_size=30), install_after=st.integers(0, 30), mem_cap=st.sampled_from([0, 2 * BLOCK, 1 << 20]))
+       writes=st.lists(extent, max_size=30), install_after=st.integers(0, 30),
+       mem_cap=st.sampled_from([0, 2 * BLOCK, 1 << 20]))
 def test_copier_reads_the_snapshot_whatever_is_written_meanwhile(seed, report, writes, install_after, mem_cap):
     dev = Device(seed)
     store = KeepAside({0: (SIZE, dev.read)}, mem_cap=mem_cap)

@@ -6,66 +6,17 @@ import os
 import random
 import signal
 import socket
-import subprocess
 import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import uri
 from copier.replica import Replica, ReplicaError, parse_uri, pieces, validate_sgl
+from procs import Procs
 
 MiB = 1 << 20
-
-
-def wait_listening(sock, proc):
-    """Wait (at most ~10 s) until nbdkit accepts connections on `sock`."""
-    for _ in range(500):
-        assert proc.poll() is None, f"nbdkit exited with {proc.returncode}"
-        try:
-            with socket.socket(socket.AF_UNIX) as s:
-                s.connect(str(sock))
-            return
-        except OSError:
-            time.sleep(0.02)
-    pytest.fail(f"nbdkit did not listen on {sock}")
-
-
-def stop(proc):
-    if proc.poll() is None:
-        proc.kill()
-    proc.wait(10)
-
-
-class Servers:
-    """Starts nbdkit processes; every one is stopped by pid at teardown."""
-
-    def __init__(self, directory):
-        self.directory = directory
-        self.procs = []
-
-    def start(self, name, *args):
-        sock = self.directory / f"{name}.sock"
-        if sock.exists():
-            sock.unlink()
-        log = open(self.directory / f"{name}.log", "ab")
-        proc = subprocess.Popen(["nbdkit", "-U", str(sock), "--exit-with-parent", "-f", *args],
-                                stdout=log, stderr=log)
-        log.close()
-        self.procs.append(proc)
-        wait_listening(sock, proc)
-        return f"nbd+unix:///?socket={sock}", proc
-
-    def stop_all(self):
-        for proc in self.procs:
-            stop(proc)
-
-
-@pytest.fixture
-def servers(tmp_path):
-    s = Servers(tmp_path)
-    yield s
-    s.stop_all()
 
 
 def make_image(path, size, seed):
@@ -105,13 +56,13 @@ MIXED_SGL = [
 
 @pytest.mark.parametrize("connections", [1, 3])
 @pytest.mark.parametrize("filters", [[], ["--filter=nozero"]], ids=["zero", "nozero"])
-def test_execute_mixed_sgl_matches_oracle(servers, tmp_path, connections, filters):
+def test_execute_mixed_sgl_matches_oracle(nbdkit, tmp_path, connections, filters):
     img = tmp_path / "replica.img"
     image = make_image(img, 8 * MiB, seed=1)
     source = bytearray(random.Random(2).randbytes(8 * MiB))
-    uri, _ = servers.start("r", *filters, "file", str(img))
+    sock, _ = nbdkit(*filters, "file", str(img))
     calls = []
-    with Replica(uri, connections=connections) as r:
+    with Replica(uri(sock), connections=connections) as r:
         assert r.can_zero == (not filters)
         counts = r.execute(MIXED_SGL, reader(source), max_inflight=3,
                            progress=lambda d, t: calls.append((d, t)))
@@ -124,11 +75,11 @@ def test_execute_mixed_sgl_matches_oracle(servers, tmp_path, connections, filter
     assert calls[-1] == (sum(sizes.values()), sum(sizes.values()))
 
 
-def test_properties_and_size(servers, tmp_path):
+def test_properties_and_size(nbdkit, tmp_path):
     img = tmp_path / "replica.img"
     make_image(img, 3 * MiB, seed=3)
-    uri, _ = servers.start("r", "file", str(img))
-    with Replica(uri) as r:
+    sock, _ = nbdkit("file", str(img))
+    with Replica(uri(sock)) as r:
         assert r.size == 3 * MiB
         assert r.can_flush and r.can_zero and r.can_trim
         r.check_size(3 * MiB)
@@ -138,15 +89,14 @@ def test_properties_and_size(servers, tmp_path):
 @pytest.fixture(scope="module")
 def shared_replica(tmp_path_factory):
     directory = tmp_path_factory.mktemp("shared")
-    s = Servers(directory)
     img = directory / "replica.img"
     image = make_image(img, 2 * MiB, seed=4)
-    uri, _ = s.start("r", "file", str(img))
-    try:
-        with Replica(uri, connections=2) as r:
+    sock = str(directory / "r.sock")
+    with Procs() as procs:
+        procs.start(["nbdkit", "--foreground", "--exit-with-parent", "-U", sock, "file", str(img)],
+                    wait_for=sock)
+        with Replica(uri(sock), connections=2) as r:
             yield r, img, image
-    finally:
-        s.stop_all()
 
 
 @st.composite
@@ -169,12 +119,12 @@ def test_random_sgl_matches_oracle(shared_replica, sgl, seed, inflight):
     assert img.read_bytes() == image
 
 
-def test_too_small_replica_is_refused_and_untouched(servers, tmp_path):
+def test_too_small_replica_is_refused_and_untouched(nbdkit, tmp_path):
     img = tmp_path / "replica.img"
     make_image(img, 1 * MiB, seed=5)
     before = digest(img)
-    uri, _ = servers.start("r", "file", str(img))
-    with Replica(uri) as r:
+    sock, _ = nbdkit("file", str(img))
+    with Replica(uri(sock)) as r:
         with pytest.raises(ReplicaError, match=r"replica is smaller than the source "
                                                r"\(1048576 < 2097152 bytes\)"):
             r.check_size(2 * MiB)
@@ -189,20 +139,20 @@ def test_too_small_replica_is_refused_and_untouched(servers, tmp_path):
     ([(0, 10, "data"), (5, 10, "zero")], "overlaps"),
     ([(0, 0, "zero")], "empty"),
 ])
-def test_bad_sgl_raises_before_writing(servers, tmp_path, sgl, message):
+def test_bad_sgl_raises_before_writing(nbdkit, tmp_path, sgl, message):
     img = tmp_path / "replica.img"
     make_image(img, MiB, seed=6)
     before = digest(img)
-    uri, _ = servers.start("r", "file", str(img))
-    with Replica(uri) as r:
+    sock, _ = nbdkit("file", str(img))
+    with Replica(uri(sock)) as r:
         with pytest.raises(ValueError, match=message):
             r.execute(sgl, reader(bytearray(MiB)))
     assert digest(img) == before
 
 
-def test_short_read_is_a_value_error(servers):
-    uri, _ = servers.start("r", "memory", "1M")
-    with Replica(uri) as r:
+def test_short_read_is_a_value_error(nbdkit):
+    sock, _ = nbdkit("memory", "1M")
+    with Replica(uri(sock)) as r:
         with pytest.raises(ValueError, match="returned 10 bytes"):
             r.execute([(0, 4096, "data")], lambda o, n: b"x" * 10)
 
@@ -234,8 +184,8 @@ def test_bad_uri_is_a_value_error(uri):
 
 
 def test_good_uris_are_accepted():
-    for uri in ["nbd://h", "nbds://h:10810/exp", "nbd+unix:///?socket=/s", "nbds+unix:///e?socket=/s"]:
-        assert parse_uri(uri) == uri
+    for good in ["nbd://h", "nbds://h:10810/exp", "nbd+unix:///?socket=/s", "nbds+unix:///e?socket=/s"]:
+        assert parse_uri(good) == good
 
 
 def test_bad_parameters():
@@ -245,21 +195,20 @@ def test_bad_parameters():
         Replica("nbd://h", connect_timeout=0)
 
 
-def test_failing_writes_raise_with_eio(servers):
-    uri, _ = servers.start("r", "--filter=error", "memory", "64M",
-                           "error-pwrite-rate=1", "error-pwrite=EIO")
+def test_failing_writes_raise_with_eio(nbdkit):
+    sock, _ = nbdkit("--filter=error", "memory", "64M", "error-pwrite-rate=1", "error-pwrite=EIO")
     sgl = [(i * 256 * 1024, 256 * 1024, "data") for i in range(40)]
-    with Replica(uri) as r:
+    with Replica(uri(sock)) as r:
         with pytest.raises(ReplicaError, match=r"writing data at offset \d+.*EIO") as e:
             r.execute(sgl, reader(bytearray(64 * MiB)), max_inflight=8)
     assert e.value.errno == errno.EIO
 
 
-def test_killed_replica_raises_then_reconnect_works(servers, tmp_path):
+def test_killed_replica_raises_then_reconnect_works(nbdkit, tmp_path):
     img = tmp_path / "replica.img"
     image = make_image(img, 8 * MiB, seed=7)
     source = bytearray(random.Random(8).randbytes(8 * MiB))
-    uri, proc = servers.start("r", "file", str(img))
+    sock, proc = nbdkit("file", str(img))
     calls = 0
 
     def read_then_kill(offset, length):
@@ -271,13 +220,14 @@ def test_killed_replica_raises_then_reconnect_works(servers, tmp_path):
         return memoryview(source)[offset:offset + length]
 
     sgl = [(o, 64 * 1024, "data") for o in range(0, 8 * MiB, 64 * 1024)]
-    r = Replica(uri, io_timeout=30)
+    r = Replica(uri(sock), io_timeout=30)
     with pytest.raises(ReplicaError, match="replica"):
         r.execute(sgl, read_then_kill, max_inflight=4)
     assert calls < len(sgl)
     with pytest.raises(ReplicaError, match="not connected"):
         r.execute(sgl[:1], reader(source))
-    servers.start("r", "file", str(img))
+    os.unlink(sock)  # the killed nbdkit left its socket file: wait for the new server's instead
+    nbdkit("file", str(img), sock=sock)
     r.reconnect()
     r.execute(sgl, reader(source))
     r.flush()
@@ -286,12 +236,12 @@ def test_killed_replica_raises_then_reconnect_works(servers, tmp_path):
     assert img.read_bytes() == image
 
 
-def test_stalled_replica_times_out_then_reconnects(servers, tmp_path):
+def test_stalled_replica_times_out_then_reconnects(nbdkit, tmp_path):
     img = tmp_path / "replica.img"
     make_image(img, 4 * MiB, seed=9)
-    uri, proc = servers.start("r", "file", str(img))
+    sock, proc = nbdkit("file", str(img))
     source = bytearray(4 * MiB)
-    r = Replica(uri, io_timeout=0.5)
+    r = Replica(uri(sock), io_timeout=0.5)
     os.kill(proc.pid, signal.SIGSTOP)
     try:
         with pytest.raises(ReplicaError, match="did not answer for 0.5 s") as e:
@@ -306,9 +256,9 @@ def test_stalled_replica_times_out_then_reconnects(servers, tmp_path):
     assert img.read_bytes() == source
 
 
-def test_closed_replica_refuses_work(servers):
-    uri, _ = servers.start("r", "memory", "1M")
-    r = Replica(uri)
+def test_closed_replica_refuses_work(nbdkit):
+    sock, _ = nbdkit("memory", "1M")
+    r = Replica(uri(sock))
     r.close()
     with pytest.raises(ReplicaError, match="not connected"):
         r.flush()

@@ -5,21 +5,10 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from oracle import union_extents
 from reporter import MergingBTree, sgl, subtract
 
 LAST = 2**64 - 1
-
-
-def oracle(writes):
-    """Sort the writes and union them, joining ranges that overlap or adjoin."""
-    merged = []
-    for offset, length in sorted(writes):
-        end = offset + length
-        if merged and offset <= merged[-1][1]:
-            merged[-1][1] = max(merged[-1][1], end)
-        else:
-            merged.append([offset, end])
-    return [(start, end - start) for start, end in merged]
 
 
 def covered_bytes(extents):
@@ -104,9 +93,9 @@ def test_inserts_match_the_oracle_and_keep_invariants(order, split, writes):
         tree.insert(*write)
         tree.check()
         if step % 40 == 0:
-            assert tree.extents() == oracle(writes[:step])
-    assert tree.extents() == oracle(writes)
-    expected = oracle(writes)
+            assert tree.extents() == union_extents(writes[:step])
+    assert tree.extents() == union_extents(writes)
+    expected = union_extents(writes)
     assert len(tree) == len(expected)
     assert tree.bytes_covered == sum(length for _, length in expected)
 
@@ -119,7 +108,7 @@ def test_insert_batch_equals_single_inserts(order, split, writes):
         single.insert(*write)
     batch.insert_batch(np.array(writes, dtype=np.uint64).reshape(-1, 2))
     batch.check()
-    assert batch.extents() == single.extents() == oracle(writes)
+    assert batch.extents() == single.extents() == union_extents(writes)
     assert (len(batch), batch.bytes_covered) == (len(single), single.bytes_covered)
 
 
@@ -130,26 +119,26 @@ def test_batches_accumulate(order, first, second):
     for writes in (first, second):
         tree.insert_batch(np.array(writes, dtype=np.uint64).reshape(-1, 2))
         tree.check()
-    assert tree.extents() == oracle(first + second)
+    assert tree.extents() == union_extents(first + second)
 
 
 @settings(deadline=None, max_examples=150)
 @given(extents=storm(), holes=storm())
 def test_subtract_matches_set_difference(extents, holes):
-    left, right = oracle(extents), oracle(holes)
+    left, right = union_extents(extents), union_extents(holes)
     result = subtract(left, right)
     assert covered_bytes(result) == covered_bytes(left) - covered_bytes(right)
-    assert result == oracle(result)
+    assert result == union_extents(result)
 
 
 @settings(deadline=None, max_examples=150)
 @given(extents=storm(), max_segment=st.integers(1, 40))
 def test_sgl_partitions_the_extents(extents, max_segment):
-    merged = oracle(extents)
+    merged = union_extents(extents)
     segments = sgl(merged, max_segment=max_segment)
     assert all(1 <= length <= max_segment for _, length in segments)
     assert segments == sorted(segments)
-    assert oracle(segments) == merged
+    assert union_extents(segments) == merged
     assert sum(length for _, length in segments) == sum(length for _, length in merged)
 
 
@@ -166,4 +155,4 @@ def test_long_mixed_runs_deep_trees():
             tree.insert(*write)
             writes.append(write)
             tree.check()
-        assert tree.extents() == oracle(writes)
+        assert tree.extents() == union_extents(writes)

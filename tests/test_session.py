@@ -9,7 +9,7 @@ from copier import session as session_mod
 from copier.session import Session
 from nbd_plugin.backend import Backend
 from nbd_plugin.params import Config
-from tracker import KIND_DATA
+from tracker import KIND_DATA, KIND_ZERO
 
 MiB = 1 << 20
 
@@ -106,3 +106,29 @@ def test_tracking_only_keeps_the_last_report(make_session):
     rp(s)
     assert s.last_report.data == {0: [(0, 200), (4096, 1)]}
     assert s.status()["committed_cycle"] is None
+
+
+def test_a_report_past_its_cap_copies_coarser_extents_and_loses_nothing(make_session, monkeypatch):
+    monkeypatch.setattr(session_mod, "MAX_REPORT_EXTENTS", 8)
+    s, backend, src, dst = make_session()
+    rp(s)
+    for i in range(40):
+        write(s, backend, i * 3 * 65536 + 100, os.urandom(1000))
+    cycle = s.begin_write(0, 7 * MiB + 5, 3000)
+    backend.zero(7 * MiB + 5, 3000, may_trim=False, fast=False)
+    s.end_write(cycle, 0, KIND_ZERO, 7 * MiB + 5, 3000)
+    cycle = rp(s)
+    record = next(c for c in s.status()["cycles"] if c["cycle"] == cycle)
+    assert record["extents"] <= 8
+    assert record["bytes_zeroed"] == 0, "a coarsened zero range is copied as data"
+    assert record["bytes_copied"] >= 40 * 1000 + 3000
+    assert open(src, "rb").read() == open(dst, "rb").read()
+
+
+def test_coarsen_rounds_out_clips_and_never_drops_a_byte():
+    extents = [(i * 100_000, 10) for i in range(50)] + [(8 * MiB - 7, 7)]
+    out = session_mod.coarsen(extents, 8 * MiB, cap=4)
+    assert len(out) <= 4
+    assert out[-1][0] + out[-1][1] == 8 * MiB
+    covered = lambda o, n: any(a <= o and o + n <= a + m for a, m in out)  # noqa: E731
+    assert all(covered(o, n) for o, n in extents)

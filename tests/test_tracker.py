@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import tracker
+from oracle import covers, union
 from tracker import KIND_DATA, KIND_TRIM, KIND_ZERO, TE_BYTES, Tracker
 
 WAIT = 30.0  # generous bound on every wait, only to avoid hanging the suite
@@ -16,23 +17,6 @@ WAIT = 30.0  # generous bound on every wait, only to avoid hanging the suite
 
 def pairs(buf):
     return list(struct.iter_unpack("=QQ", buf))
-
-
-def union(extents):
-    """Sorted, disjoint, non-adjacent [start, end) list covering the (offset, length) extents."""
-    out = []
-    for off, length in sorted(extents):
-        if out and off <= out[-1][1]:
-            out[-1][1] = max(out[-1][1], off + length)
-        else:
-            out.append([off, off + length])
-    return [tuple(x) for x in out]
-
-
-def covers(outer, inner):
-    """Whether the union of outer (offset, length) extents contains that of inner."""
-    big = union(outer)
-    return all(any(s <= a and b <= e for s, e in big) for a, b in union(inner))
 
 
 def wait_until(predicate):

@@ -14,6 +14,7 @@ from hypothesis import event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from oracle import covers, union
 from tracker import KIND_DATA, KIND_TRIM, KIND_ZERO, TE_BYTES, Tracker
 
 TOP = (1 << 64) - 1
@@ -26,22 +27,6 @@ OFFSETS = st.one_of(
     st.integers(TOP - (1 << 20), TOP - 1),
 )
 LENGTHS = st.one_of(st.sampled_from([PAGE, 2 * PAGE]), st.integers(1, 1 << 16), st.integers(1, 1 << 40))
-
-
-def union(extents):
-    """Sorted, disjoint, non-adjacent [start, end) list covering the (offset, length) extents."""
-    out = []
-    for off, length in sorted(extents):
-        if out and off <= out[-1][1]:
-            out[-1][1] = max(out[-1][1], off + length)
-        else:
-            out.append([off, off + length])
-    return [tuple(x) for x in out]
-
-
-def covers(outer, inner):
-    big = union(outer)
-    return all(any(s <= a and b <= e for s, e in big) for a, b in union(inner))
 
 
 def widened(extents, granule):

@@ -3,14 +3,12 @@
 import argparse
 import os
 import random
-import socket
-import subprocess
-import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import uri
 from copier.replica import connect
 from copier.verify import (add_range, covered, differing_blocks, format_ranges, human, main,
                            parse_size, verify, zero_extents)
@@ -19,57 +17,23 @@ MiB = 1 << 20
 BLOCK = 4096
 
 
-def wait_listening(sock, proc):
-    """Wait (at most ~10 s) until nbdkit accepts connections on `sock`."""
-    for _ in range(500):
-        assert proc.poll() is None, f"nbdkit exited with {proc.returncode}"
-        try:
-            with socket.socket(socket.AF_UNIX) as s:
-                s.connect(str(sock))
-            return
-        except OSError:
-            time.sleep(0.02)
-    pytest.fail(f"nbdkit did not listen on {sock}")
-
-
 class Pair:
-    """Source and replica image files, each served by `nbdkit file`; stopped by pid."""
+    """Source and replica image files under tmp_path, each served by `nbdkit file`."""
 
-    def __init__(self, directory, source_bytes, replica_bytes):
-        self.procs = []
+    def __init__(self, nbdkit, directory, source_bytes, replica_bytes):
         self.paths = []
         self.uris = []
         for name, data in (("source", source_bytes), ("replica", replica_bytes)):
             path = directory / f"{name}.img"
             path.write_bytes(data)
+            sock, _ = nbdkit("file", str(path))
             self.paths.append(path)
-            self.uris.append(self._serve(directory / f"{name}.sock", path))
-
-    def _serve(self, sock, path):
-        proc = subprocess.Popen(["nbdkit", "-U", str(sock), "--exit-with-parent", "-f",
-                                 "file", str(path)], stderr=subprocess.DEVNULL)
-        self.procs.append(proc)
-        wait_listening(sock, proc)
-        return f"nbd+unix:///?socket={sock}"
-
-    def stop(self):
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait(10)
+            self.uris.append(uri(sock))
 
 
 @pytest.fixture
-def make_pair(tmp_path):
-    pairs = []
-
-    def make(source_bytes, replica_bytes):
-        pairs.append(Pair(tmp_path, source_bytes, replica_bytes))
-        return pairs[-1]
-
-    yield make
-    for p in pairs:
-        p.stop()
+def make_pair(nbdkit, tmp_path):
+    return lambda source_bytes, replica_bytes: Pair(nbdkit, tmp_path, source_bytes, replica_bytes)
 
 
 def naive_diff(a, b):
@@ -154,11 +118,9 @@ def test_sparse_on_both_sides_is_equal(make_pair):
 
 
 @pytest.fixture
-def shared_pair(tmp_path):
+def shared_pair(make_pair):
     source = image(2 * MiB + 3000, seed=6)
-    pair = Pair(tmp_path, source, source)
-    yield pair, source
-    pair.stop()
+    return make_pair(source, source), source
 
 
 @settings(deadline=None, max_examples=20, suppress_health_check=[HealthCheck.function_scoped_fixture])
