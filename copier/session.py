@@ -50,6 +50,10 @@ BACKOFF_FIRST, BACKOFF_MAX = 0.5, 30.0
 DRAIN_TIMEOUT = 60.0
 
 
+class Stopping(Exception):
+    """The session is stopping: the copy in progress is abandoned, not failed."""
+
+
 @dataclasses.dataclass
 class CycleRecord:
     """What status shows for one cycle."""
@@ -262,6 +266,9 @@ class Session:
             self._copy(record, report)
         except (ReplicaError, OSError) as e:
             return self._fail(record, report, e)
+        except Stopping:
+            record.state = "abandoned"
+            return False
         finally:
             self.keepaside.release()
         self._commit(record, report)
@@ -272,12 +279,18 @@ class Session:
             base = record.bytes_done
             segments = _segments(report.data.get(d.dev, []), report.zero.get(d.dev, []))
             counts = self._replica(d).execute(
-                segments, lambda off, n, dev=d.dev: self.keepaside.read(dev, off, n),
+                segments, lambda off, n, dev=d.dev: self._read(dev, off, n),
                 progress=lambda done, total: self._progress(record, base + done))
             record.bytes_copied += counts["bytes_copied"]
             record.bytes_zeroed += counts["bytes_zeroed"] + counts["bytes_trimmed"]
         for d in self.devices:
             self._replica(d).flush()
+
+    def _read(self, dev, offset, length):
+        """The copier's read; stopping abandons the copy here, between two segments."""
+        if self._stopping:
+            raise Stopping()
+        return self.keepaside.read(dev, offset, length)
 
     def _progress(self, record, done):
         """Copy progress; the initial sync, which may take long, also says so every 10%."""

@@ -28,7 +28,12 @@ import subprocess
 import sys
 import tempfile
 
+import psutil
+
 from procs import Procs, nbdrep_cmd
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from nbd_plugin.cli import DEFAULT_THREADS  # noqa: E402
 
 MiB, GiB = 1 << 20, 1 << 30
 IMAGE_SIZE = GiB
@@ -40,7 +45,6 @@ WORKLOADS = {
 SERVERS = ("nbdkit file", "nbdrep untracked", "nbdrep tracked")
 RANDWRITE = "4k randwrite QD16"
 THREADS = (1, 2, 4, 16)
-DEFAULT_THREADS = 16
 GOAL = 0.95
 
 
@@ -63,7 +67,7 @@ def parse_fio(stdout):
     if job["error"]:
         raise RuntimeError(f"fio job failed with error {job['error']}")
     side = job["write"] if job["write"]["io_bytes"] else job["read"]
-    return side["iops"], side["bw_bytes"] / 1e6
+    return side["iops"], side["bw_bytes"] / 1e6, side["total_ios"]
 
 
 def run_fio(uri, workload, seconds, label):
@@ -95,27 +99,43 @@ def serving(procs, kind, image, threads=DEFAULT_THREADS):
         cmd, sock = server_command(kind, image, folder, threads)
         proc = procs.start(cmd, wait_for=sock, stdout=subprocess.DEVNULL)
         try:
-            yield f"nbd+unix:///?socket={sock}"
+            yield f"nbd+unix:///?socket={sock}", proc
         finally:
             procs.stop(proc)
 
 
 def measure(procs, kind, image, workloads, seconds, threads=DEFAULT_THREADS):
     """{workload: (IOPS, MB/s)} on a fresh server of ``kind``."""
-    with serving(procs, kind, image, threads) as uri:
-        return {w: run_fio(uri, w, seconds, f"{kind} (threads {threads})") for w in workloads}
+    with serving(procs, kind, image, threads) as (uri, _):
+        return {w: run_fio(uri, w, seconds, f"{kind} (threads {threads})")[:2] for w in workloads}
 
 
 def tracking_ratios(procs, image, seconds, rounds):
-    """Per round, tracked IOPS / the mean of the untracked runs just before and after it."""
+    """Per round: tracked / untracked IOPS, and tracked / untracked nbdkit CPU per write.
+
+    The untracked side of a round is the mean of its runs just before and after the tracked
+    run. CPU per write is steadier than IOPS on a shared machine: another process's load slows
+    both servers' clocks, not the work each write costs.
+    """
     with serving(procs, "nbdrep untracked", image) as off, serving(procs, "nbdrep tracked", image) as on:
-        untracked = [run_fio(off, RANDWRITE, seconds, "A/B untracked")[0]]
+        untracked = [cpu_run(off, "A/B untracked", seconds)]
         ratios = []
         for _ in range(rounds):
-            tracked = run_fio(on, RANDWRITE, seconds, "A/B tracked")[0]
-            untracked.append(run_fio(off, RANDWRITE, seconds, "A/B untracked")[0])
-            ratios.append(tracked / statistics.mean(untracked[-2:]))
+            tracked = cpu_run(on, "A/B tracked", seconds)
+            untracked.append(cpu_run(off, "A/B untracked", seconds))
+            iops_off = statistics.mean(u[0] for u in untracked[-2:])
+            cpu_off = statistics.mean(u[1] for u in untracked[-2:])
+            ratios.append((tracked[0] / iops_off, tracked[1] / cpu_off, tracked[1], cpu_off))
     return ratios
+
+
+def cpu_run(server, label, seconds):
+    """(IOPS, nbdkit CPU microseconds per write) of one 4k random-write run."""
+    uri, proc = server
+    nbdkit = psutil.Process(proc.pid).children()[0]
+    before = sum(nbdkit.cpu_times()[:2])
+    iops, _, ios = run_fio(uri, RANDWRITE, seconds, label)
+    return iops, (sum(nbdkit.cpu_times()[:2]) - before) / ios * 1e6
 
 
 def fill_image(path, size):
@@ -152,11 +172,15 @@ def threads_table(sweep):
 
 
 def ratio_summary(ratios):
-    median = statistics.median(ratios)
-    verdict = "meets" if median >= GOAL else "misses"
-    return (f"tracking on / off, {RANDWRITE} IOPS, {DEFAULT_THREADS} threads, interleaved rounds: "
-            f"{', '.join(f'{r:.3f}' for r in ratios)}; median {median:.3f} "
-            f"({verdict} the goal of {GOAL})")
+    rows = [[f"round {i + 1}", f"{iops:.3f}", f"{on:.1f}", f"{off:.1f}", f"{cpu:.3f}"]
+            for i, (iops, cpu, on, off) in enumerate(ratios)]
+    iops = statistics.median(r[0] for r in ratios)
+    cpu = statistics.median(r[1] for r in ratios)
+    rows.append(["median", f"{iops:.3f}", "", "", f"{cpu:.3f}"])
+    table = format_table([f"tracking on/off, {RANDWRITE}, --threads {DEFAULT_THREADS}", "IOPS ratio",
+                          "CPU us/write on", "off", "CPU ratio"], rows)
+    verdict = "meets" if iops >= GOAL else "misses"
+    return f"{table}\nIOPS ratio {iops:.3f} {verdict} the goal of {GOAL}; tracking costs {cpu - 1:+.1%} CPU per write"
 
 
 # ---- main ----------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
 """Fixtures for end-to-end tests: real nbdkit servers on unix sockets, stopped by pid."""
+import collections
 import contextlib
 import hashlib
 import json
@@ -77,6 +78,25 @@ def nbdkit(procs, tmp_path):
         sock = sock or str(tmp_path / f"nbdkit{count[0]}.sock")
         proc = procs.start(["nbdkit", "--foreground", "--exit-with-parent", "-U", sock, *args], wait_for=sock)
         return sock, proc
+    return start
+
+
+Replicated = collections.namedtuple("Replicated", "server src dst rsock rproc")
+
+
+@pytest.fixture
+def replicated(procs, nbdkit, tmp_path):
+    """start(size, cycle, random_mib=0, filters=(), params=()) -> Replicated.
+
+    A source image (its first ``random_mib`` MiB random), an empty replica image served by
+    ``nbdkit [filters] file DST [params]``, and ``nbdrep serve`` replicating one to the other.
+    """
+    def start(size, cycle, random_mib=0, filters=(), params=()):
+        src = make_image(str(tmp_path / "source.img"), size, random_mib)
+        dst = make_image(str(tmp_path / "replica.img"), size)
+        rsock, rproc = nbdkit(*filters, "file", dst, *params)
+        server = Server(procs, str(tmp_path), [src], [uri(rsock)], extra=["--cycle", str(cycle)])
+        return Replicated(server, src, dst, rsock, rproc)
     return start
 
 

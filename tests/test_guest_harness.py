@@ -11,7 +11,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import psutil
@@ -22,7 +21,6 @@ sys.path.insert(0, str(SCRIPTS))
 import guest  # noqa: E402
 
 GUEST_TIMEOUT = 400
-SOCKET_WAIT_SECONDS = 30
 EXT4_JOB = """\
 mkfs.ext4 -q /dev/nbd0
 mount /dev/nbd0 /mnt
@@ -51,45 +49,13 @@ def _require_guest():
         pytest.skip(f"no qemu guest possible here: missing Debian packages {sorted(absent)}")
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-    proc.wait(timeout=30)
-
-
-@pytest.fixture
-def nbdkit(tmp_path):
-    """Factory: start nbdkit with plugin args on a unix socket in tmp_path; every one stopped by pid."""
-    procs = []
-
-    def start(*plugin_args):
-        sock = tmp_path / f"nbd{len(procs)}.sock"
-        with open(tmp_path / f"nbdkit{len(procs)}.log", "wb") as log:
-            proc = subprocess.Popen(["nbdkit", "-f", "-U", str(sock), "--exit-with-parent", *plugin_args],
-                                    stdin=subprocess.DEVNULL, stdout=log, stderr=log)
-        procs.append(proc)
-        deadline = time.monotonic() + SOCKET_WAIT_SECONDS
-        while not sock.is_socket():
-            assert proc.poll() is None and time.monotonic() < deadline, "nbdkit did not come up"
-            time.sleep(0.05)
-        return sock, proc
-
-    yield start
-    for proc in procs:
-        _stop(proc)
-
-
 def _children_named(name: str) -> list[psutil.Process]:
     return [p for p in psutil.Process().children(recursive=True) if p.name() == name]
 
 
 # ---------------------------------------------------------------- end to end (boots qemu)
 
-def test_ext4_written_through_kernel_nbd_is_intact_on_host(tmp_path, nbdkit):
+def test_ext4_written_through_kernel_nbd_is_intact_on_host(tmp_path, nbdkit, procs):
     _require_guest()
     image = tmp_path / "disk.img"
     with open(image, "wb") as f:
@@ -102,7 +68,7 @@ def test_ext4_written_through_kernel_nbd_is_intact_on_host(tmp_path, nbdkit):
     digest = re.search(r"^([0-9a-f]{64})  /mnt/f$", result.output, re.M)
     assert digest, result.output
 
-    _stop(proc)
+    procs.stop(proc)
     assert proc.returncode is not None
     fsck = subprocess.run(["e2fsck", "-fn", str(image)], capture_output=True, text=True, timeout=120)
     assert fsck.returncode == 0, fsck.stdout + fsck.stderr

@@ -7,7 +7,7 @@ import time
 import nbd
 import pytest
 
-from conftest import Server, file_digests, make_image, mounted, nbdrep, nbdrep_cmd, run, uri
+from conftest import file_digests, make_image, mounted, nbdrep, nbdrep_cmd, run, uri
 
 MiB = 1 << 20
 KiB = 1 << 10
@@ -39,17 +39,8 @@ def cycle_record(status, cycle):
     return next(c for c in status["cycles"] if c["cycle"] == cycle)
 
 
-@pytest.fixture
-def images(tmp_path):
-    src = make_image(str(tmp_path / "source.img"), 64 * MiB, random_mib=8)
-    dst = make_image(str(tmp_path / "replica.img"), 64 * MiB)
-    return src, dst
-
-
-def test_initial_sync_then_fio_randwrite_converges(procs, nbdkit, tmp_path, images):
-    src, dst = images
-    rsock, _ = nbdkit("file", dst)
-    server = Server(procs, str(tmp_path), [src], [uri(rsock)], extra=["--cycle", "1"])
+def test_initial_sync_then_fio_randwrite_converges(replicated):
+    server, src, dst, rsock, _ = replicated(64 * MiB, cycle=1, random_mib=8)
     first = server.rp()
     assert server.status()["committed_cycle"] >= first
     fio = subprocess.run(
@@ -65,11 +56,9 @@ def test_initial_sync_then_fio_randwrite_converges(procs, nbdkit, tmp_path, imag
     assert subprocess.run(["cmp", src, dst]).returncode == 0
 
 
-def test_point_in_time_while_replica_is_slow(procs, nbdkit, tmp_path):
-    src = make_image(str(tmp_path / "source.img"), 32 * MiB)
-    dst = make_image(str(tmp_path / "replica.img"), 32 * MiB)
-    rsock, _ = nbdkit("--filter=delay", "file", dst, "delay-write=1000ms")
-    server = Server(procs, str(tmp_path), [src], [uri(rsock)], extra=["--cycle", "3600"])
+def test_point_in_time_while_replica_is_slow(replicated):
+    server, src, dst, _, _ = replicated(32 * MiB, cycle=3600, filters=["--filter=delay"],
+                                        params=["delay-write=1000ms"])
     server.rp()
     pattern_a, pattern_b = os.urandom(32 * MiB), os.urandom(32 * MiB)
     h = connect(server.sock)
@@ -90,11 +79,8 @@ def write_all(h, data, chunk=MiB):
     h.flush()
 
 
-def test_report_copies_exactly_the_union_of_the_fig6_writes(procs, nbdkit, tmp_path):
-    src = make_image(str(tmp_path / "source.img"), 16 * MiB)
-    dst = make_image(str(tmp_path / "replica.img"), 16 * MiB)
-    rsock, _ = nbdkit("file", dst)
-    server = Server(procs, str(tmp_path), [src], [uri(rsock)], extra=["--cycle", "3600"])
+def test_report_copies_exactly_the_union_of_the_fig6_writes(replicated):
+    server, src, dst, _, _ = replicated(16 * MiB, cycle=3600)
     server.rp()
     # FIG. 6 scaled to KiB: writes 1-3 disjoint; 4 envelops 2; 5 overlaps 4 and envelops 3.
     writes = [(0, 64), (256, 64), (640, 64), (192, 192), (352, 416)]
@@ -112,11 +98,8 @@ def test_report_copies_exactly_the_union_of_the_fig6_writes(procs, nbdkit, tmp_p
     assert open(src, "rb").read() == open(dst, "rb").read()
 
 
-def test_zero_and_trim_ranges_go_out_as_write_zeroes(procs, nbdkit, tmp_path):
-    src = make_image(str(tmp_path / "source.img"), 16 * MiB, random_mib=16)
-    dst = make_image(str(tmp_path / "replica.img"), 16 * MiB)
-    rsock, _ = nbdkit("file", dst)
-    server = Server(procs, str(tmp_path), [src], [uri(rsock)], extra=["--cycle", "3600"])
+def test_zero_and_trim_ranges_go_out_as_write_zeroes(replicated):
+    server, src, dst, _, _ = replicated(16 * MiB, cycle=3600, random_mib=16)
     server.rp()
     h = connect(server.sock)
     h.zero(4 * MiB, 0)
@@ -130,10 +113,9 @@ def test_zero_and_trim_ranges_go_out_as_write_zeroes(procs, nbdkit, tmp_path):
     assert open(src, "rb").read() == open(dst, "rb").read()
 
 
-def test_replica_killed_mid_cycle_recovers_and_converges(procs, nbdkit, tmp_path, images):
-    src, dst = images
-    rsock, replica = nbdkit("--filter=delay", "file", dst, "delay-write=300ms")
-    server = Server(procs, str(tmp_path), [src], [uri(rsock)], extra=["--cycle", "3600"])
+def test_replica_killed_mid_cycle_recovers_and_converges(procs, nbdkit, replicated):
+    server, src, dst, rsock, replica = replicated(64 * MiB, cycle=3600, random_mib=8,
+                                                  filters=["--filter=delay"], params=["delay-write=300ms"])
     server.rp()
     h = connect(server.sock)
     write_all(h, os.urandom(32 * MiB))
@@ -179,11 +161,8 @@ def test_bad_replica_input_fails_clearly_and_writes_nothing(procs, nbdkit, tmp_p
     assert (sha(dst), sha(src)) == before
 
 
-def test_ext4_written_through_a_loop_device_arrives_whole(procs, nbdkit, fuse_loop, tmp_path):
-    src = make_image(str(tmp_path / "source.img"), 128 * MiB)
-    dst = make_image(str(tmp_path / "replica.img"), 128 * MiB)
-    rsock, _ = nbdkit("file", dst)
-    server = Server(procs, str(tmp_path), [src], [uri(rsock)], extra=["--cycle", "1"])
+def test_ext4_written_through_a_loop_device_arrives_whole(replicated, fuse_loop, tmp_path):
+    server, src, dst, _, _ = replicated(128 * MiB, cycle=1)
     loop = fuse_loop(server.uri)
     run("mkfs.ext4", "-q", loop)
     with mounted(loop, str(tmp_path / "src-mnt")) as mnt:

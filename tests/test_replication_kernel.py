@@ -6,7 +6,7 @@ import subprocess
 import pytest
 
 import guest
-from conftest import Server, make_image, mounted, uri
+from conftest import mounted
 
 MiB = 1 << 20
 GUEST_SCRIPT = """
@@ -29,11 +29,8 @@ def guest_ready():
         pytest.skip(f"qemu guest needs Debian packages: {missing}")
 
 
-def test_guest_ext4_over_nbd0_is_replicated(guest_ready, procs, nbdkit, tmp_path):
-    src = make_image(str(tmp_path / "source.img"), 128 * MiB)
-    dst = make_image(str(tmp_path / "replica.img"), 128 * MiB)
-    rsock, _ = nbdkit("file", dst)
-    server = Server(procs, str(tmp_path), [src], [uri(rsock)], extra=["--cycle", "1"])
+def test_guest_ext4_over_nbd0_is_replicated(guest_ready, replicated, tmp_path):
+    server, src, dst, _, _ = replicated(128 * MiB, cycle=1)
     result = guest.run_in_guest(server.sock, GUEST_SCRIPT, timeout=300)
     assert result.rc == 0, result.log[-3000:]
     digests = {path: digest for digest, path in re.findall(r"([0-9a-f]{64})\s+/mnt/(\S+)", result.output)}

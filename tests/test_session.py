@@ -18,14 +18,14 @@ MiB = 1 << 20
 def make_session(nbdkit, tmp_path):
     made = []
 
-    def make(replicated=True, cycle="3600"):
-        src = make_image(str(tmp_path / "source.img"), 8 * MiB, random_mib=1)
-        dst = make_image(str(tmp_path / "replica.img"), 8 * MiB)
+    def make(replicated=True, cycle="3600", filters=(), params=(), size=8 * MiB):
+        src = make_image(str(tmp_path / "source.img"), size, random_mib=1)
+        dst = make_image(str(tmp_path / "replica.img"), size)
         cfg = Config()
         cfg.add("source", src)
         cfg.add("cycle", cycle)
         if replicated:
-            cfg.add("replica", uri(nbdkit("file", dst)[0]))
+            cfg.add("replica", uri(nbdkit(*filters, "file", dst, *params)[0]))
         cfg.complete()
         backend = Backend(src)
         s = Session(cfg, {"": backend})
@@ -132,3 +132,19 @@ def test_coarsen_rounds_out_clips_and_never_drops_a_byte():
     assert out[-1][0] + out[-1][1] == 8 * MiB
     covered = lambda o, n: any(a <= o and o + n <= a + m for a, m in out)  # noqa: E731
     assert all(covered(o, n) for o, n in extents)
+
+
+def test_stop_abandons_a_slow_copy_instead_of_finishing_it(make_session):
+    s, backend, src, dst = make_session(filters=["--filter=delay"], params=["delay-write=2000ms"],
+                                        size=64 * MiB)
+    rp(s, timeout=120)
+    write(s, backend, 0, os.urandom(40 * MiB))      # 40 segments: more than the 16 in flight
+    cycle = s.request_rp()
+    deadline = 600
+    while s.status()["state"] != "copying" and deadline:
+        deadline -= 1
+        threading.Event().wait(0.05)
+    s.stop()
+    assert not s._thread.is_alive()
+    record = next(c for c in s.status()["cycles"] if c["cycle"] == cycle)
+    assert record["state"] == "abandoned"
