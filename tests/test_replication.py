@@ -135,6 +135,7 @@ def test_replica_killed_mid_cycle_recovers_and_converges(procs, nbdkit, replicat
     server.rp()
     assert nbdrep("verify", server.uri, uri(rsock), check=False).returncode == 0
     assert open(src, "rb").read() == open(dst, "rb").read()
+    procs.stop(server.proc)   # before its replica: nbdkit waits for connected clients to leave
 
 
 @pytest.mark.parametrize("case", ["too-small", "unreachable", "bad-uri", "negative-cycle"])
