@@ -112,11 +112,11 @@ class KeepAside:
         """
         size, read = self._devices[dev]
         with self._lock:
-            buf = read(offset, length)
+            data = read(offset, length)
             if self._blocks:
-                self._overlay_locked(dev, offset, buf)
+                data = self._overlay_locked(dev, offset, data)
             self._read_upto[dev] = max(self._read_upto.get(dev, 0), offset + length)
-        return buf
+        return data
 
     def stats(self):
         """Counters for status. O(1)."""
@@ -164,15 +164,19 @@ class KeepAside:
         if isinstance(value, bytes):
             self.mem_bytes -= len(value)
 
-    def _overlay_locked(self, dev, offset, buf):
-        end = offset + len(buf)
+    def _overlay_locked(self, dev, offset, data):
+        """``data`` with the kept blocks in its range laid over it (a copy only if any are)."""
+        end = offset + len(data)
+        buf = None
         for block in range(offset // BLOCK, (end - 1) // BLOCK + 1):
             if (dev, block) not in self._blocks:
                 continue
-            data = self._load_locked((dev, block))
+            kept = self._load_locked((dev, block))
             lo = max(offset, block * BLOCK)
-            hi = min(end, block * BLOCK + len(data))
-            buf[lo - offset:hi - offset] = data[lo - block * BLOCK:hi - block * BLOCK]
+            hi = min(end, block * BLOCK + len(kept))
+            buf = buf if buf is not None else bytearray(data)
+            buf[lo - offset:hi - offset] = kept[lo - block * BLOCK:hi - block * BLOCK]
+        return data if buf is None else buf
 
 
 class _Ranges:

@@ -65,10 +65,17 @@ class Backend:
             done += n
 
     def read(self, offset, length):
-        """Return ``length`` bytes from ``offset`` as a new bytearray. O(length)."""
+        """Return ``length`` bytes from ``offset``. O(length).
+
+        ``bytes`` from pread(2), not a buffer we zero-fill first: the copier reads every
+        changed byte through here, and the zero-fill cost it 40% of its throughput.
+        """
+        data = os.pread(self.fd, length, offset)
+        if len(data) == length:
+            return data
         buf = bytearray(length)
         self.pread(buf, offset)
-        return buf
+        return bytes(buf)
 
     def pwrite(self, buf, offset):
         """Write all of ``buf`` at ``offset``. O(len)."""

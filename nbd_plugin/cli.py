@@ -74,7 +74,7 @@ def _add_serve(sub):
     p.add_argument("--replica", action="append", default=[], metavar="[NAME=]URI",
                    help="NBD URI of the replica export (nbd://, nbd+unix://); one per source")
     p.add_argument("--cycle", default="1", metavar="SECONDS", help="RP interval (default: %(default)s)")
-    p.add_argument("--control", metavar="PATH", help="control socket (default: SOCKET.ctl, or in --state)")
+    p.add_argument("--control", metavar="PATH", help="control socket (default: STATE/control.sock)")
     p.add_argument("--state", default=default_state_dir(), metavar="DIR",
                    help="state directory (default: %(default)s)")
     p.add_argument("--tracking", choices=("on", "off"), default="on",
@@ -137,11 +137,8 @@ def preflight(cfg):
 
 
 def control_path(args):
-    if args.control:
-        return args.control
-    if args.socket:
-        return args.socket + ".ctl"
-    return os.path.join(args.state, f"control-{args.port}.sock")
+    """The control socket: --control, else one per state directory, where rp/status look."""
+    return args.control or os.path.join(args.state, "control.sock")
 
 
 def nbdkit_command(args, params):
@@ -172,8 +169,8 @@ def _serve(args):
         raise CLIError(f"--port {args.port} is not a TCP port")
     cfg, params = serve_config(args)
     preflight(cfg)
-    if args.socket:
-        _claim_socket(args.socket)
+    for path in ([args.socket] if args.socket else []) + [control_path(args)]:
+        _claim_socket(path)
     os.makedirs(args.state, exist_ok=True)
     proc = subprocess.Popen(nbdkit_command(args, params), env=nbdkit_env())
     forward = lambda signum, frame: proc.send_signal(signum)  # noqa: E731
