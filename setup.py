@@ -1,4 +1,5 @@
 # The cffi extension modules need setup.py's cffi_modules hook; everything else is in pyproject.toml.
 from setuptools import setup
 
-setup(cffi_modules=["reporter/_build.py:ffi", "tracker/_build.py:ffi"])
+setup(cffi_modules=["reporter/_build.py:ffi", "tracker/_build.py:ffi", "copier/_build.py:ffi",
+                     "nbd_plugin/_build.py:ffi"])

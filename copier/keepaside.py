@@ -32,6 +32,7 @@ spill file, so a slow replica costs disk space instead of failing writes. Each k
 costs BLOCK bytes plus about 100 bytes of dict entry.
 """
 import bisect
+import itertools
 import os
 import tempfile
 import threading
@@ -40,7 +41,11 @@ BLOCK = 4096
 
 
 class KeepAside:
-    """The store for one session; ``devices`` maps dev id -> (size, read(offset, length))."""
+    """The store for one session.
+
+    ``devices`` maps dev id -> a back end with ``size``, ``read(offset, length)`` and
+    ``read_batch(pairs)``.
+    """
 
     def __init__(self, devices, mem_cap=256 << 20, spill_dir=None):
         self._devices = devices
@@ -105,18 +110,20 @@ class KeepAside:
                 if key not in self._blocks and self._is_pending_locked(dev, block):
                     self._store_locked(key, self._read_block(dev, block))
 
-    def read(self, dev, offset, length):
-        """The copier's read of cycle N's bytes: the back end overlaid with kept blocks.
+    def read_batch(self, dev, pairs, into):
+        """The copier's read of cycle N's bytes: segments back to back in ``into``, kept blocks
+        laid over them; returns the filled view of ``into``.
 
-        Reads must come in ascending offset order per device. O(length).
+        ``pairs``: array('Q') of (offset, length), ascending; batches must come in ascending
+        offset order per device. O(total length + kept blocks of the device).
         """
-        size, read = self._devices[dev]
+        view = memoryview(into)[:sum(pairs[1::2])]
         with self._lock:
-            data = read(offset, length)
+            self._devices[dev].read_batch(pairs, view)
             if self._blocks:
-                data = self._overlay_locked(dev, offset, data)
-            self._read_upto[dev] = max(self._read_upto.get(dev, 0), offset + length)
-        return data
+                self._overlay_locked(dev, pairs, view)
+            self._read_upto[dev] = max(self._read_upto.get(dev, 0), pairs[-2] + pairs[-1])
+        return view
 
     def stats(self):
         """Counters for status. O(1)."""
@@ -136,9 +143,9 @@ class KeepAside:
         return self._pending is None or self._pending[dev].intersects(start, end)
 
     def _read_block(self, dev, block):
-        size, read = self._devices[dev]
+        backend = self._devices[dev]
         start = block * BLOCK
-        return bytes(read(start, min(BLOCK, size - start)))
+        return bytes(backend.read(start, min(BLOCK, backend.size - start)))
 
     def _store_locked(self, key, data):
         self.kept_blocks_total += 1
@@ -164,19 +171,20 @@ class KeepAside:
         if isinstance(value, bytes):
             self.mem_bytes -= len(value)
 
-    def _overlay_locked(self, dev, offset, data):
-        """``data`` with the kept blocks in its range laid over it (a copy only if any are)."""
-        end = offset + len(data)
-        buf = None
-        for block in range(offset // BLOCK, (end - 1) // BLOCK + 1):
-            if (dev, block) not in self._blocks:
-                continue
-            kept = self._load_locked((dev, block))
-            lo = max(offset, block * BLOCK)
-            hi = min(end, block * BLOCK + len(kept))
-            buf = buf if buf is not None else bytearray(data)
-            buf[lo - offset:hi - offset] = kept[lo - block * BLOCK:hi - block * BLOCK]
-        return data if buf is None else buf
+    def _overlay_locked(self, dev, pairs, buf):
+        """Copy the kept blocks of ``dev`` over the segments of ``buf`` they overlap."""
+        starts, lengths = pairs[0::2], pairs[1::2]
+        positions = list(itertools.accumulate(lengths, initial=0))
+        for key in [k for k in self._blocks if k[0] == dev]:
+            kept = self._load_locked(key)
+            lo_block, hi_block = key[1] * BLOCK, key[1] * BLOCK + len(kept)
+            i = max(0, bisect.bisect_right(starts, lo_block) - 1)
+            while i < len(starts) and starts[i] < hi_block:
+                lo, hi = max(starts[i], lo_block), min(starts[i] + lengths[i], hi_block)
+                if lo < hi:
+                    at = positions[i] - starts[i]
+                    buf[at + lo:at + hi] = kept[lo - lo_block:hi - lo_block]
+                i += 1
 
 
 class _Ranges:

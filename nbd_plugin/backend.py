@@ -17,6 +17,8 @@ import os
 import stat
 import struct
 
+from nbd_plugin._io import ffi as _io_ffi, lib as _io_lib
+
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 FALLOC_FL_ZERO_RANGE = 0x10
@@ -76,6 +78,19 @@ class Backend:
         buf = bytearray(length)
         self.pread(buf, offset)
         return bytes(buf)
+
+    def read_batch(self, pairs, into):
+        """Read many segments back to back into the buffer ``into``, in one call without the GIL.
+
+        ``pairs``: an array('Q') of (offset, length) pairs. The caller reuses ``into``: fresh
+        memory for every batch cost more in page faults than the reads themselves. O(total length).
+        """
+        if len(into) < sum(pairs[1::2]):
+            raise ValueError(f"buffer of {len(into)} bytes is smaller than the batch")
+        rc = _io_lib.be_pread_batch(self.fd, _io_ffi.from_buffer("uint64_t[]", pairs), len(pairs) // 2,
+                                    _io_ffi.from_buffer(into, require_writable=True))
+        if rc:
+            raise OSError(rc, f"{os.strerror(rc)} reading {self.path}")
 
     def pwrite(self, buf, offset):
         """Write all of ``buf`` at ``offset``. O(len)."""

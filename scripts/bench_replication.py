@@ -9,7 +9,7 @@
    write: bytes_written) and what a 64 KiB dirty-bitmap copier sends (every 64 KiB chunk a
    write touched).
 2. Copier throughput: nbdrep's initial sync of a --size image of random data against nbdcopy
-   from the same source file to the same replica server.
+   from the same source file to the same replica server; alternated twice, best of each.
 3. Achieved RPO: lag (now minus the RP time of the newest committed cycle) sampled every
    0.1 s during the fio run of part 1; p50/p99 and a PNG plot of lag over time.
 
@@ -33,6 +33,7 @@ from nbd_plugin import control  # noqa: E402
 from nbd_plugin.params import parse_size  # noqa: E402
 
 CHUNK = 64 << 10
+ROUNDS = 2
 
 
 def main():
@@ -66,19 +67,21 @@ def bench_copier(work, size):
     with open(src, "wb") as f:
         for _ in range(size >> 20):
             f.write(os.urandom(1 << 20))
-    results = {}
     runners = (("nbdrep initial sync", _time_nbdrep_sync), ("nbdcopy file -> NBD", _time_nbdcopy))
-    for i, (name, runner) in enumerate(runners):
+    results = {}
+    for i, (name, runner) in enumerate(runners * ROUNDS):
         dst = os.path.join(work, "dst.img")
         with open(dst, "wb") as f:
             f.truncate(size)
+        os.sync()  # no writeback of an earlier run's pages during this one
         with Procs() as procs:
             rsock = os.path.join(work, f"r{i}.sock")
             procs.start(["nbdkit", "-f", "--exit-with-parent", "-U", rsock, "file", dst], wait_for=rsock)
             progress(f"copier: {name}")
-            results[name] = runner(procs, work, src, rsock)
+            seconds = runner(procs, work, src, rsock)
         same = subprocess.run(["cmp", "-s", src, dst]).returncode == 0
-        results[name] = (results[name], same)
+        best = results.get(name, (float("inf"), True))
+        results[name] = (min(seconds, best[0]), same and best[1])
         os.unlink(dst)
     return {"size": size, "results": results}
 

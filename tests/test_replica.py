@@ -1,5 +1,6 @@
 """Replica against real nbdkit servers on unix sockets under tmp_path."""
 
+import array
 import errno
 import hashlib
 import os
@@ -268,3 +269,47 @@ def test_validate_sgl_and_pieces():
     assert validate_sgl(iter([[0, 5, "data"], (5, 5, "zero")]), 10) == [(0, 5, "data"),
                                                                           (5, 5, "zero")]
     assert list(pieces(10, 25, 10)) == [(10, 10), (20, 10), (30, 5)]
+
+
+def batch(segments):
+    return array.array("Q", [v for seg in segments for v in seg])
+
+
+def test_write_batch_sends_segments_from_one_buffer(nbdkit, tmp_path):
+    img = tmp_path / "replica.img"
+    image = make_image(img, 8 * MiB, seed=11)
+    source = bytearray(random.Random(12).randbytes(8 * MiB))
+    segments = [(0, 1), (4096, 4096), (65536 + 7, 300000), (5 * MiB, 2 * MiB + 3)]
+    buf = b"".join(source[o:o + n] for o, n in segments)
+    sock, _ = nbdkit("file", str(img))
+    with Replica(uri(sock)) as r:
+        assert r.write_batch(batch(segments), buf, max_inflight=2) == len(buf)
+        r.flush()
+    apply(image, source, [(o, n, "data") for o, n in segments])
+    assert img.read_bytes() == image
+
+
+def test_write_batch_failure_names_the_offset_and_errno_and_drops_the_connection(nbdkit):
+    sock, _ = nbdkit("--filter=error", "memory", "64M", "error-pwrite-rate=1", "error-pwrite=EIO")
+    segments = [(i * MiB, MiB) for i in range(20)]
+    r = Replica(uri(sock))
+    with pytest.raises(ReplicaError, match=r"writing data at offset \d+: EIO") as e:
+        r.write_batch(batch(segments), bytes(20 * MiB), max_inflight=8)
+    assert e.value.errno == errno.EIO
+    with pytest.raises(ReplicaError, match="not connected"):
+        r.flush()
+
+
+def test_write_batch_refuses_bad_batches_before_sending(nbdkit, tmp_path):
+    img = tmp_path / "replica.img"
+    make_image(img, MiB, seed=13)
+    before = img.read_bytes()
+    sock, _ = nbdkit("file", str(img))
+    with Replica(uri(sock)) as r:
+        with pytest.raises(ValueError, match="past the replica"):
+            r.write_batch(batch([(MiB - 10, 11)]), bytes(11))
+        with pytest.raises(ValueError, match="at least one"):
+            r.write_batch(array.array("Q"), b"")
+        with pytest.raises(ValueError, match="holds 10 of its 11 bytes"):
+            r.write_batch(batch([(0, 11)]), bytes(10))
+    assert img.read_bytes() == before

@@ -57,10 +57,11 @@ def test_initial_sync_then_fio_randwrite_converges(replicated):
 
 
 def test_point_in_time_while_replica_is_slow(replicated):
-    server, src, dst, _, _ = replicated(32 * MiB, cycle=3600, filters=["--filter=delay"],
+    server, src, dst, _, _ = replicated(64 * MiB, cycle=3600, filters=["--filter=delay"],
                                         params=["delay-write=1000ms"])
     server.rp()
-    pattern_a, pattern_b = os.urandom(32 * MiB), os.urandom(32 * MiB)
+    # Two copy batches (32 MiB each): B lands while the second is still unread.
+    pattern_a, pattern_b = os.urandom(64 * MiB), os.urandom(64 * MiB)
     h = connect(server.sock)
     write_all(h, pattern_a)
     cycle_a = int(nbdrep("rp", "--control", server.control).stdout)
