@@ -15,8 +15,9 @@ with open(os.path.join(_HERE, "btree.h"), encoding="utf-8") as header:
     ffi.cdef("".join(line for line in header if not line.lstrip().startswith("#")))
 ffi.set_source(
     "reporter._btree",
-    '#include "btree.h"',
-    sources=[os.path.join(_HERE, "btree.c")],
+    # Included rather than listed in sources=: setuptools refuses absolute source paths when it
+    # builds a wheel, and a relative one would depend on the directory the build runs from.
+    '#include "btree.c"',
     include_dirs=[_HERE],
     extra_compile_args=["-std=c99", "-O2", "-Wall", "-Wextra"],
 )
