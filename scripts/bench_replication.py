@@ -8,8 +8,9 @@
    for the same writes it prints what nbdrep copied, what a log-shipping copier sends (every
    write: bytes_written) and what a 64 KiB dirty-bitmap copier sends (every 64 KiB chunk a
    write touched).
-2. Copier throughput: nbdrep's initial sync of a --size image of random data against nbdcopy
-   from the same source file to the same replica server; alternated twice, best of each.
+2. Copier throughput: nbdrep's initial sync of a --size image of random data, from RP to commit
+   (the replica's flush included), against ``nbdcopy --flush`` from the same source file to the
+   same replica server; alternated twice, best of each.
 3. Achieved RPO: lag (now minus the RP time of the newest committed cycle) sampled every
    0.1 s during the fio run of part 1; p50/p99 and a PNG plot of lag over time.
 
@@ -67,7 +68,7 @@ def bench_copier(work, size):
     with open(src, "wb") as f:
         for _ in range(size >> 20):
             f.write(os.urandom(1 << 20))
-    runners = (("nbdrep initial sync", _time_nbdrep_sync), ("nbdcopy file -> NBD", _time_nbdcopy))
+    runners = (("nbdrep initial sync", _time_nbdrep_sync), ("nbdcopy --flush file -> NBD", _time_nbdcopy))
     results = {}
     for i, (name, runner) in enumerate(runners * ROUNDS):
         dst = os.path.join(work, "dst.img")
@@ -96,7 +97,8 @@ def _time_nbdrep_sync(procs, work, src, rsock):
 
 def _time_nbdcopy(procs, work, src, rsock):
     started = time.monotonic()
-    subprocess.run(["nbdcopy", src, f"nbd+unix:///?socket={rsock}"], check=True)
+    # --flush: a cycle is committed only once the replica flushed, so nbdcopy must flush too.
+    subprocess.run(["nbdcopy", "--flush", src, f"nbd+unix:///?socket={rsock}"], check=True)
     return time.monotonic() - started
 
 
@@ -181,7 +183,7 @@ def print_tables(sync, run):
     for name, (secs, same) in sync["results"].items():
         rows.append((name, f"{secs:.2f}", f"{size_mb / secs:.0f}", "yes" if same else "NO"))
     _table(rows)
-    ours, theirs = sync["results"]["nbdrep initial sync"][0], sync["results"]["nbdcopy file -> NBD"][0]
+    ours, theirs = sync["results"]["nbdrep initial sync"][0], sync["results"]["nbdcopy --flush file -> NBD"][0]
     print(f"nbdrep / nbdcopy throughput: {theirs / ours:.2f}x")
 
     cycles = {c["cycle"]: c for c in run["status"]["cycles"]}

@@ -97,6 +97,12 @@ def test_report_copies_exactly_the_union_of_the_fig6_writes(replicated):
     assert record["bytes_copied"] == (64 + (352 + 416 - 192)) * KiB
     assert server.report()["exports"][""]["data"] == [[0, 64 * KiB], [192 * KiB, 576 * KiB]]
     assert open(src, "rb").read() == open(dst, "rb").read()
+    table = nbdrep("status", "--control", server.control).stdout
+    assert f"committed: {cycle}" in table
+    row = [str(cycle), "committed", "5", "2", "800.0", "KiB", "640.0", "KiB"]
+    assert any(line.split()[:8] == row for line in table.splitlines()), table
+    metrics = nbdrep("status", "--prometheus", "--control", server.control).stdout
+    assert f"\nnbdrep_committed_cycle {cycle}\n" in metrics
 
 
 def test_zero_and_trim_ranges_go_out_as_write_zeroes(replicated):
