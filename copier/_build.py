@@ -11,8 +11,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ffi = FFI()
 ffi.cdef("""
 struct nbd_handle;
-int fc_pwrite(struct nbd_handle *h, const uint64_t *pairs, size_t n, const unsigned char *buf,
-              int max_inflight, int timeout_ms, uint64_t *bad_offset, char *err, size_t errcap);
+int fc_pwrite(struct nbd_handle **hs, int nh, const uint64_t *pairs, size_t n,
+              const unsigned char *buf, int max_inflight, int timeout_ms, uint64_t *bad_offset,
+              char *err, size_t errcap);
 """)
 ffi.set_source(
     "copier._fastcopy",

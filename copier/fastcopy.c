@@ -13,6 +13,7 @@
  * handle after any error before it lets go of the batch buffer.
  */
 #include <errno.h>
+#include <poll.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -59,19 +60,60 @@ static int fc_fail(int rc, const char *what, char *err, size_t errcap)
     return rc;
 }
 
-/* Wait until fewer than `limit` commands are in flight, or (with `stop`) a command failed;
- * 0, or an errno with `err` filled. */
-static int fc_wait_below(struct nbd_handle *h, int limit, int timeout_ms,
-                         const struct fc_state *st, int stop, char *err, size_t errcap)
+static int fc_in_flight(struct nbd_handle **hs, int nh)
 {
-    while (nbd_aio_in_flight(h) >= limit && !(stop && st->error)) {
-        int r = nbd_poll(h, timeout_ms);
-        if (r == -1)
+    int total = 0;
+    for (int j = 0; j < nh; j++)
+        total += nbd_aio_in_flight(hs[j]);
+    return total;
+}
+
+/* One poll(2) over every connection, then let libnbd act on what is ready. */
+static int fc_poll(struct nbd_handle **hs, int nh, int timeout_ms, char *err, size_t errcap)
+{
+    struct pollfd fds[nh];
+    for (int j = 0; j < nh; j++) {
+        unsigned dir = nbd_aio_get_direction(hs[j]);
+        fds[j].fd = nbd_aio_get_fd(hs[j]);
+        fds[j].events = (dir & LIBNBD_AIO_DIRECTION_READ ? POLLIN : 0) |
+                        (dir & LIBNBD_AIO_DIRECTION_WRITE ? POLLOUT : 0);
+        fds[j].revents = 0;
+    }
+    int r = poll(fds, nh, timeout_ms);
+    if (r == 0)
+        return fc_fail(ETIMEDOUT, "the replica did not answer in time", err, errcap);
+    if (r < 0)
+        return fc_fail(errno, "poll failed", err, errcap);
+    for (int j = 0; j < nh; j++) {
+        if ((fds[j].revents & (POLLIN | POLLHUP | POLLERR)) && nbd_aio_notify_read(hs[j]) == -1)
             return fc_fail(nbd_get_errno() ? nbd_get_errno() : EIO, nbd_get_error(), err, errcap);
-        if (r == 0)
-            return fc_fail(ETIMEDOUT, "the replica did not answer in time", err, errcap);
+        if ((fds[j].revents & POLLOUT) && nbd_aio_notify_write(hs[j]) == -1)
+            return fc_fail(nbd_get_errno() ? nbd_get_errno() : EIO, nbd_get_error(), err, errcap);
     }
     return 0;
+}
+
+/* Wait until fewer than `limit` commands are in flight, or (with `stop`) a command failed;
+ * 0, or an errno with `err` filled. */
+static int fc_wait_below(struct nbd_handle **hs, int nh, int limit, int timeout_ms,
+                         const struct fc_state *st, int stop, char *err, size_t errcap)
+{
+    while (fc_in_flight(hs, nh) >= limit && !(stop && st->error)) {
+        int rc = fc_poll(hs, nh, timeout_ms, err, errcap);
+        if (rc)
+            return rc;
+    }
+    return 0;
+}
+
+/* The connection with the fewest commands in flight. */
+static struct nbd_handle *fc_least_busy(struct nbd_handle **hs, int nh)
+{
+    int best = 0;
+    for (int j = 1; j < nh; j++)
+        if (nbd_aio_in_flight(hs[j]) < nbd_aio_in_flight(hs[best]))
+            best = j;
+    return hs[best];
 }
 
 static int fc_issue(struct nbd_handle *h, struct fc_state *st, const unsigned char *buf,
@@ -91,11 +133,13 @@ static int fc_issue(struct nbd_handle *h, struct fc_state *st, const unsigned ch
 
 /*
  * Write `n` segments, pairs[2i] = offset and pairs[2i+1] = length, whose bytes lie one after
- * another in `buf`. At most `max_inflight` commands in flight (counting any already there);
- * returns when all have completed: 0, or an errno with *bad_offset and `err` set.
+ * another in `buf`, spread over the `nh` connections `hs` (each goes to the least busy). At
+ * most `max_inflight` commands in flight in all (counting any already there); returns when
+ * all have completed: 0, or an errno with *bad_offset and `err` set.
  */
-int fc_pwrite(struct nbd_handle *h, const uint64_t *pairs, size_t n, const unsigned char *buf,
-              int max_inflight, int timeout_ms, uint64_t *bad_offset, char *err, size_t errcap)
+int fc_pwrite(struct nbd_handle **hs, int nh, const uint64_t *pairs, size_t n,
+              const unsigned char *buf, int max_inflight, int timeout_ms, uint64_t *bad_offset,
+              char *err, size_t errcap)
 {
     struct fc_state *st = calloc(1, sizeof *st);
     if (!st)
@@ -104,13 +148,14 @@ int fc_pwrite(struct nbd_handle *h, const uint64_t *pairs, size_t n, const unsig
     int rc = 0;
     size_t pos = 0;
     for (size_t i = 0; i < n && !rc && !st->error; i++) {
-        rc = fc_wait_below(h, max_inflight, timeout_ms, st, 1, err, errcap);
+        rc = fc_wait_below(hs, nh, max_inflight, timeout_ms, st, 1, err, errcap);
         if (!rc && !st->error)
-            rc = fc_issue(h, st, buf + pos, pairs[2 * i], pairs[2 * i + 1], err, errcap);
+            rc = fc_issue(fc_least_busy(hs, nh), st, buf + pos, pairs[2 * i], pairs[2 * i + 1],
+                          err, errcap);
         pos += pairs[2 * i + 1];
     }
     if (!rc)
-        rc = fc_wait_below(h, 1, timeout_ms, st, 0, err, errcap);
+        rc = fc_wait_below(hs, nh, 1, timeout_ms, st, 0, err, errcap);
     if (!rc && st->error) {
         rc = st->error;
         *bad_offset = st->bad_offset;

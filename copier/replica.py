@@ -324,7 +324,8 @@ class Replica:
     ``Replica(uri, connections=1, connect_timeout=10.0, io_timeout=60.0)``
     connects at once (ValueError for a bad URI, ReplicaError if unreachable).
     With ``connections > 1`` the segments of an SGL are spread over that many
-    NBD connections.  Use as a context manager, or call `close`.
+    NBD connections, if the replica advertises multi-conn (else one is used).
+    Use as a context manager, or call `close`.
     """
 
     def __init__(self, uri, *, connections=1, connect_timeout=10.0, io_timeout=60.0):
@@ -346,9 +347,13 @@ class Replica:
         closed until a later `reconnect` succeeds.
         """
         self.close()
-        handles = [connect(self.uri, timeout=self.connect_timeout)
-                   for _ in range(self.connections)]
-        first = handles[0]
+        first = connect(self.uri, timeout=self.connect_timeout)
+        handles = [first]
+        # More connections only where the replica says they are consistent: one that does not
+        # advertise multi-conn may not even accept a second client (qemu-nbd --shared=1).
+        if first.can_multi_conn():
+            handles += [connect(self.uri, timeout=self.connect_timeout)
+                        for _ in range(self.connections - 1)]
         self.size = first.get_size()
         self.can_zero = first.can_zero()
         self.can_trim = first.can_trim()
@@ -460,8 +465,8 @@ class Replica:
         """Write data segments whose bytes lie back to back in ``buf``; return the bytes written.
 
         ``pairs``: array('Q') of (offset, length), ascending and disjoint, within the replica.
-        The whole batch goes out from C in one call without the GIL (``fastcopy.c``), on the
-        first connection, at most ``max_inflight`` commands in flight. On any failure the
+        The whole batch goes out from C in one call without the GIL (``fastcopy.c``), spread
+        over every connection, at most ``max_inflight`` commands in flight in all. On any failure the
         connections are dropped (commands may still be in flight on them) and ReplicaError
         names the first failed offset and its errno. O(total length).
         """
@@ -472,9 +477,9 @@ class Replica:
         total = sum(pairs[1::2])
         if memoryview(buf).nbytes < total:
             raise ValueError(f"bad batch: its buffer holds {memoryview(buf).nbytes} of its {total} bytes")
-        h = self._live_handles()[0]
+        handles = _fc_ffi.new("struct nbd_handle *[]", [_handle_pointer(h) for h in self._live_handles()])
         err, bad = _fc_ffi.new("char[]", 256), _fc_ffi.new("uint64_t *")
-        rc = _fc_lib.fc_pwrite(_handle_pointer(h), _fc_ffi.from_buffer("uint64_t[]", pairs), len(pairs) // 2,
+        rc = _fc_lib.fc_pwrite(handles, len(handles), _fc_ffi.from_buffer("uint64_t[]", pairs), len(pairs) // 2,
                                _fc_ffi.from_buffer(buf), max_inflight, int(self.io_timeout * 1000),
                                bad, err, len(err))
         if rc:

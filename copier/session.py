@@ -234,7 +234,10 @@ class Session:
                 if delay <= 0:
                     break
                 self._cond.wait(min(delay, 1.0))
-            self._rp_requested = False
+            # A retried drain closes an older cycle than the one an RP request was promised
+            # (request_rp returns the open cycle), so the request waits for the next turn.
+            if self._draining is None:
+                self._rp_requested = False
             return not self._stopping
 
     def _one_cycle(self):

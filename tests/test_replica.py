@@ -313,3 +313,19 @@ def test_write_batch_refuses_bad_batches_before_sending(nbdkit, tmp_path):
         with pytest.raises(ValueError, match="holds 10 of its 11 bytes"):
             r.write_batch(batch([(0, 11)]), bytes(10))
     assert img.read_bytes() == before
+
+
+def test_write_batch_spreads_over_connections_only_where_multi_conn_is_advertised(nbdkit, tmp_path):
+    source = bytearray(random.Random(14).randbytes(8 * MiB))
+    segments = [(i * 512 * 1024, 256 * 1024) for i in range(16)]
+    buf = b"".join(source[o:o + n] for o, n in segments)
+    for mode, expected in (("emulate", 3), ("disable", 1)):
+        img = tmp_path / f"{mode}.img"
+        image = make_image(img, 8 * MiB, seed=15)
+        sock, _ = nbdkit("--filter=multi-conn", "file", str(img), f"multi-conn-mode={mode}")
+        with Replica(uri(sock), connections=3) as r:
+            assert len(r._live_handles()) == expected
+            assert r.write_batch(batch(segments), buf, max_inflight=6) == len(buf)
+            r.flush()
+        apply(image, source, [(o, n, "data") for o, n in segments])
+        assert img.read_bytes() == image

@@ -71,9 +71,12 @@ def test_an_rp_waits_for_writes_in_flight_and_times_out_without_losing_them(make
     target = s.request_rp()
     assert not s.wait_for(target, 1.0)               # ... holds the RP: the drain times out
     assert s.status()["state"] == "draining"
+    later = s.request_rp()                           # asked while draining: promises the open cycle
+    assert later == target + 1
     backend.pwrite(data, MiB)
     s.end_write(cycle, 0, KIND_DATA, MiB, 4096)      # ... and once it ends, the RP completes
     assert s.wait_for(target, 60)
+    assert s.wait_for(later, 60), "the request made while draining got its own RP"
     assert open(dst, "rb").read()[MiB:MiB + 4096] == data
 
 
