@@ -406,7 +406,8 @@ class Replica:
         raises ValueError before anything is written).  ``read(offset,
         length)`` returns the source bytes of a data segment (a bytes-like of
         exactly `length` bytes); it is called just before that segment's
-        WRITE, so at most `max_inflight` buffers are alive.  `progress(done,
+        WRITE, so at most `max_inflight` buffers are alive; it may be None
+        for an SGL without data (the session sends data with `write_batch`).  `progress(done,
         total)` is called at most every 0.25 s and once at the end.
 
         Returns ``{"bytes_copied", "bytes_zeroed", "bytes_trimmed",

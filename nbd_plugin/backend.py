@@ -67,11 +67,7 @@ class Backend:
             done += n
 
     def read(self, offset, length):
-        """Return ``length`` bytes from ``offset``. O(length).
-
-        ``bytes`` from pread(2), not a buffer we zero-fill first: the copier reads every
-        changed byte through here, and the zero-fill cost it 40% of its throughput.
-        """
+        """Return ``length`` bytes from ``offset`` (the keep-aside store's reads). O(length)."""
         data = os.pread(self.fd, length, offset)
         if len(data) == length:
             return data
