@@ -17,7 +17,6 @@
 Everything runs on unix sockets in a temporary folder under --dir, removed afterwards.
 """
 import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -28,6 +27,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
+from benchlib import fio_report, format_table  # noqa: E402
 from procs import Procs, nbdrep_cmd  # noqa: E402
 
 from nbd_plugin import control  # noqa: E402
@@ -120,7 +120,7 @@ def bench_cycles(work, size, seconds):
                            "--random_distribution=zipf:1.1", "--norandommap", f"--runtime={seconds}",
                            "--time_based", "--output-format=json"], stdout=subprocess.PIPE, cwd=work)
         samples, reports = _sample(server, fio, seconds + 120)
-        fio_out = fio_json(fio.stdout.read())
+        fio_out = fio_report(fio.stdout.read().decode())
         _ask(server, {"cmd": "rp", "wait": True, "timeout": 600}, 700)
         status = _ask(server, {"cmd": "status"})
     return {"lag": samples, "reports": reports, "status": status,
@@ -140,11 +140,6 @@ def _sample(server, fio, timeout):
             reports.setdefault(report["cycle"], report["exports"][""])
         time.sleep(0.1)
     return samples, reports
-
-
-def fio_json(text):
-    """fio's JSON report; the nbd engine prints a line before it."""
-    return json.loads(text[text.index(b"{"):])
 
 
 def _serve(procs, work, src, rsock, cycle):
@@ -179,10 +174,9 @@ def percentile(values, q):
 def print_tables(sync, run):
     size_mb = sync["size"] / 1e6
     print("\nCopier throughput (same source file, same replica server)")
-    rows = [("copier", "seconds", "MB/s", "replica == source")]
-    for name, (secs, same) in sync["results"].items():
-        rows.append((name, f"{secs:.2f}", f"{size_mb / secs:.0f}", "yes" if same else "NO"))
-    _table(rows)
+    rows = [(name, f"{secs:.2f}", f"{size_mb / secs:.0f}", "yes" if same else "NO")
+            for name, (secs, same) in sync["results"].items()]
+    print(format_table(("copier", "seconds", "MB/s", "replica == source"), rows))
     ours, theirs = sync["results"]["nbdrep initial sync"][0], sync["results"]["nbdcopy --flush file -> NBD"][0]
     print(f"nbdrep / nbdcopy throughput: {theirs / ours:.2f}x")
 
@@ -193,24 +187,16 @@ def print_tables(sync, run):
     bitmap = sum(bitmap_bytes(run["reports"][c]["data"] + run["reports"][c]["zero"]) for c in seen)
     print(f"\nBytes sent for the same writes ({len(seen)} cycles of fio 4k zipf randwrite, "
           f"{run['iops']:.0f} IOPS)")
-    _table([("copier", "MiB sent", "vs nbdrep"),
-            ("nbdrep (merged report)", f"{copied / 2**20:.1f}", "1.00x"),
-            ("log shipping (every write)", f"{written / 2**20:.1f}", f"{written / copied:.2f}x"),
-            ("64 KiB dirty bitmap", f"{bitmap / 2**20:.1f}", f"{bitmap / copied:.2f}x")])
+    print(format_table(("copier", "MiB sent", "vs nbdrep"), [
+        ("nbdrep (merged report)", f"{copied / 2**20:.1f}", "1.00x"),
+        ("log shipping (every write)", f"{written / 2**20:.1f}", f"{written / copied:.2f}x"),
+        ("64 KiB dirty bitmap", f"{bitmap / 2**20:.1f}", f"{bitmap / copied:.2f}x")]))
 
     lags = [lag for _, lag in run["lag"]]
     print("\nAchieved RPO (lag) under sustained fio randwrite, 1 s cycles")
-    _table([("samples", "p50 (s)", "p99 (s)", "max (s)"),
-            (str(len(lags)), f"{percentile(lags, 50):.2f}", f"{percentile(lags, 99):.2f}",
-             f"{max(lags, default=float('nan')):.2f}")])
-
-
-def _table(rows):
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for i, row in enumerate(rows):
-        print("  ".join(v.ljust(w) if j == 0 else v.rjust(w) for j, (v, w) in enumerate(zip(row, widths))))
-        if i == 0:
-            print("  ".join("-" * w for w in widths))
+    print(format_table(("samples", "p50 (s)", "p99 (s)", "max (s)"), [
+        (str(len(lags)), f"{percentile(lags, 50):.2f}", f"{percentile(lags, 99):.2f}",
+         f"{max(lags, default=float('nan')):.2f}")]))
 
 
 def plot_lag(samples, path):

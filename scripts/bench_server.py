@@ -21,7 +21,6 @@ Progress goes to stderr, the tables to stdout.
 """
 import argparse
 import contextlib
-import json
 import os
 import statistics
 import subprocess
@@ -30,6 +29,7 @@ import tempfile
 
 import psutil
 
+from benchlib import fio_report, format_table
 from procs import Procs, nbdrep_cmd
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -62,8 +62,7 @@ def fio_command(uri, workload, seconds):
 
 def parse_fio(stdout):
     """(IOPS, MB/s) of fio's JSON report; the nbd engine prints lines before the JSON."""
-    report = json.loads(stdout[stdout.index("{"):])
-    (job,) = report["jobs"]
+    (job,) = fio_report(stdout)["jobs"]
     if job["error"]:
         raise RuntimeError(f"fio job failed with error {job['error']}")
     side = job["write"] if job["write"]["io_bytes"] else job["read"]
@@ -147,15 +146,6 @@ def fill_image(path, size):
 
 
 # ---- tables --------------------------------------------------------------------------------
-
-def format_table(header, rows):
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-
-    def line(row):
-        return "  ".join(str(v).rjust(w) if i else str(v).ljust(w)
-                         for i, (v, w) in enumerate(zip(row, widths)))
-    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
-
 
 def main_table(results):
     base = results["nbdkit file"]
