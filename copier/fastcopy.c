@@ -1,5 +1,5 @@
 /*
- * The copier's data path: send a batch of data segments to the replica from C.
+ * The copier's data path: send batches of data segments to the replica from C.
  *
  * Why C: libnbd's Python aio_pwrite costs a GIL round trip per request, and a cycle of small
  * random writes is thousands of 4 KiB segments; even a bare Python loop reached a quarter of
@@ -7,10 +7,16 @@
  * released (cffi's default), on the connection the Python side opened: the handle comes from
  * the libnbd Python object's capsule, so connect, size checks, zeroing and flush stay in Python.
  *
- * Lifetime: libnbd may still hold commands when we return early (an error, or a replica that
- * stopped answering). Their completion state is therefore on the heap, reference-counted by the
- * commands' .free callbacks, which libnbd calls exactly once per command; the caller closes the
- * handle after any error before it lets go of the batch buffer.
+ * Pipelining: fc_send issues a batch's commands and returns without waiting for their replies;
+ * fc_wait waits for one batch. The copier sends batch k before it waits for batch k-1, so the
+ * replica always has work queued: waiting for each batch's last reply before sending the next
+ * left the replica idle once per batch.
+ *
+ * Lifetime: a batch (struct fc_state) is counted by its commands, which libnbd frees exactly
+ * once each through their .free callbacks (on completion, or when the handle is closed with
+ * them still in flight), plus one reference for the caller, dropped by fc_batch_free. So the
+ * caller may let go of a batch whenever it likes; it must only keep the batch's buffer until
+ * fc_wait returned or the handle was closed.
  */
 #include <errno.h>
 #include <poll.h>
@@ -93,12 +99,12 @@ static int fc_poll(struct nbd_handle **hs, int nh, int timeout_ms, char *err, si
     return 0;
 }
 
-/* Wait until fewer than `limit` commands are in flight, or (with `stop`) a command failed;
- * 0, or an errno with `err` filled. */
+/* Wait until fewer than `limit` commands are in flight on all connections, or a command of
+ * `st` failed; 0, or an errno with `err` filled. */
 static int fc_wait_below(struct nbd_handle **hs, int nh, int limit, int timeout_ms,
-                         const struct fc_state *st, int stop, char *err, size_t errcap)
+                         const struct fc_state *st, char *err, size_t errcap)
 {
-    while (fc_in_flight(hs, nh) >= limit && !(stop && st->error)) {
+    while (fc_in_flight(hs, nh) >= limit && !st->error) {
         int rc = fc_poll(hs, nh, timeout_ms, err, errcap);
         if (rc)
             return rc;
@@ -131,36 +137,56 @@ static int fc_issue(struct nbd_handle *h, struct fc_state *st, const unsigned ch
     return 0;
 }
 
-/*
- * Write `n` segments, pairs[2i] = offset and pairs[2i+1] = length, whose bytes lie one after
- * another in `buf`, spread over the `nh` connections `hs` (each goes to the least busy). At
- * most `max_inflight` commands in flight in all (counting any already there); returns when
- * all have completed: 0, or an errno with *bad_offset and `err` set.
- */
-int fc_pwrite(struct nbd_handle **hs, int nh, const uint64_t *pairs, size_t n,
-              const unsigned char *buf, int max_inflight, int timeout_ms, uint64_t *bad_offset,
-              char *err, size_t errcap)
+struct fc_state *fc_batch_new(void)
 {
     struct fc_state *st = calloc(1, sizeof *st);
-    if (!st)
-        return fc_fail(ENOMEM, "out of memory", err, errcap);
-    st->refs = 1;
+    if (st)
+        st->refs = 1;
+    return st;
+}
+
+void fc_batch_free(struct fc_state *st)
+{
+    fc_unref(st);
+}
+
+/*
+ * Issue the writes of `n` segments, pairs[2i] = offset and pairs[2i+1] = length, whose bytes
+ * lie one after another in `buf`, spread over the `nh` connections `hs` (each goes to the least
+ * busy), at most `max_inflight` commands in flight in all (counting earlier batches'). Returns
+ * once all are issued, or early when one of them already failed: 0, or an errno with `err` set
+ * if a command could not be issued.
+ */
+int fc_send(struct nbd_handle **hs, int nh, struct fc_state *st, const uint64_t *pairs, size_t n,
+            const unsigned char *buf, int max_inflight, int timeout_ms, char *err, size_t errcap)
+{
     int rc = 0;
     size_t pos = 0;
     for (size_t i = 0; i < n && !rc && !st->error; i++) {
-        rc = fc_wait_below(hs, nh, max_inflight, timeout_ms, st, 1, err, errcap);
+        rc = fc_wait_below(hs, nh, max_inflight, timeout_ms, st, err, errcap);
         if (!rc && !st->error)
             rc = fc_issue(fc_least_busy(hs, nh), st, buf + pos, pairs[2 * i], pairs[2 * i + 1],
                           err, errcap);
         pos += pairs[2 * i + 1];
     }
-    if (!rc)
-        rc = fc_wait_below(hs, nh, 1, timeout_ms, st, 0, err, errcap);
-    if (!rc && st->error) {
-        rc = st->error;
-        *bad_offset = st->bad_offset;
-        snprintf(err, errcap, "%s", strerror(rc));
-    }
-    fc_unref(st);
     return rc;
+}
+
+/*
+ * Wait until every command of batch `st` has completed: 0, or an errno with `err` set, and
+ * *bad_offset set when a write failed (rather than the connection).
+ */
+int fc_wait(struct nbd_handle **hs, int nh, struct fc_state *st, int timeout_ms,
+            uint64_t *bad_offset, char *err, size_t errcap)
+{
+    while (st->refs > 1) {
+        int rc = fc_poll(hs, nh, timeout_ms, err, errcap);
+        if (rc)
+            return rc;
+    }
+    if (st->error) {
+        *bad_offset = st->bad_offset;
+        snprintf(err, errcap, "%s", strerror(st->error));
+    }
+    return st->error;
 }

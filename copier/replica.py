@@ -315,6 +315,14 @@ class _Run:
         self._report_progress(True)
 
 
+class SentBatch:
+    """A batch on its way to the replica (`Replica.send_batch`): its C completion state, and
+    its buffer, held until the batch completed or the connections closed."""
+
+    def __init__(self, state, buf, total):
+        self.state, self.buf, self.total = state, buf, total
+
+
 _COUNTER = {"data": "bytes_copied", "zero": "bytes_zeroed", "trim": "bytes_trimmed"}
 
 
@@ -338,6 +346,7 @@ class Replica:
         self.connect_timeout = connect_timeout
         self.io_timeout = io_timeout
         self._handles = []
+        self._sending = []
         self.reconnect()
 
     def reconnect(self):
@@ -365,14 +374,15 @@ class Replica:
         self._handles = handles
 
     def close(self):
-        """Disconnect politely (NBD_CMD_DISC when idle) and free the handles. O(connections)."""
+        """Disconnect politely (NBD_CMD_DISC when idle) and free the handles. O(connections).
+
+        Batches still in flight are abandoned: their buffers are let go only after the
+        handles, whose closing ends libnbd's use of them.
+        """
         handles, self._handles = self._handles, []
-        for h in handles:
-            if h.aio_is_ready() and not h.aio_in_flight():
-                try:
-                    h.aio_disconnect()
-                except nbd.Error:
-                    pass
+        while handles:
+            _disconnect(handles.pop())
+        self._sending.clear()
 
     def __enter__(self):
         return self
@@ -407,7 +417,7 @@ class Replica:
         length)`` returns the source bytes of a data segment (a bytes-like of
         exactly `length` bytes); it is called just before that segment's
         WRITE, so at most `max_inflight` buffers are alive; it may be None
-        for an SGL without data (the session sends data with `write_batch`).  `progress(done,
+        for an SGL without data (the session sends data with `send_batch`).  `progress(done,
         total)` is called at most every 0.25 s and once at the end.
 
         Returns ``{"bytes_copied", "bytes_zeroed", "bytes_trimmed",
@@ -462,14 +472,16 @@ class Replica:
         for off, n in pieces(offset, length, MAX_ZERO):
             run.issue(pump, off, n, kind, _zero(n, off))
 
-    def write_batch(self, pairs, buf, *, max_inflight=64):
-        """Write data segments whose bytes lie back to back in ``buf``; return the bytes written.
+    def send_batch(self, pairs, buf, *, max_inflight=64):
+        """Start writing data segments whose bytes lie back to back in ``buf``; return a
+        `SentBatch` to pass to `wait_batch`, without waiting for the replies.
 
         ``pairs``: array('Q') of (offset, length), ascending and disjoint, within the replica.
-        The whole batch goes out from C in one call without the GIL (``fastcopy.c``), spread
-        over every connection, at most ``max_inflight`` commands in flight in all. On any failure the
-        connections are dropped (commands may still be in flight on them) and ReplicaError
-        names the first failed offset and its errno. O(total length).
+        The batch goes out from C in one call without the GIL (``fastcopy.c``), spread over
+        every connection, at most ``max_inflight`` commands in flight in all, this batch's and
+        earlier ones'. ``buf`` must not change until `wait_batch` returned for this batch (or
+        the connections were closed). Raises ValueError for a bad batch before sending any of
+        it, and ReplicaError as `wait_batch` does. O(total length).
         """
         if len(pairs) % 2 or not pairs:
             raise ValueError("pairs must hold at least one (offset, length) pair")
@@ -478,16 +490,41 @@ class Replica:
         total = sum(pairs[1::2])
         if memoryview(buf).nbytes < total:
             raise ValueError(f"bad batch: its buffer holds {memoryview(buf).nbytes} of its {total} bytes")
-        handles = _fc_ffi.new("struct nbd_handle *[]", [_handle_pointer(h) for h in self._live_handles()])
-        err, bad = _fc_ffi.new("char[]", 256), _fc_ffi.new("uint64_t *")
-        rc = _fc_lib.fc_pwrite(handles, len(handles), _fc_ffi.from_buffer("uint64_t[]", pairs), len(pairs) // 2,
-                               _fc_ffi.from_buffer(buf), max_inflight, int(self.io_timeout * 1000),
-                               bad, err, len(err))
+        state = _fc_lib.fc_batch_new()
+        if state == _fc_ffi.NULL:
+            raise MemoryError("no memory for a batch")
+        sent = SentBatch(_fc_ffi.gc(state, _fc_lib.fc_batch_free), buf, total)
+        err = _fc_ffi.new("char[]", 256)
+        rc = _fc_lib.fc_send(self._c_handles(), len(self._handles), sent.state,
+                             _fc_ffi.from_buffer("uint64_t[]", pairs), len(pairs) // 2,
+                             _fc_ffi.from_buffer(buf), max_inflight, int(self.io_timeout * 1000),
+                             err, len(err))
+        self._sending.append(sent)
         if rc:
-            self.close()
-            raise ReplicaError(f"replica I/O failed writing data at offset {bad[0]}: {describe_error(rc)}: "
-                               f"{_fc_ffi.string(err).decode(errors='replace')}", rc)
-        return total
+            self._batch_failed(rc, "sending data", err)
+        return sent
+
+    def wait_batch(self, sent):
+        """Wait until every write of ``sent`` (from `send_batch`) has completed; return its bytes.
+
+        On any failure the connections are dropped (commands may still be in flight on
+        them) and ReplicaError names the first failed offset and its errno. O(replies).
+        """
+        err, bad = _fc_ffi.new("char[]", 256), _fc_ffi.new("uint64_t *")
+        rc = _fc_lib.fc_wait(self._c_handles(), len(self._handles), sent.state,
+                             int(self.io_timeout * 1000), bad, err, len(err))
+        if rc:
+            self._batch_failed(rc, f"writing data at offset {bad[0]}", err)
+        self._sending.remove(sent)
+        return sent.total
+
+    def _c_handles(self):
+        return _fc_ffi.new("struct nbd_handle *[]", [_handle_pointer(h) for h in self._live_handles()])
+
+    def _batch_failed(self, rc, what, err):
+        self.close()
+        raise ReplicaError(f"replica I/O failed {what}: {describe_error(rc)}: "
+                           f"{_fc_ffi.string(err).decode(errors='replace')}", rc)
 
     def flush(self):
         """Commit: FLUSH every connection and wait for the replies.
@@ -510,6 +547,15 @@ class Replica:
             run.issue(pump, 0, 0, "flush", _flush)
         run.drain(pump)
         self._finish(run)
+
+
+def _disconnect(h):
+    """NBD_CMD_DISC when idle; the handle closes when its last reference goes."""
+    if h.aio_is_ready() and not h.aio_in_flight():
+        try:
+            h.aio_disconnect()
+        except nbd.Error:
+            pass
 
 
 _ZEROS = memoryview(bytes(ZERO_BUFFER))

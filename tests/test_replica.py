@@ -275,7 +275,11 @@ def batch(segments):
     return array.array("Q", [v for seg in segments for v in seg])
 
 
-def test_write_batch_sends_segments_from_one_buffer(nbdkit, tmp_path):
+def write_batch(r, pairs, buf, **kw):
+    return r.wait_batch(r.send_batch(pairs, buf, **kw))
+
+
+def test_batch_sends_segments_from_one_buffer(nbdkit, tmp_path):
     img = tmp_path / "replica.img"
     image = make_image(img, 8 * MiB, seed=11)
     source = bytearray(random.Random(12).randbytes(8 * MiB))
@@ -283,39 +287,39 @@ def test_write_batch_sends_segments_from_one_buffer(nbdkit, tmp_path):
     buf = b"".join(source[o:o + n] for o, n in segments)
     sock, _ = nbdkit("file", str(img))
     with Replica(uri(sock)) as r:
-        assert r.write_batch(batch(segments), buf, max_inflight=2) == len(buf)
+        assert write_batch(r, batch(segments), buf, max_inflight=2) == len(buf)
         r.flush()
     apply(image, source, [(o, n, "data") for o, n in segments])
     assert img.read_bytes() == image
 
 
-def test_write_batch_failure_names_the_offset_and_errno_and_drops_the_connection(nbdkit):
+def test_batch_failure_names_the_offset_and_errno_and_drops_the_connection(nbdkit):
     sock, _ = nbdkit("--filter=error", "memory", "64M", "error-pwrite-rate=1", "error-pwrite=EIO")
     segments = [(i * MiB, MiB) for i in range(20)]
     r = Replica(uri(sock))
     with pytest.raises(ReplicaError, match=r"writing data at offset \d+: EIO") as e:
-        r.write_batch(batch(segments), bytes(20 * MiB), max_inflight=8)
+        write_batch(r, batch(segments), bytes(20 * MiB), max_inflight=8)
     assert e.value.errno == errno.EIO
     with pytest.raises(ReplicaError, match="not connected"):
         r.flush()
 
 
-def test_write_batch_refuses_bad_batches_before_sending(nbdkit, tmp_path):
+def test_batch_refuses_bad_batches_before_sending(nbdkit, tmp_path):
     img = tmp_path / "replica.img"
     make_image(img, MiB, seed=13)
     before = img.read_bytes()
     sock, _ = nbdkit("file", str(img))
     with Replica(uri(sock)) as r:
         with pytest.raises(ValueError, match="past the replica"):
-            r.write_batch(batch([(MiB - 10, 11)]), bytes(11))
+            write_batch(r, batch([(MiB - 10, 11)]), bytes(11))
         with pytest.raises(ValueError, match="at least one"):
-            r.write_batch(array.array("Q"), b"")
+            write_batch(r, array.array("Q"), b"")
         with pytest.raises(ValueError, match="holds 10 of its 11 bytes"):
-            r.write_batch(batch([(0, 11)]), bytes(10))
+            write_batch(r, batch([(0, 11)]), bytes(10))
     assert img.read_bytes() == before
 
 
-def test_write_batch_spreads_over_connections_only_where_multi_conn_is_advertised(nbdkit, tmp_path):
+def test_batch_spreads_over_connections_only_where_multi_conn_is_advertised(nbdkit, tmp_path):
     source = bytearray(random.Random(14).randbytes(8 * MiB))
     segments = [(i * 512 * 1024, 256 * 1024) for i in range(16)]
     buf = b"".join(source[o:o + n] for o, n in segments)
@@ -325,7 +329,45 @@ def test_write_batch_spreads_over_connections_only_where_multi_conn_is_advertise
         sock, _ = nbdkit("--filter=multi-conn", "file", str(img), f"multi-conn-mode={mode}")
         with Replica(uri(sock), connections=3) as r:
             assert len(r._live_handles()) == expected
-            assert r.write_batch(batch(segments), buf, max_inflight=6) == len(buf)
+            assert write_batch(r, batch(segments), buf, max_inflight=6) == len(buf)
             r.flush()
         apply(image, source, [(o, n, "data") for o, n in segments])
         assert img.read_bytes() == image
+
+
+def test_batches_in_flight_together_land_whatever_order_they_are_waited_in(nbdkit, tmp_path):
+    img = tmp_path / "replica.img"
+    image = make_image(img, 8 * MiB, seed=16)
+    source = bytearray(random.Random(17).randbytes(8 * MiB))
+    batches = [[(0, 4096), (MiB, 300000)], [(3 * MiB + 5, MiB)], [(6 * MiB, 2 * MiB)]]
+    sock, _ = nbdkit("file", str(img))
+    with Replica(uri(sock)) as r:
+        sent = [r.send_batch(batch(segs), b"".join(source[o:o + n] for o, n in segs), max_inflight=64)
+                for segs in batches]
+        # Nothing has been waited for: libnbd only learns of replies while we poll.
+        assert sum(h.aio_in_flight() for h in r._live_handles()) == 4
+        assert [r.wait_batch(s) for s in reversed(sent)] == [2 * MiB, MiB, 4096 + 300000]
+        assert sum(h.aio_in_flight() for h in r._live_handles()) == 0
+        r.flush()
+    apply(image, source, [(o, n, "data") for segs in batches for o, n in segs])
+    assert img.read_bytes() == image
+
+
+def test_a_failed_batch_in_flight_fails_its_wait_and_abandons_the_rest(nbdkit):
+    sock, _ = nbdkit("--filter=error", "memory", "64M", "error-pwrite-rate=1", "error-pwrite=EIO")
+    r = Replica(uri(sock))
+    first = r.send_batch(batch([(0, MiB)]), bytes(MiB))
+    second = r.send_batch(batch([(MiB, MiB)]), bytes(MiB))
+    with pytest.raises(ReplicaError, match=r"writing data at offset 0: EIO"):
+        r.wait_batch(first)
+    with pytest.raises(ReplicaError, match="not connected"):
+        r.wait_batch(second)
+
+
+def test_close_abandons_batches_in_flight(nbdkit, tmp_path):
+    sock, _ = nbdkit("memory", "8M")
+    r = Replica(uri(sock))
+    sent = r.send_batch(batch([(0, MiB)]), bytes(MiB))
+    r.close()
+    with pytest.raises(ReplicaError, match="not connected"):
+        r.wait_batch(sent)

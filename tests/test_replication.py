@@ -60,7 +60,7 @@ def test_point_in_time_while_replica_is_slow(replicated):
     server, src, dst, _, _ = replicated(64 * MiB, cycle=3600, filters=["--filter=delay"],
                                         params=["delay-write=1000ms"])
     server.rp()
-    # Two copy batches (32 MiB each): B lands while the second is still unread.
+    # Sixteen copy batches of 4 MiB, each write delayed 1 s: B lands while most are unread.
     pattern_a, pattern_b = os.urandom(64 * MiB), os.urandom(64 * MiB)
     h = connect(server.sock)
     write_all(h, pattern_a)
