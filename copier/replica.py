@@ -346,7 +346,7 @@ class Replica:
         self.connect_timeout = connect_timeout
         self.io_timeout = io_timeout
         self._handles = []
-        self._sending = []
+        self._sending = set()
         self.reconnect()
 
     def reconnect(self):
@@ -495,11 +495,12 @@ class Replica:
             raise MemoryError("no memory for a batch")
         sent = SentBatch(_fc_ffi.gc(state, _fc_lib.fc_batch_free), buf, total)
         err = _fc_ffi.new("char[]", 256)
-        rc = _fc_lib.fc_send(self._c_handles(), len(self._handles), sent.state,
+        handles, c_handles = self._c_handles()
+        rc = _fc_lib.fc_send(c_handles, len(handles), sent.state,
                              _fc_ffi.from_buffer("uint64_t[]", pairs), len(pairs) // 2,
                              _fc_ffi.from_buffer(buf), max_inflight, int(self.io_timeout * 1000),
                              err, len(err))
-        self._sending.append(sent)
+        self._sending.add(sent)
         if rc:
             self._batch_failed(rc, "sending data", err)
         return sent
@@ -508,18 +509,28 @@ class Replica:
         """Wait until every write of ``sent`` (from `send_batch`) has completed; return its bytes.
 
         On any failure the connections are dropped (commands may still be in flight on
-        them) and ReplicaError names the first failed offset and its errno. O(replies).
+        them) and ReplicaError names the first failed offset and its errno; so it does for a
+        batch the connections were closed under, even if they were opened again since.
+        O(replies).
         """
+        if sent not in self._sending:
+            raise ReplicaError("the batch is not in flight here: already waited for, or abandoned "
+                               "when the replica's connections closed", errno_module.ENOTCONN)
         err, bad = _fc_ffi.new("char[]", 256), _fc_ffi.new("uint64_t *")
-        rc = _fc_lib.fc_wait(self._c_handles(), len(self._handles), sent.state,
+        handles, c_handles = self._c_handles()
+        rc = _fc_lib.fc_wait(c_handles, len(handles), sent.state,
                              int(self.io_timeout * 1000), bad, err, len(err))
         if rc:
             self._batch_failed(rc, f"writing data at offset {bad[0]}", err)
-        self._sending.remove(sent)
+        self._sending.discard(sent)
         return sent.total
 
     def _c_handles(self):
-        return _fc_ffi.new("struct nbd_handle *[]", [_handle_pointer(h) for h in self._live_handles()])
+        """The live handles and their C pointers. A list of its own: it keeps the handles open
+        through the C call even if another thread closes this Replica meanwhile (`Session.stop`
+        after its join timed out)."""
+        handles = list(self._live_handles())
+        return handles, _fc_ffi.new("struct nbd_handle *[]", [_handle_pointer(h) for h in handles])
 
     def _batch_failed(self, rc, what, err):
         self.close()

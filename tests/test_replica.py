@@ -360,14 +360,24 @@ def test_a_failed_batch_in_flight_fails_its_wait_and_abandons_the_rest(nbdkit):
     second = r.send_batch(batch([(MiB, MiB)]), bytes(MiB))
     with pytest.raises(ReplicaError, match=r"writing data at offset 0: EIO"):
         r.wait_batch(first)
-    with pytest.raises(ReplicaError, match="not connected"):
+    with pytest.raises(ReplicaError, match="abandoned when the replica's connections closed"):
         r.wait_batch(second)
+    with pytest.raises(ReplicaError, match="not connected"):
+        r.flush()
 
 
-def test_close_abandons_batches_in_flight(nbdkit, tmp_path):
+def test_close_abandons_batches_in_flight_even_after_a_reconnect(nbdkit, tmp_path):
     sock, _ = nbdkit("memory", "8M")
     r = Replica(uri(sock))
     sent = r.send_batch(batch([(0, MiB)]), bytes(MiB))
     r.close()
     with pytest.raises(ReplicaError, match="not connected"):
+        r.flush()
+    r.reconnect()
+    with pytest.raises(ReplicaError, match="abandoned when the replica's connections closed"):
         r.wait_batch(sent)
+    done = r.send_batch(batch([(MiB, MiB)]), bytes(MiB))
+    assert r.wait_batch(done) == MiB
+    with pytest.raises(ReplicaError, match="already waited for"):
+        r.wait_batch(done)
+    r.close()
