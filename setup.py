@@ -2,4 +2,4 @@
 from setuptools import setup
 
 setup(cffi_modules=["reporter/_build.py:ffi", "tracker/_build.py:ffi", "copier/_build.py:ffi",
-                     "nbd_plugin/_build.py:ffi"])
+                     "nbd_plugin/_build.py:ffi", "copier/_keepaside_build.py:ffi"])

@@ -31,7 +31,9 @@ import time
 
 import nbd
 
-from copier.replica import Pump, ReplicaError, Stalled, connect, describe_error, parse_uri
+from copier.nbdclient import Pump, Stalled, connect
+from copier.replica import ReplicaError
+from copier.uri import describe_error, parse_uri
 
 BLOCK = 4096
 DEPTH = 4

@@ -4,11 +4,13 @@ The plugin calls these methods from nbdkit's worker threads; every one of them i
 system call (or a short loop of them) that releases the GIL, so concurrent requests overlap.
 
 Zeroing and trimming use the cheapest call that makes the range read back as zeros:
-``fallocate`` on files, the ``BLKZEROOUT``/``BLKDISCARD`` ioctls on block devices. Whether a
-trim reads back as zeros matters to replication: a trim recorded as a zero TE is sent to the
-replica as WRITE_ZEROES, so it must only be recorded so where the source really reads zeros
-afterwards (``trim_reads_zero``); elsewhere the plugin records it as data and the copier copies
-whatever the device returns.
+``fallocate`` on files; on block devices ``fallocate`` and the ``BLKZEROOUT``/``BLKDISCARD``
+ioctls, which take whole logical blocks only (EINVAL otherwise), so there they get the aligned
+middle of a request and the unaligned head and tail are written as zeros. Whether a trim reads
+back as zeros matters to replication: a trim recorded as a zero TE is sent to the replica as
+WRITE_ZEROES, so it must only be recorded so where the source really reads zeros afterwards
+(``trim_reads_zero``); elsewhere the plugin records it as data and the copier copies whatever
+the device returns.
 """
 import ctypes
 import errno
@@ -23,8 +25,15 @@ FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 FALLOC_FL_ZERO_RANGE = 0x10
 BLKGETSIZE64 = 0x80081272
+BLKSSZGET = 0x1268
+BLKPBSZGET = 0x127B
 BLKDISCARD = 0x1277
 BLKZEROOUT = 0x127F
+# Advertised request sizes. 4096, the page size, is the least preferred size: smaller writes
+# cost a read-modify-write in the page cache. The maximum is the NBD protocol's: no limit of ours.
+PAGE = 4096
+NO_MAXIMUM = 0xFFFFFFFF
+FILE_BLOCK_SIZES = (1, PAGE, NO_MAXIMUM)  # (minimum, preferred, maximum): any byte range works
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
@@ -46,6 +55,7 @@ class Backend:
         if self.size == 0:
             os.close(self.fd)
             raise BackendError(f"source {path!r} is empty (0 bytes): nothing to serve")
+        self.block_sizes = _block_sizes(self.fd) if self.is_block else FILE_BLOCK_SIZES
 
     @property
     def trim_reads_zero(self):
@@ -100,13 +110,15 @@ class Backend:
         os.fdatasync(self.fd)
 
     def zero(self, offset, length, may_trim, fast):
-        """Make the range read as zeros without writing data.
+        """Make the range read as zeros, cheaper than writing them where the source allows.
 
         Raises OSError(EOPNOTSUPP) when that is not possible cheaply, so nbdkit falls back
-        to writing zeros (or, for a fast-zero request, tells the client it would be slow).
+        to writing zeros, or, for a ``fast`` request, when the source cannot zero the range
+        faster than writing zeros (nbdkit then answers ENOTSUP and writes nothing).
+        O(1) system calls; the kernel's work is O(length).
         """
         if self.is_block:
-            return self._ioctl_range(BLKZEROOUT, offset, length)
+            return self._zero_block(offset, length, may_trim, fast)
         if may_trim and _fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length):
             return
         if _fallocate(self.fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length):
@@ -116,9 +128,13 @@ class Backend:
         raise OSError(errno.EOPNOTSUPP, "zeroing is not supported here")
 
     def trim(self, offset, length):
-        """Release the range: punch a hole in a file, discard on a block device."""
+        """Release the range: punch a hole in a file, discard on a block device.
+
+        On a block device the trim is advisory: only whole logical blocks are discarded, and a
+        device that cannot discard them is left as it is. O(1) system calls.
+        """
         if self.is_block:
-            return self._ioctl_range(BLKDISCARD, offset, length)
+            return self._discard(offset, length)
         if not _fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length):
             raise OSError(errno.EOPNOTSUPP, "punching holes is not supported here")
 
@@ -147,6 +163,60 @@ class Backend:
             out.append((data, hole - data, False))
             pos = hole
         return out
+
+    def _zero_block(self, offset, length, may_trim, fast):
+        # nbdkit's file.c hands only aligned requests to BLKZEROOUT and leaves the rest to
+        # nbdkit's pwrite fallback, which would write zeros over the whole range; here the
+        # aligned middle still goes to the device and only the head and tail (each shorter than
+        # a logical block) are written, as plain zeros: a buffered pwrite of any length works.
+        start, end = self._aligned(offset, length)
+        if start >= end:
+            if fast:
+                raise OSError(errno.EOPNOTSUPP, f"no whole block in {length} bytes at {offset} to zero fast")
+            return self._write_zeros(offset, length)
+        self._zero_aligned(start, end - start, may_trim, fast)
+        self._write_zeros(offset, start - offset)
+        self._write_zeros(end, offset + length - end)
+
+    def _zero_aligned(self, offset, length, may_trim, fast):
+        # Like file.c, punch first when trimming is allowed. On a block device fallocate's
+        # PUNCH_HOLE asks for the device's own zeroing with no fallback (the kernel passes
+        # BLKDEV_ZERO_NOFALLBACK) and may unmap, so it is fast or fails. BLKZEROOUT keeps the
+        # blocks mapped but, lacking device support, the kernel writes zero pages itself, which
+        # nbdkit-plugin(3) says is not fast: a fast request stops before it, having written nothing.
+        if may_trim and _fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length):
+            return
+        if fast:
+            raise OSError(errno.EOPNOTSUPP, f"{self.path} cannot zero {length} bytes at {offset} fast")
+        try:
+            self._ioctl_range(BLKZEROOUT, offset, length)
+        except OSError as e:
+            # file.c gives up on BLKZEROOUT on ENOTTY only; EOPNOTSUPP is the same answer.
+            if e.errno not in (errno.ENOTTY, errno.EOPNOTSUPP):
+                raise
+            raise OSError(errno.EOPNOTSUPP, f"{self.path} does not support BLKZEROOUT") from None
+
+    def _discard(self, offset, length):
+        # Trim is advisory (file.c ignores failed trims too): a device that cannot discard, or
+        # not these blocks, keeps its bytes. The plugin records a block-device trim as data, so
+        # the copier sends whatever the range reads after it.
+        start, end = self._aligned(offset, length)
+        if start >= end:
+            return
+        try:
+            self._ioctl_range(BLKDISCARD, start, end - start)
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+
+    def _aligned(self, offset, length):
+        """The whole logical blocks inside the range, as (start, end); start >= end if none."""
+        block = self.block_sizes[0]
+        return -(-offset // block) * block, (offset + length) // block * block
+
+    def _write_zeros(self, offset, length):
+        if length > 0:
+            self.pwrite(bytes(length), offset)
 
     def _ioctl_range(self, request, offset, length):
         fcntl.ioctl(self.fd, request, struct.pack("QQ", offset, length))
@@ -177,6 +247,13 @@ def _device_size(fd, is_block):
         buf = fcntl.ioctl(fd, BLKGETSIZE64, b"\0" * 8)
         return struct.unpack("Q", buf)[0]
     return os.fstat(fd).st_size
+
+
+def _block_sizes(fd):
+    """(minimum, preferred, maximum) of a block device: its logical block, its physical block or a page."""
+    logical = struct.unpack("I", fcntl.ioctl(fd, BLKSSZGET, b"\0" * 4))[0]
+    physical = struct.unpack("I", fcntl.ioctl(fd, BLKPBSZGET, b"\0" * 4))[0]
+    return logical, max(physical, PAGE), NO_MAXIMUM
 
 
 def _fallocate(fd, mode, offset, length):

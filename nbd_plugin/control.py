@@ -10,6 +10,7 @@ One JSON object per line each way; one request per connection. Requests:
 Errors come back as {"error": "..."}.
 """
 import json
+import logging
 import os
 import socket
 import threading
@@ -17,10 +18,16 @@ import threading
 from nbd_plugin import metrics
 
 MAX_REQUEST = 64 << 10
+log = logging.getLogger("nbdrep")
 
 
 class ControlServer:
-    """Serves one session on ``path``; a daemon thread per connection, bounded requests."""
+    """Serves one session on ``path``; a daemon thread per connection, bounded requests.
+
+    The accept loop works on its own reference to the listening socket, so ``stop`` closing
+    it from another thread makes accept fail (and the loop end) instead of racing a check of
+    ``_sock`` against its reset to None.
+    """
 
     def __init__(self, path, session):
         self.path = path
@@ -35,7 +42,8 @@ class ControlServer:
         self._sock.bind(self.path)
         os.chmod(self.path, 0o600)
         self._sock.listen(16)
-        threading.Thread(target=self._accept_loop, name="nbdrep-control", daemon=True).start()
+        threading.Thread(target=self._accept_loop, args=(self._sock,), name="nbdrep-control",
+                         daemon=True).start()
 
     def stop(self):
         """Close the listening socket and remove its file."""
@@ -45,10 +53,10 @@ class ControlServer:
         if os.path.exists(self.path):
             os.unlink(self.path)
 
-    def _accept_loop(self):
-        while self._sock is not None:
+    def _accept_loop(self, sock):
+        while True:
             try:
-                conn, _ = self._sock.accept()
+                conn, _ = sock.accept()
             except OSError:
                 return
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
@@ -56,11 +64,23 @@ class ControlServer:
     def _serve(self, conn):
         with conn:
             try:
-                request = json.loads(_read_line(conn))
-                reply = self.handle(request)
-            except (ValueError, KeyError, TypeError) as e:
-                reply = {"error": f"bad request: {e}"}
-            conn.sendall(json.dumps(reply).encode() + b"\n")
+                reply = self.answer(_read_line(conn))
+                conn.sendall(json.dumps(reply).encode() + b"\n")
+            except OSError:
+                pass   # the client went away; nothing to answer
+
+    def answer(self, line):
+        """The reply to one request line: never raises, whatever the line or the session do."""
+        try:
+            request = json.loads(line)
+            if not isinstance(request, dict):
+                raise TypeError("a request is a JSON object")
+            return self.handle(request)
+        except (ValueError, KeyError, TypeError) as e:
+            return {"error": f"bad request: {e}"}
+        except Exception as e:
+            log.exception("control request failed")
+            return {"error": f"internal error answering the request: {e!r}"}
 
     def handle(self, request):
         """Answer one request dict. Pure dispatch over the session's methods."""
@@ -70,7 +90,7 @@ class ControlServer:
         if cmd == "rp":
             return self._rp(bool(request.get("wait")), float(request.get("timeout", 60)))
         if cmd == "report":
-            return _report_json(self.session)
+            return self.session.report_json()
         if cmd == "metrics":
             return {"text": metrics.prometheus(self.session.status())}
         return {"error": f"unknown command {cmd!r}"}
@@ -94,18 +114,6 @@ def _read_line(conn):
         if b"\n" in chunk:
             break
     return b"".join(chunks).split(b"\n", 1)[0]
-
-
-def _report_json(session):
-    report = session.last_report
-    if report is None:
-        return {"cycle": None, "exports": {}}
-    names = {d.dev: d.name for d in session.devices}
-    return {
-        "cycle": session.last_report_cycle,
-        "exports": {names[dev]: {"data": report.data.get(dev, []), "zero": report.zero.get(dev, [])}
-                    for dev in names},
-    }
 
 
 def request(path, message, timeout):

@@ -7,7 +7,7 @@ import dataclasses
 import math
 import re
 
-from copier.replica import parse_uri
+from copier.uri import parse_uri
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 KEYS = ("source", "replica", "tracking", "readonly", "cycle", "control", "state", "keepaside-mem", "tracker-mem")

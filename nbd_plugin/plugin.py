@@ -5,8 +5,8 @@
 ``nbdrep serve`` builds that command line; see ``nbd_plugin.params`` for every key.
 
 A flat module of nbdkit callbacks, as nbdkit's own example plugins are. Each write callback
-brackets the back-end call with ``session.begin_write``/``session.end_write``: begin tags the
-write with the open cycle (and, while a cycle is being copied, keeps aside the bytes it is
+brackets the back-end call with the session's write hook, ``hook.begin``/``hook.end``: begin
+tags the write with the open cycle (and, while a cycle is being copied, keeps aside the bytes it is
 about to overwrite), end records the tracking entry. A write that fails is recorded as data over
 its whole range, because its bytes may have changed and only reading the source tells how.
 
@@ -16,12 +16,13 @@ every replica is reachable and big enough (its errors reach the user; those of `
 only reach syslog), ``after_fork`` starts the session's threads.
 """
 import errno
+import functools
 import logging
 import sys
 
 import nbdkit
 
-from copier.session import Session
+from replication.driver import Session
 from nbd_plugin import startup
 from nbd_plugin.control import ControlServer
 from nbd_plugin.params import Config
@@ -32,6 +33,7 @@ API_VERSION = 2
 config_ = Config()
 backends = {}
 session = None
+hook = None
 control = None
 
 
@@ -57,11 +59,12 @@ def config_complete():
 
 
 def get_ready():
-    global session
+    global session, hook
     backends.update(startup.open_sources(config_))
     startup.check(config_, backends, record=True)
     if config_.tracking:
         session = Session(config_, backends)
+        hook = session.hook
 
 
 def after_fork():
@@ -77,8 +80,10 @@ def after_fork():
 def cleanup():
     if control is not None:
         control.stop()
-    if session is not None:
-        session.stop()
+    # A session that is still in a call to the replica after its stop timeout keeps using the
+    # back ends; the process is exiting, so their descriptors are left to it.
+    if session is not None and not session.stop():
+        return
     for backend in backends.values():
         backend.close()
 
@@ -109,7 +114,9 @@ def get_size(h):
 
 
 def block_size(h):
-    return (1, 4096, 0xFFFFFFFF)
+    # A block device's logical block is its minimum: the kernel refuses BLKZEROOUT and
+    # BLKDISCARD on smaller units (the back end still serves unaligned requests).
+    return h.backend.block_sizes
 
 
 def is_rotational(h):
@@ -153,38 +160,58 @@ def can_extents(h):
     return True
 
 
+def _client_errno(callback):
+    """Hand the errno of an OSError that escapes ``callback`` to nbdkit, for the client.
+
+    Without ``nbdkit.set_error`` the client sees EIO for every failure (nbdkit-python-plugin(3));
+    with it a full file system is ENOSPC, and a zero that can only be done by writing is
+    EOPNOTSUPP, which makes nbdkit fall back to writing zeros (or refuse a fast zero).
+    """
+    @functools.wraps(callback)
+    def call(*args):
+        try:
+            return callback(*args)
+        except OSError as e:
+            if e.errno:
+                nbdkit.set_error(e.errno)
+            raise
+    return call
+
+
+@_client_errno
 def pread(h, buf, offset, flags):
     h.backend.pread(buf, offset)
 
 
+@_client_errno
 def pwrite(h, buf, offset, flags):
     _tracked(h, KIND_DATA, offset, len(buf), lambda: h.backend.pwrite(buf, offset), flags)
 
 
+@_client_errno
 def zero(h, count, offset, flags):
     may_trim = bool(flags & nbdkit.FLAG_MAY_TRIM)
     fast = bool(flags & nbdkit.FLAG_FAST_ZERO)
-    try:
-        _tracked(h, KIND_ZERO, offset, count,
-                 lambda: h.backend.zero(offset, count, may_trim, fast), flags)
-    except OSError as e:
-        nbdkit.set_error(e.errno)
-        raise
+    _tracked(h, KIND_ZERO, offset, count, lambda: h.backend.zero(offset, count, may_trim, fast), flags)
 
 
+@_client_errno
 def trim(h, count, offset, flags):
     kind = KIND_TRIM if h.backend.trim_reads_zero else KIND_DATA
     _tracked(h, kind, offset, count, lambda: h.backend.trim(offset, count), flags)
 
 
+@_client_errno
 def flush(h, flags):
     h.backend.flush()
 
 
+@_client_errno
 def cache(h, count, offset, flags):
     h.backend.cache(offset, count)
 
 
+@_client_errno
 def extents(h, count, offset, flags):
     hole = nbdkit.EXTENT_HOLE | nbdkit.EXTENT_ZERO
     return [(off, length, hole if is_hole else 0)
@@ -193,16 +220,16 @@ def extents(h, count, offset, flags):
 
 def _tracked(h, kind, offset, length, write, flags):
     """Run ``write`` on the back end inside a tracked bracket."""
-    if session is None:
+    if hook is None:
         write()
     else:
-        cycle = session.begin_write(h.dev, offset, length)
+        cycle = hook.begin(h.dev, offset, length)
         ok = False
         try:
             write()
             ok = True
         finally:
-            session.end_write(cycle, h.dev, kind if ok else KIND_DATA, offset, length)
+            hook.end(cycle, h.dev, kind if ok else KIND_DATA, offset, length)
     if flags & nbdkit.FLAG_FUA:
         h.backend.flush()
 

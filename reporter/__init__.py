@@ -11,16 +11,16 @@ that no data write touched, which are sent as WRITE_ZEROES rather than as data.
 
 Sans-I/O: nothing here reads or writes a device.
 """
+import array
 import operator
 import sys
 import threading
 
 from reporter._btree import ffi, lib
 
-__all__ = ["MergingBTree", "sgl", "subtract"]
+__all__ = ["MergingBTree", "sgl", "sgl_batches", "subtract"]
 
 _SPLITS = {"count": lib.RB_SPLIT_COUNT, "range": lib.RB_SPLIT_RANGE}
-_uncleared = ffi.new_allocator(should_clear_after_alloc=False)
 _MAX_ORDER = 65536
 _LAST_BYTE = 2**64 - 1
 _RAW_FORMATS = {"B", "b", "c"}
@@ -149,13 +149,19 @@ class MergingBTree:
             raise MemoryError(f"out of memory merging the pairs from index {index} on; "
                               "those before it were merged")
 
+    def pairs(self):
+        """The REs as one flat array('Q') of (offset, length) pairs: ascending, disjoint,
+        non-adjacent. The form the copier and ``Report`` use; no Python object per RE.  O(n)."""
+        with self._lock:
+            out = array.array("Q", bytes(16 * lib.rb_count(self._tree)))
+            if out:
+                lib.rb_extents(self._tree, ffi.from_buffer("uint64_t[]", out))
+        return out
+
     def extents(self):
         """The REs as (offset, length) tuples: ascending, disjoint, non-adjacent.  O(n)."""
-        with self._lock:
-            words = _uncleared("uint64_t[]", 2 * lib.rb_count(self._tree) or 1)
-            count = lib.rb_extents(self._tree, words)
-        flat = memoryview(ffi.buffer(words, 16 * count)).cast("Q")
-        return list(zip(flat[0::2].tolist(), flat[1::2].tolist()))
+        flat = self.pairs()
+        return list(zip(flat[0::2], flat[1::2]))
 
     def _read(self, counter):
         with self._lock:
@@ -227,16 +233,46 @@ def sgl(extents, max_segment=None):
     Raises ValueError for max_segment < 1 or a bad extent.  O(n log n) for unsorted
     input, O(n + segments) for sorted input such as ``MergingBTree.extents()``.
     """
-    if max_segment is not None:
-        max_segment = _integer(max_segment, "max_segment")
-        if max_segment < 1:
-            raise ValueError(f"max_segment must be >= 1, got {max_segment}")
+    max_segment = _max_segment(max_segment)
     segments = []
     for offset, length in sorted(_extent(o, n) for o, n in extents):
-        step = length if max_segment is None else max_segment
-        end = offset + length
-        segments.extend((at, min(step, end - at)) for at in range(offset, end, step))
+        segments.extend(_cut(offset, length, max_segment))
     return segments
+
+
+def sgl_batches(pairs, max_segment, batch_bytes, batch_segments):
+    """The SGL of ``pairs`` (a flat uint64 (offset, length) buffer, ascending and disjoint, as
+    ``MergingBTree.pairs`` gives) in consecutive batches, each an array('Q') of at most
+    ``batch_segments`` segments and ``batch_bytes`` bytes (a longer segment is a batch of its
+    own), segments at most ``max_segment`` long: one batch is one read and one send call of
+    the copier.  A generator.  O(n + segments).
+    """
+    max_segment = _max_segment(max_segment)
+    batch, size = array.array("Q"), 0
+    for offset, length in zip(pairs[0::2], pairs[1::2]):
+        for at, n in _cut(offset, length, max_segment):
+            if batch and (size + n > batch_bytes or len(batch) >= 2 * batch_segments):
+                yield batch
+                batch, size = array.array("Q"), 0
+            batch.extend((at, n))
+            size += n
+    if batch:
+        yield batch
+
+
+def _max_segment(max_segment):
+    if max_segment is None:
+        return None
+    max_segment = _integer(max_segment, "max_segment")
+    if max_segment < 1:
+        raise ValueError(f"max_segment must be >= 1, got {max_segment}")
+    return max_segment
+
+
+def _cut(offset, length, max_segment):
+    step = length if max_segment is None else max_segment
+    end = offset + length
+    return ((at, min(step, end - at)) for at in range(offset, end, step))
 
 
 def _append(out, start, end):

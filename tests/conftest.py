@@ -70,13 +70,17 @@ def procs():
 
 @pytest.fixture
 def nbdkit(procs, tmp_path):
-    """Start ``nbdkit [filters] PLUGIN ARGS`` on a unix socket; returns (socket, Popen)."""
+    """Start ``nbdkit [filters] PLUGIN ARGS`` on a unix socket; returns (socket, Popen) once it
+    accepts connections. Not when the socket file appears: that is at bind(), before listen(),
+    and a connection in between is refused; nbdkit writes its -P pidfile once it listens."""
     count = [0]
 
     def start(*args, sock=None):
         count[0] += 1
         sock = sock or str(tmp_path / f"nbdkit{count[0]}.sock")
-        proc = procs.start(["nbdkit", "--foreground", "--exit-with-parent", "-U", sock, *args], wait_for=sock)
+        ready = str(tmp_path / f"nbdkit{count[0]}.pid")
+        proc = procs.start(["nbdkit", "--foreground", "--exit-with-parent", "-U", sock, "-P", ready,
+                            *args], wait_for=ready)
         return sock, proc
     return start
 

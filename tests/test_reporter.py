@@ -5,7 +5,6 @@ import threading
 import numpy as np
 import pytest
 
-import reporter
 from reporter import MergingBTree, sgl, subtract
 
 KIB = 1024
@@ -17,14 +16,19 @@ W4 = (280, 100)
 W5 = (350, 250)
 
 
-def test_fig6_writes_satisfy_the_figure():
-    def span(w):
-        return w[0], w[0] + w[1]
-
-    (a1, b1), (a2, b2), (a3, b3), (a4, b4), (a5, b5) = map(span, (W1, W2, W3, W4, W5))
-    assert b1 < a2 and b2 < a3
-    assert a4 < a2 and b2 < b4
-    assert a4 < a5 < b4 < b5 and a5 < a3 and b3 < b5
+def test_fig6_report_after_each_write():
+    tree = MergingBTree(order=2)
+    reports = []
+    for write in (W1, W2, W3, W4, W5):
+        tree.insert(*write)
+        reports.append(tree.extents())
+    assert reports == [
+        [W1],
+        [W1, W2],
+        [W1, W2, W3],            # disjoint and non-adjacent: one RE each
+        [W1, W4, W3],            # 4 envelops 2: its RE replaces 2's
+        [W1, (280, 600 - 280)],  # 5 overlaps 4 and envelops 3: one RE from 4's start to 5's end
+    ]
 
 
 def test_fig7_states_and_final_report():
@@ -369,7 +373,3 @@ def test_subtract_rejects_unsorted_input():
         subtract([(0, 10)], [(5, 1), (0, 1)])
     with pytest.raises(ValueError, match="extents are not sorted"):
         subtract([(0, 10), (5, 10)], [])
-
-
-def test_module_exports():
-    assert set(reporter.__all__) == {"MergingBTree", "sgl", "subtract"}

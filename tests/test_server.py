@@ -178,9 +178,9 @@ def connect(nbd_uri, meta=False):
     return h
 
 
-def run(cmd, timeout=120):
+def run(cmd, timeout=120, cwd=None):
     """Run a tool to completion, failing the test with its output if it fails."""
-    done = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout)
+    done = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout, cwd=cwd)
     assert done.returncode == 0, f"{cmd[0]} exited {done.returncode}:\n{done.stdout}\n{done.stderr}"
     return done
 
@@ -334,7 +334,8 @@ def test_fio_randwrite_verifies_and_is_tracked(serve, tmp_path):
     done = run(["fio", "--name=nbdrep", "--ioengine=nbd", f"--uri={server.uri}", "--rw=randwrite",
                 "--bs=4k", "--iodepth=8", "--numjobs=4", "--offset=4M", "--size=8M",
                 "--offset_increment=8M", "--io_size=4M", "--verify=crc32c", "--do_verify=1",
-                "--verify_fatal=1", "--output-format=json"], timeout=300)
+                "--verify_fatal=1", "--output-format=json"], timeout=300,
+               cwd=tmp_path)  # fio --verify leaves a *-verify.state file per job in its cwd
     jobs = fio_json(done.stdout)["jobs"]
     assert [j["error"] for j in jobs] == [0] * 4
     assert all(j["write"]["io_bytes"] == 4 * MiB and j["read"]["io_bytes"] == 4 * MiB for j in jobs)

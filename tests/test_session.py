@@ -1,12 +1,14 @@
-"""The session's cycle loop in-process, over real back ends and a real nbdkit replica."""
+"""The replication driver in-process, over real back ends and a real nbdkit replica."""
 import os
+import signal
 import threading
+import time
 
 import pytest
 
 from conftest import make_image, uri
-from copier import session as session_mod
-from copier.session import Session
+from replication import driver as session_mod
+from replication.driver import Session
 from nbd_plugin.backend import Backend
 from nbd_plugin.params import Config
 from tracker import KIND_DATA, KIND_ZERO
@@ -18,14 +20,17 @@ MiB = 1 << 20
 def make_session(nbdkit, tmp_path):
     made = []
 
-    def make(replicated=True, cycle="3600", filters=(), params=(), size=8 * MiB):
+    def make(replicated=True, cycle="3600", filters=(), params=(), size=8 * MiB, config=()):
         src = make_image(str(tmp_path / "source.img"), size, random_mib=1)
         dst = make_image(str(tmp_path / "replica.img"), size)
         cfg = Config()
         cfg.add("source", src)
         cfg.add("cycle", cycle)
+        for key, value in config:
+            cfg.add(key, value)
         if replicated:
-            cfg.add("replica", uri(nbdkit(*filters, "file", dst, *params)[0]))
+            sock, make.replica = nbdkit(*filters, "file", dst, *params)
+            cfg.add("replica", uri(sock))
         cfg.complete()
         backend = Backend(src)
         s = Session(cfg, {"": backend})
@@ -34,16 +39,24 @@ def make_session(nbdkit, tmp_path):
         return s, backend, src, dst
     yield make
     for s, backend in made:
-        s.stop()
+        assert s.stop(), "the worker ended"
         backend.close()
 
 
+def wait_until(predicate, timeout=60, what="the state"):
+    """Poll ``predicate`` every 10 ms until true; fail the test if ``timeout`` s pass first."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"{what} not reached in {timeout} s"
+        time.sleep(0.01)
+
+
 def write(s, backend, offset, data):
-    cycle = s.begin_write(0, offset, len(data))
+    cycle = s.hook.begin(0, offset, len(data))
     try:
         backend.pwrite(data, offset)
     finally:
-        s.end_write(cycle, 0, KIND_DATA, offset, len(data))
+        s.hook.end(cycle, 0, KIND_DATA, offset, len(data))
 
 
 def rp(s, timeout=60):
@@ -67,14 +80,14 @@ def test_an_rp_waits_for_writes_in_flight_and_times_out_without_losing_them(make
     s, backend, src, dst = make_session()
     rp(s)
     data = os.urandom(4096)
-    cycle = s.begin_write(0, MiB, 4096)              # a write that began before the RP ...
+    cycle = s.hook.begin(0, MiB, 4096)               # a write that began before the RP ...
     target = s.request_rp()
     assert not s.wait_for(target, 1.0)               # ... holds the RP: the drain times out
     assert s.status()["state"] == "draining"
     later = s.request_rp()                           # asked while draining: promises the open cycle
     assert later == target + 1
     backend.pwrite(data, MiB)
-    s.end_write(cycle, 0, KIND_DATA, MiB, 4096)      # ... and once it ends, the RP completes
+    s.hook.end(cycle, 0, KIND_DATA, MiB, 4096)       # ... and once it ends, the RP completes
     assert s.wait_for(target, 60)
     assert s.wait_for(later, 60), "the request made while draining got its own RP"
     assert open(dst, "rb").read()[MiB:MiB + 4096] == data
@@ -84,14 +97,14 @@ def test_an_unexpected_error_costs_a_full_resync_not_a_change(make_session, monk
     s, backend, src, dst = make_session()
     rp(s)
     broken = threading.Event()
-    real_build = Session._build_report
+    real_build = session_mod.reports.build
 
-    def build_once_broken(self, closed):
+    def build_once_broken(*args):
         if not broken.is_set():
             broken.set()
             raise RuntimeError("injected")
-        return real_build(self, closed)
-    monkeypatch.setattr(Session, "_build_report", build_once_broken)
+        return real_build(*args)
+    monkeypatch.setattr(session_mod.reports, "build", build_once_broken)
     write(s, backend, 5 * MiB, os.urandom(8192))
     target = s.request_rp()
     assert s.wait_for(target + 1, 60)
@@ -107,7 +120,7 @@ def test_tracking_only_keeps_the_last_report(make_session):
     write(s, backend, 100, b"b" * 100)
     write(s, backend, 4096, b"c")
     rp(s)
-    assert s.last_report.data == {0: [(0, 200), (4096, 1)]}
+    assert s.report_json()["exports"][""] == {"data": [(0, 200), (4096, 1)], "zero": []}
     assert s.status()["committed_cycle"] is None
 
 
@@ -117,9 +130,9 @@ def test_a_report_past_its_cap_copies_coarser_extents_and_loses_nothing(make_ses
     rp(s)
     for i in range(40):
         write(s, backend, i * 3 * 65536 + 100, os.urandom(1000))
-    cycle = s.begin_write(0, 7 * MiB + 5, 3000)
+    cycle = s.hook.begin(0, 7 * MiB + 5, 3000)
     backend.zero(7 * MiB + 5, 3000, may_trim=False, fast=False)
-    s.end_write(cycle, 0, KIND_ZERO, 7 * MiB + 5, 3000)
+    s.hook.end(cycle, 0, KIND_ZERO, 7 * MiB + 5, 3000)
     cycle = rp(s)
     record = next(c for c in s.status()["cycles"] if c["cycle"] == cycle)
     assert record["extents"] <= 8
@@ -128,26 +141,116 @@ def test_a_report_past_its_cap_copies_coarser_extents_and_loses_nothing(make_ses
     assert open(src, "rb").read() == open(dst, "rb").read()
 
 
-def test_coarsen_rounds_out_clips_and_never_drops_a_byte():
-    extents = [(i * 100_000, 10) for i in range(50)] + [(8 * MiB - 7, 7)]
-    out = session_mod.coarsen(extents, 8 * MiB, cap=4)
-    assert len(out) <= 4
-    assert out[-1][0] + out[-1][1] == 8 * MiB
-    covered = lambda o, n: any(a <= o and o + n <= a + m for a, m in out)  # noqa: E731
-    assert all(covered(o, n) for o, n in extents)
-
-
 def test_stop_abandons_a_slow_copy_instead_of_finishing_it(make_session):
     s, backend, src, dst = make_session(filters=["--filter=delay"], params=["delay-write=2000ms"],
                                         size=64 * MiB)
     rp(s, timeout=120)
     write(s, backend, 0, os.urandom(40 * MiB))      # 40 segments: more than the 16 in flight
     cycle = s.request_rp()
-    deadline = 600
-    while s.status()["state"] != "copying" and deadline:
-        deadline -= 1
-        threading.Event().wait(0.05)
-    s.stop()
-    assert not s._thread.is_alive()
+    wait_until(lambda: s.status()["state"] == "copying", what="copying")
+    assert s.stop()
     record = next(c for c in s.status()["cycles"] if c["cycle"] == cycle)
     assert record["state"] == "abandoned"
+
+
+def test_status_answers_throughout_cycles(make_session):
+    """Issue 8, bug 4: status iterated the cycle history while the worker appended to it
+    ("deque mutated during iteration") and the control socket dropped the connection."""
+    s, backend, src, dst = make_session(cycle="0.02")
+    rp(s)
+    seen, errors, done = set(), [], threading.Event()
+
+    def poll():
+        for _ in range(20000):
+            if done.is_set():
+                return
+            try:
+                status = s.status()
+                seen.add(status["state"])
+                assert all(isinstance(c["cycle"], int) for c in status["cycles"])
+            except Exception as e:   # noqa: BLE001 -- any error is the failure under test
+                errors.append(e)
+                return
+    poller = threading.Thread(target=poll)
+    poller.start()
+    try:
+        for i in range(100):
+            write(s, backend, (i * 7919 % 2000) * 4096, os.urandom(4096))
+            if i % 10 == 9:
+                rp(s)
+    finally:
+        done.set()
+        poller.join(60)
+    assert not errors, errors
+    assert seen, "status was read during the cycles"
+    assert open(src, "rb").read() == open(dst, "rb").read()
+
+
+def test_tracker_coarsened_past_the_end_of_the_device_still_commits(make_session):
+    """Issue 8, bug 2: with a tiny tracker-mem the tracker coarsens TEs to 64 KiB granules; on
+    a source whose size is not a multiple of that, the last one ran past EOF, the source read
+    failed with EIO and no cycle ever committed again."""
+    size = 8 * MiB + 1000
+    s, backend, src, dst = make_session(size=size, config=[("tracker-mem", "1k")])
+    rp(s)
+    for i in range(300):
+        write(s, backend, size - 1 - 4099 * i, b"x")
+    cycle = rp(s)
+    assert s.status()["tracker"]["coarsenings"] > 0, "the tracker coarsened"
+    record = next(c for c in s.status()["cycles"] if c["cycle"] == cycle)
+    assert record["state"] == "committed" and record["bytes_copied"] > 300
+    assert open(src, "rb").read() == open(dst, "rb").read()
+
+
+@pytest.mark.parametrize("rate", ["1%", "10%"])
+def test_a_flaky_replica_keeps_committing(make_session, rate):
+    """Issue 8, bug 6: one failed request failed the whole cycle; at 1% request errors no
+    cycle committed again. Failed requests are now retried on their own."""
+    s, backend, src, dst = make_session(filters=["--filter=error"],
+                                        params=[f"error-pwrite-rate={rate}", f"error-zero-rate={rate}",
+                                                "error-pwrite=EIO"])
+    rp(s)
+    for round_ in range(5):
+        # 300 writes a cycle, none adjacent (so 300 requests): 1,500 requests in all, so even at
+        # 1% the chance that none failed is 3e-7.
+        for i in range(300):
+            write(s, backend, ((round_ * 300 + i) * 104729 % 1000) * 8192, os.urandom(4096))
+        rp(s)
+    assert s.status()["requests_retried"] > 0, "the error filter failed some requests"
+    assert open(src, "rb").read() == open(dst, "rb").read()
+
+
+def test_stop_cancels_a_copy_stalled_on_the_replica(make_session):
+    """Issue 8, bug 5: stop() closed the replica connections after a join that timed out,
+    under a copy still using them. Now a stop cancels the stalled call and the worker ends."""
+    s, backend, src, dst = make_session()
+    rp(s)
+    write(s, backend, 0, os.urandom(4 * MiB))
+    os.kill(make_session.replica.pid, signal.SIGSTOP)
+    try:
+        cycle = s.request_rp()
+        wait_until(lambda: s.status()["state"] == "copying", what="copying")
+        started = time.monotonic()
+        assert s.stop(timeout=30)
+        assert time.monotonic() - started < 15, "the stop did not wait for the 60 s I/O timeout"
+    finally:
+        os.kill(make_session.replica.pid, signal.SIGCONT)
+    assert not s._replicas, "the worker closed its connections on its way out"
+    record = next(c for c in s.status()["cycles"] if c["cycle"] == cycle)
+    assert record["state"] == "abandoned" and s.status()["state"] == "stopped"
+
+
+def test_stop_leaves_a_worker_held_by_a_hung_write_to_end_on_its_own(make_session, monkeypatch):
+    """A drain waits for a write that never ends: stop() says the worker did not end (so the
+    plugin keeps the back ends open), and the worker ends once the write does."""
+    monkeypatch.setattr(session_mod, "DRAIN_TIMEOUT", 60.0)
+    s, backend, src, dst = make_session()
+    rp(s)
+    cycle = s.hook.begin(0, MiB, 4096)
+    s.request_rp()
+    wait_until(lambda: s.tracker.draining is not None or s.tracker.cycle > cycle, what="the RP")
+    assert not s.stop(timeout=0.5)
+    assert s._thread.is_alive()
+    s.hook.end(cycle, 0, KIND_DATA, MiB, 4096)
+    wait_until(lambda: not s._thread.is_alive(), what="the worker's own end")
+    assert s.status()["state"] == "stopped"

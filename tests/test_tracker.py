@@ -1,7 +1,8 @@
-"""Unit and concurrency tests of the tracker (per-CPU TE shards, cycle switch, folding)."""
+"""Unit and concurrency tests of the tracker (per-CPU TE shards, cycle switch, folding, the GIL)."""
 import collections
 import random
 import struct
+import sys
 import threading
 import time
 
@@ -38,9 +39,14 @@ def join(*threads):
         assert not thread.is_alive()
 
 
-def test_te_fits_in_24_bytes():
-    assert TE_BYTES <= 24
-    assert Tracker(shards=1).stats()["te_bytes"] == TE_BYTES
+def test_max_bytes_holds_one_te_per_24_bytes_before_the_first_fold():
+    tr = Tracker(shards=1, max_bytes=64 * 24)
+    for i in range(64):
+        tr.record(0, KIND_DATA, 2 * i, 1)
+    stats = tr.stats()
+    assert (stats["entries"], stats["folds"], stats["memory_bytes"]) == (64, 0, 64 * 24)
+    tr.record(0, KIND_DATA, 1000, 1)
+    assert tr.stats()["folds"] == 1
 
 
 def test_record_and_close_round_trip():
@@ -174,6 +180,39 @@ def test_hammer_threads_with_periodic_close():
     assert got == collections.Counter(te for r in recorded for te in r)
     for cycle, te in (x for t in tagged for x in t):
         assert by_cycle[cycle][te] > 0, f"TE {te} begun in cycle {cycle} landed elsewhere"
+    assert tr.stats()["entries"] == 0 and tr.inflight == 0
+
+
+def test_hammer_threads_with_folds_and_periodic_close_lose_nothing():
+    tr = Tracker(shards=2, max_bytes=2 * 64 * TE_BYTES)
+    recorded = [[] for _ in range(4)]
+    tagged = [[] for _ in range(4)]
+    writers = [
+        start(lambda d=d: _writer(tr, d, d % 2 == 1, 5000, tagged[d], recorded[d]))
+        for d in range(4)
+    ]
+    closed = []
+
+    def closer():
+        while any(w.is_alive() for w in writers):
+            closed.append(tr.close_cycle(timeout=WAIT))
+            time.sleep(0.002)
+
+    closing = start(closer)
+    join(*writers, closing)
+    closed.append(tr.close_cycle(timeout=WAIT))
+
+    assert [c.cycle for c in closed] == list(range(1, len(closed) + 1))
+    assert tr.stats()["folds"] > 0 and any(c.folded for c in closed)
+    got = collections.defaultdict(list)
+    for c in closed:
+        for dev in c.devices():
+            got[c.cycle, dev] = [p for kind in range(3) for p in pairs(c.entries(dev, kind))]
+    for dev in range(4):
+        everything = [p for (_, d), extents in got.items() if d == dev for p in extents]
+        assert covers(everything, [te[2:] for te in recorded[dev]]), f"device {dev} lost a write"
+    for cycle, te in (x for t in tagged for x in t):
+        assert covers(got[cycle, te[0]], [te[2:]]), f"TE {te} begun in cycle {cycle} landed elsewhere"
     assert tr.stats()["entries"] == 0 and tr.inflight == 0
 
 
@@ -314,3 +353,135 @@ def test_stats_report_memory_and_counters():
     assert (stats["shards"], stats["max_bytes"], stats["entries"]) == (3, 1 << 20, 0)
     assert stats["memory_bytes"] == 3 * 1024 * TE_BYTES
     assert (stats["folds"], stats["coarsenings"], stats["granule"]) == (0, 0, 1)
+
+
+# ---- a fold gives up the GIL ----------------------------------------------------------------
+#
+# A fold of a million TEs takes hundreds of milliseconds. Writers run on nbdkit's threads, so a
+# fold that kept the GIL would stop every one of them for that long. These tests run a call
+# while a second Python thread spins, and measure the longest time within the call during
+# which the spinner did not run: it needs the GIL to run, so that silence is the time the GIL
+# was kept. The control shows the measurement sees a call that keeps the GIL.
+
+FOLD_TES = 1 << 20
+SCRAMBLE = 0x9E3779B1 % FOLD_TES | 1  # odd: i * SCRAMBLE % FOLD_TES permutes range(FOLD_TES)
+# The spinner may also run just before the call enters C and just after it returns, at most a
+# switch interval each time, so only a call much longer than that tells the two cases apart.
+LONG_CALL = 10 * sys.getswitchinterval()
+
+
+def full_tracker():
+    """A one-shard tracker so full that the next write folds FOLD_TES TEs.
+
+    The TEs are one byte each, 1 TiB apart, in scrambled order: the fold sorts them and only
+    the 25th coarsening (64 KiB to 1 TiB granules) merges any, hundreds of milliseconds of work.
+    """
+    tr = Tracker(shards=1, max_bytes=FOLD_TES * TE_BYTES)
+    for i in range(FOLD_TES):
+        tr.record(0, KIND_DATA, (i * SCRAMBLE % FOLD_TES) << 40, 1)
+    stats = tr.stats()
+    assert (stats["entries"], stats["folds"]) == (FOLD_TES, 0)
+    return tr
+
+
+def longest_silence(call):
+    """Run call() while another thread spins: (seconds the call took, longest time within the
+    call during which the spinner did not run)."""
+    gaps, running, stop = [], threading.Event(), threading.Event()
+
+    def spin():
+        last = time.perf_counter()
+        running.set()
+        while True:
+            now = time.perf_counter()
+            if now - last > 0.001:
+                gaps.append((last, now))
+            last = now
+            if stop.is_set():
+                return  # after one more tick, which closes a gap that spans the call's end
+
+    spinner = start(spin)
+    assert running.wait(WAIT)
+    began = time.perf_counter()
+    call()
+    ended = time.perf_counter()
+    stop.set()
+    join(spinner)
+    return ended - began, max([min(b, ended) - max(a, began) for a, b in gaps] + [0.0])
+
+
+def check_fold(tr, took, silence):
+    """The call folded every TE without losing one, and other threads ran during it."""
+    assert tr.stats()["folds"] == 1
+    assert took > LONG_CALL, f"a fold of {took:.3f} s is too short to tell"
+    assert silence < took / 2, f"other threads stopped for {silence:.3f} s of a {took:.3f} s fold"
+    assert union(pairs(tr.close_cycle().entries(0, KIND_DATA))) == [(0, FOLD_TES << 40)]
+
+
+def test_end_that_folds_gives_up_the_gil():
+    tr = full_tracker()
+    c = tr.begin()
+    check_fold(tr, *longest_silence(lambda: tr.end(c, 0, KIND_DATA, 5, 1)))
+
+
+def test_record_that_folds_gives_up_the_gil():
+    tr = full_tracker()
+    check_fold(tr, *longest_silence(lambda: tr.record(0, KIND_DATA, 5, 1)))
+
+
+def test_a_write_whose_end_folds_stays_in_flight_until_its_te_is_recorded():
+    tr = full_tracker()
+    c = tr.begin()
+    returned = threading.Event()
+
+    def end():
+        tr.end(c, 1, KIND_DATA, 5, 1)
+        returned.set()
+
+    began = time.perf_counter()
+    ending = start(end)
+    longest, zero_since = 0.0, None
+    while not returned.is_set():
+        now = time.perf_counter()
+        if tr.inflight:
+            zero_since = None
+        else:
+            zero_since = zero_since or now
+            longest = max(longest, now - zero_since)
+    took = time.perf_counter() - began
+    join(ending)
+    # After the TE is recorded, end() still needs the GIL back to return: a switch interval.
+    assert took > LONG_CALL, f"an end() of {took:.3f} s is too short to tell"
+    assert longest < took / 2, f"no write in flight for {longest:.3f} s before end() returned"
+    closed = tr.close_cycle(timeout=0)
+    assert closed.cycle == c and pairs(closed.entries(1, KIND_DATA)) == [(5, 1)]
+
+
+@pytest.mark.parametrize("other", ["record", "stats"])
+def test_a_call_that_waits_for_a_folding_shard_gives_up_the_gil(other):
+    tr = full_tracker()
+    call = {"record": lambda: tr.record(0, KIND_DATA, 7, 1), "stats": tr.stats}[other]
+    longest, done = [0.0], threading.Event()
+
+    def repeat():
+        while not done.is_set():
+            began = time.perf_counter()
+            call()
+            longest[0] = max(longest[0], time.perf_counter() - began)
+
+    def fold_while_repeating():
+        repeating = start(repeat)
+        tr.record(0, KIND_DATA, 5, 1)  # this write or the other thread's first one folds
+        done.set()
+        join(repeating)
+
+    total, silence = longest_silence(fold_while_repeating)
+    assert longest[0] > total / 2, f"no {other}() call waited for the fold"
+    check_fold(tr, total, silence)
+
+
+def test_control_a_call_that_keeps_the_gil_silences_the_spinner():
+    numbers = [i * SCRAMBLE % FOLD_TES for i in range(FOLD_TES)]
+    took, silence = longest_silence(lambda: sorted(numbers))  # sorting ints keeps the GIL
+    assert took > LONG_CALL, f"a sort of {took:.3f} s is too short to tell"
+    assert silence > took / 2

@@ -3,13 +3,14 @@
 import argparse
 import os
 import random
+import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import uri
-from copier.replica import connect
+from copier.nbdclient import connect
 from copier.verify import (add_range, covered, differing_blocks, format_ranges, human, main,
                            parse_size, verify, zero_extents)
 
@@ -33,7 +34,8 @@ class Pair:
 
 @pytest.fixture
 def make_pair(nbdkit, tmp_path):
-    return lambda source_bytes, replica_bytes: Pair(nbdkit, tmp_path, source_bytes, replica_bytes)
+    return lambda source_bytes, replica_bytes: Pair(nbdkit, tmp_path, source_bytes,
+                                                    replica_bytes)
 
 
 def naive_diff(a, b):

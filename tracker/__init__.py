@@ -1,9 +1,10 @@
 """The tracking structure: every write becomes a tracking entry (TE) in per-CPU shards.
 
 A TE is (device id, cycle id, kind, offset, length), a 24-byte C struct in a
-per-CPU array (``shards.c``); recording one costs no Python object and no
-allocation.  The module does no I/O: writes come in as numbers, closed cycles
-go out as buffers of (offset, length) pairs for the reporter.
+per-CPU array (``shards.c``); recording one costs no Python object, and no
+allocation unless its shard's array must grow.  The module does no I/O: writes
+come in as numbers, closed cycles go out as buffers of (offset, length) pairs
+for the reporter.
 
 How a front end uses it, per write (many threads at once)::
 
@@ -23,9 +24,11 @@ times out it raises TimeoutError and cycle c stays closed and "draining"
 (``Tracker.draining``); the next close_cycle call resumes that drain and
 returns cycle c, leaving the open cycle open, so no TE is ever skipped.
 
-Memory is capped by ``max_bytes``; a full shard folds and then coarsens its
-TEs instead of growing, so past the cap extents get coarser and no change is
-lost (``shards.c`` explains how and why zero/trim TEs become data TEs).
+Memory is capped by ``max_bytes``; instead of growing past its share, a full
+shard folds (merges) its TEs and coarsens them if merging freed too little, so
+past the cap extents get coarser and no change is lost (``shards.c`` explains
+how and why zero/trim TEs become data TEs).  A fold runs without the GIL, so
+other Python threads go on; only writes that land on the folding shard wait.
 """
 import threading
 import time
@@ -169,8 +172,10 @@ class Tracker:
         ``cycle`` must be the open cycle or the closed one still draining, else
         ValueError and nothing changes.  A bad TE raises ValueError and is not
         recorded, but the write still stops counting as in flight, so a caller
-        bug cannot stall close_cycle.  Amortised O(log n) for a shard of n TEs
-        (O(1) unless the shard is full and folds).
+        bug cannot stall close_cycle.  O(1) with the GIL held when the shard
+        has room; otherwise it gives up the GIL while it waits for the shard
+        and makes room (``tracker/_build.py``), amortised O(log n) for a shard
+        of n TEs, O(n log n) for the call that folds.
         """
         try:
             rc = lib.tr_end(self._t, cycle, dev, kind, offset, length)
@@ -188,7 +193,8 @@ class Tracker:
     def record(self, dev, kind, offset, length):
         """Record a write that is already complete (begin() + end()); bad TE → ValueError.
 
-        Amortised O(log n) for a shard of n TEs (O(1) unless the shard folds).
+        Costs as end(): O(1) with the GIL held when the shard has room, else
+        without the GIL, amortised O(log n) for a shard of n TEs.
         """
         try:
             rc = lib.tr_record(self._t, dev, kind, offset, length)
@@ -248,7 +254,8 @@ class Tracker:
             lib.tr_closed_free(cl)
 
     def stats(self):
-        """Counters and memory use of the shards, as a dict.  O(shards).
+        """Counters and memory use of the shards, as a dict.  O(shards), without the
+        GIL while it waits for a shard lock (a fold may hold one).
 
         ``entries`` TEs held, ``memory_bytes`` allocated for TEs (at most
         ``max_bytes`` unless ``over_cap`` > 0), ``folds``/``coarsenings`` so far,

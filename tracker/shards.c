@@ -11,6 +11,15 @@
  * thread that migrates between CPUs only makes two shards hold TEs of the
  * same cycle, which close_cycle gathers anyway.
  *
+ * Two speeds.  tr_end and tr_record run with the caller's GIL held (_build.py
+ * says why), so they must never wait: they only try-lock the shard and only
+ * append.  If the shard is locked (by a fold, a detach or tr_stats, which run
+ * without the GIL) or full, they return TR_EWOULDBLOCK having changed nothing,
+ * and the caller gives up the GIL and calls tr_end_wait / tr_record_wait, which
+ * wait for the lock and make room (grow, or fold: up to O(n log n)).  Threads
+ * holding the GIL never contend with each other for a shard lock, since one
+ * that holds a shard lock does not give up the GIL before it unlocks.
+ *
  * Cycle switch without a pause.  The open cycle id is one atomic word.  A
  * recovery point (RP) stores c+1 there: writes that begin afterwards are in
  * c+1 at once.  The RP must then wait for the writes that began in c and are
@@ -263,31 +272,46 @@ static int check_te(int64_t dev, int64_t kind, uint64_t offset, uint64_t length)
     return TR_OK;
 }
 
-static int append(const struct tracker *t, struct shard *s, const struct tr_te *te)
+/*
+ * Fills te from a write; its cycle is set when it is appended.  Returns
+ * check_te's code.
+ */
+static int make_te(struct tr_te *te, int64_t dev, int64_t kind, uint64_t offset,
+                   uint64_t length)
 {
-    int rc;
-    pthread_mutex_lock(&s->lock);
-    rc = s->n < s->cap ? TR_OK : make_room(t, s);
-    if (rc == TR_OK)
-        s->tes[s->n++] = *te;
-    pthread_mutex_unlock(&s->lock);
-    return rc;
-}
-
-static int append_checked(const struct tracker *t, struct shard *s, uint64_t cycle,
-                          int64_t dev, int64_t kind, uint64_t offset, uint64_t length)
-{
-    struct tr_te te;
     int rc = check_te(dev, kind, offset, length);
     if (rc != TR_OK)
         return rc;
-    memset(&te, 0, sizeof te);
-    te.offset = offset;
-    te.length = length;
-    te.cycle = (uint32_t)cycle; /* unambiguous: only cycles c and c+1 are live */
-    te.dev = (uint16_t)dev;
-    te.kind = (uint8_t)kind;
-    return append(t, s, &te);
+    memset(te, 0, sizeof *te);
+    te->offset = offset;
+    te->length = length;
+    te->dev = (uint16_t)dev;
+    te->kind = (uint8_t)kind;
+    return TR_OK;
+}
+
+/*
+ * Locks s with room for one more TE; returns TR_OK with the lock held, or an
+ * error without it.  Without wait it only try-locks and never makes room, so
+ * it takes O(1) and cannot block: TR_EWOULDBLOCK if s is locked or full.  With
+ * wait it blocks on the lock and makes room, which may fold (O(n log n)).
+ */
+static int lock_room(const struct tracker *t, struct shard *s, int wait)
+{
+    int rc;
+    if (!wait) {
+        if (pthread_mutex_trylock(&s->lock) != 0)
+            return TR_EWOULDBLOCK;
+        if (s->n < s->cap)
+            return TR_OK;
+        pthread_mutex_unlock(&s->lock);
+        return TR_EWOULDBLOCK;
+    }
+    pthread_mutex_lock(&s->lock);
+    rc = s->n < s->cap ? TR_OK : make_room(t, s);
+    if (rc != TR_OK)
+        pthread_mutex_unlock(&s->lock);
+    return rc;
 }
 
 static uint64_t begin_on(struct tracker *t, struct shard *s)
@@ -311,17 +335,87 @@ static int cycle_live(struct tracker *t, uint64_t cycle)
     return cycle == atomic_load(&t->cycle) || cycle + 1 == atomic_load(&t->draining1);
 }
 
-int tr_end(struct tracker *t, uint64_t cycle, int64_t dev, int64_t kind,
-           uint64_t offset, uint64_t length)
+/*
+ * The TE is appended under the shard lock before the write stops counting as
+ * in flight, so a drain that sees the count reach zero finds the TE.  A
+ * TR_EWOULDBLOCK return changed nothing: the write is still in flight.
+ */
+static int end_write(struct tracker *t, uint64_t cycle, int64_t dev, int64_t kind,
+                     uint64_t offset, uint64_t length, int wait)
 {
+    struct tr_te te;
     struct shard *s;
     int rc;
     if (!cycle_live(t, cycle))
         return TR_ECYCLE;
     s = cpu_shard(t);
-    rc = append_checked(t, s, cycle, dev, kind, offset, length);
+    rc = make_te(&te, dev, kind, offset, length);
+    if (rc == TR_OK) {
+        rc = lock_room(t, s, wait);
+        if (rc == TR_EWOULDBLOCK)
+            return rc;
+        if (rc == TR_OK) {
+            te.cycle = (uint32_t)cycle; /* unambiguous: only cycles c and c+1 are live */
+            s->tes[s->n++] = te;
+            pthread_mutex_unlock(&s->lock);
+        }
+    }
     atomic_fetch_sub(&s->inflight[cycle & 1], 1);
     return rc;
+}
+
+/*
+ * begin() + end() in one: the write is counted in flight in the cycle its TE
+ * is tagged with until the TE is appended, as in end_write.
+ */
+static int record_write(struct tracker *t, int64_t dev, int64_t kind, uint64_t offset,
+                        uint64_t length, int wait)
+{
+    struct tr_te te;
+    struct shard *s;
+    uint64_t c;
+    int rc = make_te(&te, dev, kind, offset, length);
+    if (rc != TR_OK)
+        return rc;
+    s = cpu_shard(t);
+    rc = lock_room(t, s, wait);
+    if (rc != TR_OK)
+        return rc;
+    c = begin_on(t, s);
+    te.cycle = (uint32_t)c;
+    s->tes[s->n++] = te;
+    pthread_mutex_unlock(&s->lock);
+    atomic_fetch_sub(&s->inflight[c & 1], 1);
+    return TR_OK;
+}
+
+int tr_end(struct tracker *t, uint64_t cycle, int64_t dev, int64_t kind,
+           uint64_t offset, uint64_t length)
+{
+    return end_write(t, cycle, dev, kind, offset, length, 0);
+}
+
+int tr_record(struct tracker *t, int64_t dev, int64_t kind, uint64_t offset, uint64_t length)
+{
+    return record_write(t, dev, kind, offset, length, 0);
+}
+
+/*
+ * The waiting variants, for the caller to use after tr_end or tr_record
+ * returned TR_EWOULDBLOCK.  Static and absent from shards.h, so that cffi does
+ * not expose them: Python may only reach them through _build.py's wrappers,
+ * which give up the GIL first.
+ */
+static int tr_end_wait(struct tracker *t, uint64_t cycle, int64_t dev, int64_t kind,
+                       uint64_t offset, uint64_t length)
+{
+    return end_write(t, cycle, dev, kind, offset, length, 1);
+}
+
+static int tr_record_wait(struct tracker *t, int64_t dev, int64_t kind, uint64_t offset,
+                          uint64_t length)
+{
+    return record_write(t, dev, kind, offset, length, 1);
 }
 
 int tr_abort(struct tracker *t, uint64_t cycle)
@@ -330,20 +424,6 @@ int tr_abort(struct tracker *t, uint64_t cycle)
         return TR_ECYCLE;
     atomic_fetch_sub(&cpu_shard(t)->inflight[cycle & 1], 1);
     return TR_OK;
-}
-
-int tr_record(struct tracker *t, int64_t dev, int64_t kind, uint64_t offset, uint64_t length)
-{
-    struct shard *s;
-    uint64_t c;
-    int rc = check_te(dev, kind, offset, length);
-    if (rc != TR_OK)
-        return rc;
-    s = cpu_shard(t);
-    c = begin_on(t, s);
-    rc = append_checked(t, s, c, dev, kind, offset, length);
-    atomic_fetch_sub(&s->inflight[c & 1], 1);
-    return rc;
 }
 
 /* ---- cycle switch ----------------------------------------------------- */

@@ -17,7 +17,8 @@ enum {
     TR_EDEV = 3,
     TR_EOVERFLOW = 4,
     TR_ECYCLE = 5,
-    TR_ENOMEM = 6
+    TR_ENOMEM = 6,
+    TR_EWOULDBLOCK = 7 /* tr_end/tr_record: the shard is locked or full; nothing changed */
 };
 
 /* One tracking entry: 24 bytes.  cycle holds the low 32 bits of the cycle id. */

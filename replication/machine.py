@@ -1,0 +1,490 @@
+"""The replication controller (FIG. 4): the cycle state machine, with no I/O.
+
+Theory of operation
+-------------------
+As h11 does for HTTP, this module only decides. The driver (``replication.driver``) feeds it
+events -- a timer came due, an RP was requested, a cycle drained, a copy landed or failed,
+stop -- and performs the actions it returns (arm the keep-aside, close the cycle, build the
+report, copy, flush, commit, release, disconnect, log). Every transition is one row of
+``TRANSITIONS``; an event a state has no row for is a bug in the driver and raises
+``ProtocolError``. Time comes in with each event, so tests drive the machine at any pace.
+
+A turn of the cycle, for cycle N::
+
+    IDLE --timer/rp--> CLOSING: Arm(N), CloseCycle(N)     (the tracker opens N+1 at once)
+    CLOSING --drained--> REPORTING: MarkDrained, BuildReport(N's TEs + carry)
+    REPORTING --reported--> COPYING: Copy(N, report)      (empty report: commit at once)
+    COPYING --copied--> FLUSHING: Flush
+    FLUSHING --flushed--> IDLE: Release, Commit(N)        (the replica equals RP N)
+
+Failures never lose a change (invariant 1). A copy or flush that fails leaves the *carry*:
+the report less what is known to have landed durably, merged into the next cycle's report, so
+a retry resends only what did not land. The drain of a cycle that times out leaves the cycle
+closed and draining in the tracker; the retry resumes that drain instead of closing another.
+An unexpected error in the driver arrives as ``Failed`` with a full-resync report, because
+the driver may have lost TEs. Every failure backs off (0.5 s doubling to 30 s) and counts;
+one that repeats the same way ``STUCK_AFTER`` times in a row is reported as *stuck* in
+status and logged, instead of being retried silently forever.
+
+RPs requested while a cycle is in progress are remembered as the highest cycle promised to a
+requester (``rp_wanted``); after the commit, if that cycle is not committed yet, the next RP
+is taken at once. So a slow replica makes cycles longer (they merge) instead of queueing them.
+
+A cycle the keep-aside could not hold at its RP (``point_in_time=False``, e.g. the spill
+file filled) is copied and flushed but is not a recovery point: its state is "inconsistent",
+``committed_cycle`` does not move, and the next RP is taken at once; that cycle's report
+covers every write since, so its commit is a recovery point again -- with one precaution.
+While the keep-aside holds a cycle, a write of the next cycle waits for the closed cycle's
+writes to end before it lands, so writes land in cycle order; once it gave up, a zero write
+of N+1 may land before an overlapping write of N still in flight, and the source keeps N's
+bytes there. Sending that zero range as WRITE_ZEROES would lose them, so the next report
+reads its zero ranges as data (``BuildReport.zeros_as_data``).
+"""
+import collections
+import dataclasses
+import enum
+
+HISTORY = 64
+BACKOFF_FIRST, BACKOFF_MAX = 0.5, 30.0
+STUCK_AFTER = 5
+
+
+class State(enum.Enum):
+    IDLE = "idle"            # waiting for the next RP
+    CLOSING = "closing"      # RP taken, waiting for the closed cycle's writes to end
+    REPORTING = "reporting"  # building the closed cycle's report
+    COPYING = "copying"      # sending the report to the replicas
+    FLUSHING = "flushing"    # committing: FLUSH on every replica
+    BACKOFF = "backoff"      # after a failure, until the retry is due
+    STOPPED = "stopped"
+
+
+class ProtocolError(Exception):
+    """The driver sent an event the current state has no transition for."""
+
+
+# -- events (driver -> machine) ------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Timer:
+    """The deadline the machine asked for (``wake_at``) has come."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RpRequested:
+    """A user asked for an RP and was promised the cycle ``cycle`` (open at the request)."""
+    cycle: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Drained:
+    """The tracker closed the cycle and every write of it ended; ``closed`` holds its TEs."""
+    closed: object
+
+
+@dataclasses.dataclass(frozen=True)
+class DrainTimedOut:
+    message: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Reported:
+    report: object
+
+
+@dataclasses.dataclass(frozen=True)
+class Progress:
+    copied: int = 0
+    zeroed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Copied:
+    point_in_time: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class Flushed:
+    """Every replica flushed: the cycle is durable there."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Failed:
+    """A step failed. ``landed`` {dev: pairs} is what reached the replica durably (None:
+    nothing known); ``resync`` a full report when the driver may have lost TEs;
+    ``point_in_time`` False if the keep-aside had given up on the cycle."""
+    error: str
+    landed: dict | None = None
+    resync: object = None
+    point_in_time: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class Abandoned:
+    """The copy stopped because the session is stopping."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Stop:
+    pass
+
+
+# -- actions (machine -> driver) -----------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Arm:
+    """Arm the keep-aside for ``cycle`` (before its close, so every later write sees it)."""
+    cycle: int
+
+
+@dataclasses.dataclass(frozen=True)
+class CloseCycle:
+    """Close the cycle in the tracker (or resume its drain); answer Drained or DrainTimedOut."""
+    cycle: int
+
+
+@dataclasses.dataclass(frozen=True)
+class MarkDrained:
+    """Tell the keep-aside that no write of the armed cycle is in flight any more."""
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildReport:
+    """Build the report of ``closed`` merged with ``carry``; answer Reported."""
+    closed: object
+    carry: object
+    zeros_as_data: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Copy:
+    """Install the report in the keep-aside and copy it; answer Progress..., then Copied,
+    Failed or Abandoned."""
+    cycle: int
+    report: object
+
+
+@dataclasses.dataclass(frozen=True)
+class Flush:
+    cycle: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Commit:
+    """``cycle`` is on the replicas (a recovery point if ``point_in_time``); ``outage`` is how
+    long replication had been failing before it, or None."""
+    cycle: int
+    report: object
+    point_in_time: bool
+    outage: float | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Publish:
+    """Tracking only: ``report`` is the newest report."""
+    cycle: int
+    report: object
+
+
+@dataclasses.dataclass(frozen=True)
+class Release:
+    """Forget what the keep-aside holds."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Disconnect:
+    """Drop the replica connections (their state is unknown after a failure)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Log:
+    level: str
+    message: str
+
+
+@dataclasses.dataclass
+class CycleRecord:
+    """What status shows for one cycle (``nbdrep status --json`` keys)."""
+    cycle: int
+    rp_time: float
+    writes: int = 0
+    extents: int = 0
+    bytes_written: int = 0
+    bytes_total: int = 0
+    bytes_done: int = 0
+    bytes_copied: int = 0
+    bytes_zeroed: int = 0
+    commit_time: float | None = None
+    state: str = "closing"
+    error: str | None = None
+    initial_sync: bool = False
+    point_in_time: bool = True
+
+
+class Controller:
+    """The cycle state machine of one session (consistency group).
+
+    ``sizes`` {dev: bytes} of the sources; ``replicated`` False means tracking only (cycles
+    are reported, not copied); ``carry`` the report to copy first (the initial sync);
+    ``now`` the time the session starts. Not thread-safe: the driver serialises calls.
+    """
+
+    def __init__(self, *, sizes, replicated, cycle_seconds, now, first_cycle=1, carry=None):
+        self.sizes = dict(sizes)
+        self.replicated = replicated
+        self.cycle_seconds = cycle_seconds
+        self.state = State.IDLE
+        self.open_cycle = first_cycle
+        self.draining = None
+        self.carry = carry
+        self.carry_is_sync = carry is not None
+        self.committed_cycle = first_cycle - 1
+        self.committed_rp_time = None
+        self.reported_cycle = first_cycle - 1
+        self.rp_wanted = 0
+        self.wake_at = now if replicated else now + cycle_seconds
+        self.history = collections.deque(maxlen=HISTORY)
+        self.failures = 0
+        self.failing_since = None
+        self.last_error = None
+        self.same_error = 0
+        self.stuck = None
+        self.zeros_as_data = False
+        self._record = None
+        self._report = None
+
+    # -- the one entry point -------------------------------------------------------------
+
+    def handle(self, event, now):
+        """Apply ``event`` at time ``now``; return the actions to perform, in order. O(1)
+        except BuildReport's result (O(extents) for its counts)."""
+        row = TRANSITIONS.get((self.state, type(event)))
+        if row is None:
+            raise ProtocolError(f"{type(event).__name__} in state {self.state.value}")
+        handler, targets = row
+        actions = handler(self, event, now)
+        assert self.state in targets, f"{handler.__name__} went to {self.state}, not one of {targets}"
+        return actions
+
+    # -- handlers (one per row group of the table) ------------------------------------------
+
+    def _take_rp(self, event, now):
+        if isinstance(event, RpRequested):
+            self.rp_wanted = max(self.rp_wanted, event.cycle)
+        self.state = State.CLOSING
+        if self.draining is not None:
+            return [CloseCycle(self.draining)]
+        cycle = self.open_cycle
+        self.open_cycle += 1
+        self._record = CycleRecord(cycle, rp_time=now)
+        self.history.append(self._record)
+        return ([Arm(cycle)] if self.replicated else []) + [CloseCycle(cycle)]
+
+    def _remember_rp(self, event, now):
+        self.rp_wanted = max(self.rp_wanted, event.cycle)
+        return []
+
+    def _drained(self, event, now):
+        closed, record = event.closed, self._record
+        self.draining = None
+        record.writes, record.bytes_written = closed.count, closed.bytes_written
+        record.state = "reporting"
+        self.state = State.REPORTING
+        if not self.replicated:
+            return [BuildReport(closed, None)]
+        record.initial_sync = self.carry_is_sync
+        zeros_as_data, self.zeros_as_data = self.zeros_as_data, False
+        return [MarkDrained(), BuildReport(closed, self.carry, zeros_as_data)]
+
+    def _drain_timed_out(self, event, now):
+        self.draining = self._record.cycle
+        return self._fail(event.message, now)
+
+    def _reported(self, event, now):
+        report, record = event.report, self._record
+        record.extents = report.extent_count()
+        record.bytes_total = report.byte_count()
+        if not self.replicated:
+            record.state = "reported"
+            self.reported_cycle = record.cycle
+            return [Publish(record.cycle, report)] + self._next_rp(now)
+        self._report, self.carry, self.carry_is_sync = report, None, False
+        if not report:
+            return self._commit(now, point_in_time=True)
+        record.state = "copying"
+        self.state = State.COPYING
+        return [Copy(record.cycle, report)]
+
+    def _progress(self, event, now):
+        record = self._record
+        before = record.bytes_done
+        record.bytes_copied += event.copied
+        record.bytes_zeroed += event.zeroed
+        record.bytes_done = done = record.bytes_copied + record.bytes_zeroed
+        total = record.bytes_total
+        # A sync may take hours: say how far it got at every tenth, with rate and ETA.
+        if not record.initial_sync or not total or done * 10 // total == before * 10 // total:
+            return []
+        rate = done / max(now - record.rp_time, 1e-6)
+        return [Log("info", f"sync (cycle {record.cycle}): {100 * done // total}% of "
+                            f"{total / 2**20:.1f} MiB, {rate / 2**20:.1f} MiB/s, "
+                            f"ETA {(total - done) / rate:.0f} s")]
+
+    def _copied(self, event, now):
+        self._record.point_in_time = event.point_in_time
+        self.zeros_as_data |= not event.point_in_time
+        self.state = State.FLUSHING
+        return [Flush(self._record.cycle)]
+
+    def _flushed(self, event, now):
+        return self._commit(now, self._record.point_in_time)
+
+    def _failed(self, event, now):
+        record = self._record
+        # Closing: the tracker still holds the cycle, draining, and the retry resumes that
+        # drain without arming again, so the keep-aside must stay armed for it.
+        actions = [] if self.state == State.CLOSING else [Release(), Disconnect()]
+        if self.state in (State.COPYING, State.FLUSHING):
+            self.zeros_as_data |= not event.point_in_time
+            landed = event.landed if self.state == State.COPYING else None
+            self.carry = self._report.minus(landed) if landed else self._report
+            self.carry_is_sync = record.initial_sync
+        elif self.state == State.CLOSING:
+            self.draining = record.cycle
+        if event.resync is not None:
+            self.carry = event.resync if self.carry is None else event.resync.merged_with(self.carry, self.sizes)
+            self.carry_is_sync = True
+        if record is not None and record.state not in ("committed", "reported"):
+            record.state, record.error = "failed", event.error
+        self._report = None
+        return actions + self._fail(event.error, now)
+
+    def _abandoned(self, event, now):
+        self._record.state = "abandoned"
+        self.carry = self._report
+        return self._stop(event, now)
+
+    def _stop(self, event, now):
+        self.state = State.STOPPED
+        return [Release(), Disconnect()]
+
+    # -- shared steps --------------------------------------------------------------------
+
+    def _commit(self, now, point_in_time):
+        record, report = self._record, self._report
+        record.commit_time = now
+        outage = None if self.failing_since is None else now - self.failing_since
+        self.failures, self.failing_since, self.same_error, self.stuck = 0, None, 0, None
+        self._report = None
+        if point_in_time:
+            record.state = "committed"
+            self.committed_cycle, self.committed_rp_time = record.cycle, record.rp_time
+        else:
+            record.state = "inconsistent"
+            self.rp_wanted = max(self.rp_wanted, self.open_cycle)
+        actions = [Release(), Commit(record.cycle, report, point_in_time, outage)]
+        if not point_in_time:
+            actions.append(Log("warning", f"cycle {record.cycle} copied without its point in "
+                                          "time (keep-aside gave up); taking the next RP now"))
+        return actions + self._next_rp(now)
+
+    def _next_rp(self, now):
+        """Back to IDLE; the next RP is due a cycle after this one's, or now if promised."""
+        self.state = State.IDLE
+        due = self._record.rp_time + self.cycle_seconds
+        self.wake_at = now if self.rp_wanted > self._done_upto() else due
+        return []
+
+    def _fail(self, error, now):
+        self.state = State.BACKOFF
+        self.failures += 1
+        if self.failing_since is None:
+            self.failing_since = now
+        self.same_error = self.same_error + 1 if error == self.last_error else 1
+        self.last_error = error
+        self.wake_at = now + self.backoff()
+        cycle = self._record.cycle if self._record else self.open_cycle
+        actions = [Log("warning", f"cycle {cycle} failed ({error}); retrying in "
+                                  f"{self.backoff():g} s, nothing is lost")]
+        if self.same_error == STUCK_AFTER:
+            self.stuck = f"the same failure {STUCK_AFTER} times in a row: {error}"
+            actions.append(Log("error", f"replication is stuck: {self.stuck}"))
+        return actions
+
+    def backoff(self):
+        """Seconds until the retry after the current run of failures. O(1)."""
+        return min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** min(max(self.failures - 1, 0), 16))
+
+    def _done_upto(self):
+        return self.committed_cycle if self.replicated else self.reported_cycle
+
+    # -- what the driver and status read -------------------------------------------------------
+
+    def done_upto(self):
+        """Newest cycle committed (replicated) or reported (tracking only). O(1)."""
+        return self._done_upto()
+
+    def status(self, now):
+        """The machine's part of ``nbdrep status --json``. O(history)."""
+        return {
+            "state": self._status_word(),
+            "committed_cycle": self.committed_cycle if self.replicated else None,
+            "lag": None if self.committed_rp_time is None else now - self.committed_rp_time,
+            "replicated": self.replicated,
+            "failures": self.failures,
+            "last_error": self.last_error if self.failures else None,
+            "stuck": self.stuck,
+            "cycles": [dataclasses.asdict(r) for r in self.history],
+        }
+
+    def _status_word(self):
+        if self.state == State.STOPPED:
+            return "stopped"
+        if not self.replicated:
+            return "tracking"
+        if self.state == State.BACKOFF:
+            return "draining" if self.draining is not None else "retrying"
+        if self.state in (State.COPYING, State.FLUSHING):
+            return "initial-sync" if self._record.initial_sync else "copying"
+        return "replicating" if self.committed_cycle >= 1 else "starting"
+
+
+_ALL = tuple(State)
+_RP = (State.CLOSING,)
+
+# (state, event) -> (handler, the states it may go to). Every transition the machine has.
+TRANSITIONS = {
+    (State.IDLE, Timer): (Controller._take_rp, _RP),
+    (State.IDLE, RpRequested): (Controller._take_rp, _RP),
+    (State.IDLE, Stop): (Controller._stop, (State.STOPPED,)),
+
+    (State.CLOSING, Drained): (Controller._drained, (State.REPORTING,)),
+    (State.CLOSING, DrainTimedOut): (Controller._drain_timed_out, (State.BACKOFF,)),
+    (State.CLOSING, RpRequested): (Controller._remember_rp, (State.CLOSING,)),
+    (State.CLOSING, Failed): (Controller._failed, (State.BACKOFF,)),
+    (State.CLOSING, Stop): (Controller._stop, (State.STOPPED,)),
+
+    (State.REPORTING, Reported): (Controller._reported, (State.COPYING, State.IDLE)),
+    (State.REPORTING, RpRequested): (Controller._remember_rp, (State.REPORTING,)),
+    (State.REPORTING, Failed): (Controller._failed, (State.BACKOFF,)),
+    (State.REPORTING, Stop): (Controller._stop, (State.STOPPED,)),
+
+    (State.COPYING, Progress): (Controller._progress, (State.COPYING,)),
+    (State.COPYING, Copied): (Controller._copied, (State.FLUSHING,)),
+    (State.COPYING, Failed): (Controller._failed, (State.BACKOFF,)),
+    (State.COPYING, Abandoned): (Controller._abandoned, (State.STOPPED,)),
+    (State.COPYING, RpRequested): (Controller._remember_rp, (State.COPYING,)),
+    (State.COPYING, Stop): (Controller._abandoned, (State.STOPPED,)),
+
+    (State.FLUSHING, Flushed): (Controller._flushed, (State.IDLE,)),
+    (State.FLUSHING, Failed): (Controller._failed, (State.BACKOFF,)),
+    (State.FLUSHING, Abandoned): (Controller._abandoned, (State.STOPPED,)),
+    (State.FLUSHING, RpRequested): (Controller._remember_rp, (State.FLUSHING,)),
+    (State.FLUSHING, Stop): (Controller._abandoned, (State.STOPPED,)),
+
+    (State.BACKOFF, Timer): (Controller._take_rp, _RP),
+    (State.BACKOFF, RpRequested): (Controller._take_rp, _RP),
+    (State.BACKOFF, Stop): (Controller._stop, (State.STOPPED,)),
+
+    (State.STOPPED, Stop): (lambda self, event, now: [], (State.STOPPED,)),
+}

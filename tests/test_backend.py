@@ -1,0 +1,323 @@
+"""The back end on real block devices and on a full file system (issue 8, bugs 3 and 7).
+
+Block devices are loop devices (the tests run as root) with 4096- and 512-byte logical blocks.
+Over an image on the test's own file system the loop driver zeroes and discards by fallocate on
+the image, so the device can zero without writing. Over an image on a ramfs, which has no
+fallocate, the device can neither discard nor zero by itself: the kernel's BLKZEROOUT then writes
+zero pages, which is the "cannot be done fast" case of a fast zero.
+
+Each test reads the whole device back and compares it with a model of what must be there; the
+end-to-end tests also check what the client sees (block sizes, errnos) and the tracker's report.
+"""
+import collections
+import contextlib
+import errno
+import json
+import os
+import subprocess
+import time
+
+import nbd
+import pytest
+from conftest import Server, make_image, run
+
+from nbd_plugin.backend import Backend
+
+KiB = 1 << 10
+MiB = 1 << 20
+SIZE = 1 * MiB
+SECTORS = [4096, 512]
+CYCLE = ["--cycle", "3600"]
+DETACH_TIMEOUT = 30.0
+
+
+class Kernel:
+    """Mounts and loop devices made for one test; ``release`` undoes them, last made first."""
+
+    def __init__(self, tmp):
+        self.tmp = tmp
+        self.mounts = []
+        self.loops = []
+
+    def mount(self, fstype, *options):
+        """Mount a fresh ``fstype`` (tmpfs, ramfs) with ``options``; returns its directory."""
+        mnt = os.path.join(self.tmp, f"{fstype}{len(self.mounts)}")
+        os.mkdir(mnt)
+        run("mount", "-t", fstype, *options, fstype, mnt, timeout=60)
+        self.mounts.append(mnt)
+        return mnt
+
+    def loop(self, image, sector):
+        """Attach ``image`` as a loop device with ``sector``-byte logical blocks; returns /dev/loopN."""
+        dev = run("losetup", "-f", "--show", "--sector-size", str(sector), image, timeout=60).stdout.strip()
+        self.loops.append((dev, os.path.realpath(image)))
+        return dev
+
+    def release(self):
+        """Detach every loop device, wait until each lets go of its image, then unmount."""
+        failed = []
+        for dev, image in reversed(self.loops):
+            done = subprocess.run(["losetup", "-d", dev], capture_output=True, text=True, timeout=60)
+            if done.returncode:
+                failed.append(f"losetup -d {dev}: {done.stderr.strip()}")
+            elif not _wait_detached(dev, image):
+                failed.append(f"{dev} still holds {image} after {DETACH_TIMEOUT} s")
+        for mnt in reversed(self.mounts):
+            done = subprocess.run(["umount", mnt], capture_output=True, text=True, timeout=60)
+            if done.returncode:
+                failed.append(f"umount {mnt}: {done.stderr.strip()}")
+        assert not failed, "; ".join(failed)
+
+
+def _wait_detached(dev, image):
+    """Wait until ``dev`` is no longer backed by ``image`` (a detach completes at the last close)."""
+    backing = f"/sys/block/{os.path.basename(dev)}/loop/backing_file"
+    deadline = time.monotonic() + DETACH_TIMEOUT
+    while time.monotonic() < deadline:
+        try:
+            with open(backing) as f:
+                if os.path.realpath(f.read().strip()) != image:
+                    return True
+        except FileNotFoundError:
+            return True
+        time.sleep(0.02)
+    return False
+
+
+@pytest.fixture
+def kernel(procs, tmp_path):
+    """A ``Kernel``; at teardown the test's processes stop first, as they hold its devices open."""
+    k = Kernel(str(tmp_path))
+    yield k
+    procs.stop_all()
+    k.release()
+
+
+@pytest.fixture
+def connect(kernel):
+    """connect(uri) -> a libnbd handle. At teardown each one still connected disconnects, before
+    ``kernel`` stops the servers: one with a client still connected may outlast SIGTERM's grace."""
+    handles = []
+
+    def connect_(nbd_uri):
+        h = nbd.NBD()
+        h.connect_uri(nbd_uri)
+        handles.append(h)
+        return h
+    yield connect_
+    for h in handles:
+        if h.aio_is_ready() or h.aio_is_processing():
+            h.shutdown()
+
+
+Device = collections.namedtuple("Device", "path image data")
+
+
+def device(kernel, sector, folder):
+    """A loop device of SIZE bytes over an image in ``folder``, filled with random bytes."""
+    image = make_image(os.path.join(folder, f"dev{len(kernel.loops)}.img"), SIZE)
+    path = kernel.loop(image, sector)
+    data = os.urandom(SIZE)
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.pwrite(fd, data, 0)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return Device(path, image, data)
+
+
+def opened(path):
+    """``Backend(path)``, closed when the with-block ends."""
+    return contextlib.closing(Backend(path))
+
+
+def queue_limit(dev, name):
+    """A block device's request-queue limit from sysfs, such as write_zeroes_max_bytes."""
+    with open(f"/sys/block/{os.path.basename(dev.path)}/queue/{name}") as f:
+        return int(f.read())
+
+
+def ranges(block):
+    """Requests named by what they cover: an unaligned head, whole blocks and an unaligned tail;
+    a few bytes inside one block; whole blocks only. Disjoint, 64 KiB apart."""
+    return {"unaligned": (64 * KiB + 100, 3 * block + 200),
+            "inside one block": (128 * KiB + 10, 50),
+            "aligned": (192 * KiB, 2 * block)}
+
+
+def whole_blocks(offset, length, block):
+    """(start, end) of the whole blocks inside a range; start == end if there are none."""
+    start, end = -(-offset // block) * block, (offset + length) // block * block
+    return start, max(start, end)
+
+
+def assert_reads(backend, model, dev=None):
+    """The device reads as ``model``; with ``dev``, after a flush, so does its image file."""
+    assert backend.read(0, SIZE) == bytes(model)
+    if dev:
+        backend.flush()
+        with open(dev.image, "rb") as f:
+            assert f.read() == bytes(model)
+
+
+def zeroed(model, offset, length):
+    model[offset:offset + length] = bytes(length)
+
+
+# -- block sizes -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("sector", SECTORS)
+def test_block_sizes_are_the_devices_and_a_files_are_any_byte(kernel, tmp_path, sector):
+    dev = device(kernel, sector, str(tmp_path))
+    with opened(dev.path) as blockdev, opened(make_image(str(tmp_path / "file.img"), SIZE)) as regular:
+        assert blockdev.block_sizes == (sector, 4096, 0xFFFFFFFF)
+        assert regular.block_sizes == (1, 4096, 0xFFFFFFFF)
+
+
+# -- zero ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("may_trim", [False, True])
+@pytest.mark.parametrize("sector", SECTORS)
+def test_zero_on_a_device_zeros_exactly_unaligned_ranges(kernel, tmp_path, sector, may_trim):
+    dev = device(kernel, sector, str(tmp_path))
+    model = bytearray(dev.data)
+    with opened(dev.path) as backend:
+        for offset, length in ranges(sector).values():
+            backend.zero(offset, length, may_trim=may_trim, fast=False)
+            zeroed(model, offset, length)
+        assert_reads(backend, model, dev)
+
+
+@pytest.mark.parametrize("sector", SECTORS)
+def test_fast_zero_is_done_by_the_device_or_refused_untouched(kernel, tmp_path, sector):
+    dev = device(kernel, sector, str(tmp_path))
+    assert queue_limit(dev, "write_zeroes_max_bytes") > 0
+    model = bytearray(dev.data)
+    r = ranges(sector)
+    with opened(dev.path) as backend:
+        for name, may_trim in (("inside one block", True), ("unaligned", False)):
+            with pytest.raises(OSError) as err:
+                backend.zero(*r[name], may_trim=may_trim, fast=True)
+            assert err.value.errno == errno.EOPNOTSUPP, name
+        assert_reads(backend, model)
+        backend.zero(*r["unaligned"], may_trim=True, fast=True)
+        zeroed(model, *r["unaligned"])
+        assert_reads(backend, model, dev)
+
+
+def test_fast_zero_is_refused_where_the_kernel_would_write_zeros(kernel):
+    dev = device(kernel, 4096, kernel.mount("ramfs"))
+    assert queue_limit(dev, "write_zeroes_max_bytes") == 0
+    model = bytearray(dev.data)
+    r = ranges(4096)
+    with opened(dev.path) as backend:
+        with pytest.raises(OSError) as err:
+            backend.zero(*r["unaligned"], may_trim=True, fast=True)
+        assert err.value.errno == errno.EOPNOTSUPP
+        assert_reads(backend, model)
+        backend.zero(*r["unaligned"], may_trim=True, fast=False)
+        backend.zero(*r["aligned"], may_trim=False, fast=False)
+        zeroed(model, *r["unaligned"])
+        zeroed(model, *r["aligned"])
+        assert_reads(backend, model, dev)
+
+
+def test_zero_without_blkzeroout_asks_nbdkit_to_write_and_writes_nothing(kernel, tmp_path, monkeypatch):
+    dev = device(kernel, 4096, str(tmp_path))
+
+    def no_ioctl(request, offset, length):
+        raise OSError(errno.ENOTTY, os.strerror(errno.ENOTTY))
+    with opened(dev.path) as backend:
+        monkeypatch.setattr(backend, "_ioctl_range", no_ioctl)
+        with pytest.raises(OSError) as err:
+            backend.zero(*ranges(4096)["unaligned"], may_trim=False, fast=False)
+        assert err.value.errno == errno.EOPNOTSUPP
+        assert_reads(backend, dev.data)
+
+
+# -- trim ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("sector, where", [(4096, "disk"), (512, "disk"), (4096, "ramfs")])
+def test_trim_on_a_device_is_advisory_and_spares_partial_blocks(kernel, tmp_path, sector, where):
+    dev = device(kernel, sector, str(tmp_path) if where == "disk" else kernel.mount("ramfs"))
+    assert (queue_limit(dev, "discard_max_bytes") > 0) == (where == "disk")
+    with opened(dev.path) as backend:
+        for offset, length in ranges(sector).values():
+            backend.trim(offset, length)
+        after = backend.read(0, SIZE)
+    kept = bytearray(after)  # with the whole blocks a trim may discard put back as they were
+    for offset, length in ranges(sector).values():
+        start, end = whole_blocks(offset, length, sector)
+        kept[start:end] = dev.data[start:end]
+    assert kept == dev.data, "trim changed bytes outside the whole blocks of its range"
+    if where == "ramfs":
+        assert after == dev.data, "a device that cannot discard changed"
+
+
+# -- end to end: a device served by nbdrep, a libnbd client -------------------------------------
+
+def report(server):
+    """Close the cycle and return its report's (data, zero) extents."""
+    server.rp()
+    exported = server.report()["exports"][""]
+    return [tuple(e) for e in exported["data"]], [tuple(e) for e in exported["zero"]]
+
+
+@pytest.mark.parametrize("sector", SECTORS)
+def test_served_device_takes_unaligned_requests_and_tracks_them(kernel, procs, connect, tmp_path, sector):
+    dev = device(kernel, sector, str(tmp_path))
+    server = Server(procs, str(tmp_path), [dev.path], extra=CYCLE)
+    server.rp()
+    info = json.loads(run("nbdinfo", "--json", server.uri, timeout=60).stdout)["exports"][0]
+    assert (info["block_size_minimum"], info["block_size_preferred"],
+            info["block_size_maximum"]) == (sector, 4096, 0xFFFFFFFF)
+
+    h = connect(server.uri)
+    assert [h.get_block_size(s) for s in (nbd.SIZE_MINIMUM, nbd.SIZE_PREFERRED, nbd.SIZE_MAXIMUM)] == \
+        [sector, 4096, 0xFFFFFFFF]
+    h.set_strict_mode(h.get_strict_mode() & ~nbd.STRICT_ALIGN)  # a client that ignores them
+    model = bytearray(dev.data)
+    write, zero, fast, trim = ((base + 100, 3 * sector + 200) for base in (0, 64 * KiB, 128 * KiB, 192 * KiB))
+    payload = os.urandom(write[1])
+    h.pwrite(payload, write[0])
+    model[write[0]:write[0] + write[1]] = payload
+    h.zero(zero[1], zero[0], nbd.CMD_FLAG_NO_HOLE)
+    h.zero(fast[1], fast[0], nbd.CMD_FLAG_FAST_ZERO)
+    zeroed(model, *zero)
+    zeroed(model, *fast)
+    h.trim(trim[1], trim[0], nbd.CMD_FLAG_FUA)
+    h.flush()
+    got = h.pread(SIZE, 0)
+    start, end = whole_blocks(*trim, sector)
+    model[start:end] = got[start:end]  # whatever the discarded blocks read now
+    assert got == model
+    assert report(server) == ([write, trim], [zero, fast])  # a device's trim is copied as data
+
+    with pytest.raises(nbd.Error) as err:  # a fast zero that may not unmap: only by writing
+        h.zero(3 * sector, 256 * KiB, nbd.CMD_FLAG_FAST_ZERO | nbd.CMD_FLAG_NO_HOLE)
+    assert err.value.errnum == errno.ENOTSUP
+    assert h.pread(SIZE, 0) == got
+
+
+# -- end to end: a full file system ---------------------------------------------------------------
+
+def test_full_file_system_answers_enospc_and_keeps_serving(kernel, procs, connect, tmp_path):
+    image = make_image(os.path.join(kernel.mount("tmpfs", "-o", "size=1m"), "disk.img"), 8 * MiB)
+    server = Server(procs, str(tmp_path), [image], extra=CYCLE)
+    server.rp()
+    h = connect(server.uri)
+    first = os.urandom(64 * KiB)
+    h.pwrite(first, 0)
+    with pytest.raises(nbd.Error) as err:
+        h.pwrite(os.urandom(2 * MiB), 4 * MiB)
+    assert err.value.errnum == errno.ENOSPC
+    assert h.pread(len(first), 0) == first
+    # The failed write may have changed some of its bytes: it is tracked as data, all of it.
+    assert report(server) == ([(0, 64 * KiB), (4 * MiB, 2 * MiB)], [])
+
+    h.trim(2 * MiB, 4 * MiB)  # gives the full file system its pages back
+    second = os.urandom(64 * KiB)
+    h.pwrite(second, 7 * MiB)
+    assert h.pread(len(second), 7 * MiB) == second and h.pread(len(first), 0) == first
+    assert report(server) == ([(7 * MiB, 64 * KiB)], [(4 * MiB, 2 * MiB)])
