@@ -1,2 +1,3 @@
-"""The copier: owns all I/O to the replica (libnbd), the point-in-time keep-aside store, and the
-replication session's cycle loop. It uses the reporter's extents, never the B-tree's nodes."""
+"""The copier: owns all I/O to the replica (one C engine over libnbd, per-request retries) and
+the point-in-time keep-aside store. It takes the reporter's extents and never decides when
+cycles start or commit: that is ``replication``'s job."""

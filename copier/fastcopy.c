@@ -558,6 +558,26 @@ int64_t fc_check(const uint64_t *pairs, size_t n, uint64_t size, size_t *bad)
     return (int64_t) total;
 }
 
+/* Issue the commands of `n` pairs of `kind`, each cut into pieces of at most `limit` bytes;
+ * a piece's bytes are at `buf`, which moves on with each piece if `advance` (data lie back to
+ * back) and stays put otherwise (the shared zero buffer, or NULL for WRITE_ZEROES). */
+static int fc_put_pairs(struct fc_engine *e, struct fc_batch *st, int kind, const unsigned char *buf,
+                        int advance, const uint64_t *pairs, size_t n, uint64_t limit,
+                        int max_inflight, struct fc_report *report)
+{
+    uint64_t before = fc_begin(e);
+    for (size_t i = 0; i < n && !e->failed; i++) {
+        for (uint64_t done = 0; done < pairs[2 * i + 1] && !e->failed;) {
+            uint64_t piece = pairs[2 * i + 1] - done;
+            piece = piece < limit ? piece : limit;
+            fc_put(e, st, kind, buf, pairs[2 * i] + done, piece, max_inflight);
+            buf += advance ? piece : 0;
+            done += piece;
+        }
+    }
+    return fc_end(e, before, report);
+}
+
 /*
  * Issue the WRITEs of `n` pairs (pairs[2i] = offset, pairs[2i+1] = length, checked by fc_check)
  * whose bytes lie one after another in `buf`, at most `max_inflight` commands outstanding.
@@ -566,17 +586,7 @@ int64_t fc_check(const uint64_t *pairs, size_t n, uint64_t size, size_t *bad)
 int fc_send(struct fc_engine *e, struct fc_batch *st, const uint64_t *pairs, size_t n,
             const unsigned char *buf, int max_inflight, struct fc_report *report)
 {
-    uint64_t before = fc_begin(e);
-    for (size_t i = 0; i < n && !e->failed; i++) {
-        for (uint64_t done = 0; done < pairs[2 * i + 1] && !e->failed;) {
-            uint64_t piece = pairs[2 * i + 1] - done;
-            piece = piece < FC_MAX_WRITE ? piece : FC_MAX_WRITE;
-            fc_put(e, st, FC_DATA, buf, pairs[2 * i] + done, piece, max_inflight);
-            buf += piece;
-            done += piece;
-        }
-    }
-    return fc_end(e, before, report);
+    return fc_put_pairs(e, st, FC_DATA, buf, 1, pairs, n, FC_MAX_WRITE, max_inflight, report);
 }
 
 /* As fc_send, but the pairs are to read as zeros: WRITE_ZEROES (no NO_HOLE) in pieces of at
@@ -584,18 +594,8 @@ int fc_send(struct fc_engine *e, struct fc_batch *st, const uint64_t *pairs, siz
 int fc_send_zero(struct fc_engine *e, struct fc_batch *st, const uint64_t *pairs, size_t n,
                  int max_inflight, struct fc_report *report)
 {
-    uint64_t before = fc_begin(e);
-    uint64_t limit = e->can_zero ? FC_MAX_ZERO : FC_ZERO_BUFFER;
-    const unsigned char *buf = e->can_zero ? NULL : fc_zeros;
-    for (size_t i = 0; i < n && !e->failed; i++) {
-        for (uint64_t done = 0; done < pairs[2 * i + 1] && !e->failed;) {
-            uint64_t piece = pairs[2 * i + 1] - done;
-            piece = piece < limit ? piece : limit;
-            fc_put(e, st, FC_ZERO, buf, pairs[2 * i] + done, piece, max_inflight);
-            done += piece;
-        }
-    }
-    return fc_end(e, before, report);
+    return fc_put_pairs(e, st, FC_ZERO, e->can_zero ? NULL : fc_zeros, 0, pairs, n,
+                        e->can_zero ? FC_MAX_ZERO : FC_ZERO_BUFFER, max_inflight, report);
 }
 
 /* Wait until every command of batch `st` has completed: 0, or an errno with `report` filled

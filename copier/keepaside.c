@@ -867,6 +867,7 @@ int ka_install(struct ka *k, const uint64_t *const *pairs, const size_t *npairs)
         uint64_t bytes = 0;
         for (size_t d = 0; d < k->ndev && !k->degraded; d++) {
             struct ka_dev *v = &k->devs[d];
+            free(v->ext);   /* a second install in one arm replaces the first */
             v->ext = npairs[d] ? malloc(npairs[d] * 2 * sizeof *v->ext) : NULL;
             if (npairs[d] && !v->ext) {
                 degrade(k, "out of memory for the %s of report extents of cycle %llu",

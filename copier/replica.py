@@ -19,8 +19,8 @@ Retries (invariant 8): a command that fails with an error reply is re-issued by 
 a backoff (10 ms, doubling, at most 1 s), up to ``retries`` times, so a flaky replica makes a
 cycle later, not failed.  Anything else -- a command out of retries, a dead connection, no
 reply for ``io_timeout`` seconds -- closes the connections (their state is unknown) and
-raises ReplicaError; the controller calls `Replica.reconnect` and sends again, and a failed
-cycle is merged into the next report upstream.
+raises ReplicaError; the replication driver then drops this Replica and opens a new one for
+the retry, whose report holds what did not land (merged upstream into the next cycle).
 
 Buffer ownership: a batch's buffer is held by its `SentBatch`, which the Replica keeps with
 the connections it went out on until `Replica.wait_batch` returned for it or those

@@ -76,15 +76,6 @@ class Backend:
                 raise OSError(errno.EIO, f"short read at {offset + done} in {self.path}")
             done += n
 
-    def read(self, offset, length):
-        """Return ``length`` bytes from ``offset`` (the keep-aside store's reads). O(length)."""
-        data = os.pread(self.fd, length, offset)
-        if len(data) == length:
-            return data
-        buf = bytearray(length)
-        self.pread(buf, offset)
-        return bytes(buf)
-
     def read_batch(self, pairs, into):
         """Read many segments back to back into the buffer ``into``, in one call without the GIL.
 

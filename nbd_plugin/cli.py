@@ -83,6 +83,9 @@ def _add_serve(sub):
     p.add_argument("--threads", type=int, default=DEFAULT_THREADS,
                    help="nbdkit worker threads (default: %(default)s)")
     p.add_argument("--keepaside-mem", default="256M", help="memory for point-in-time copies before spilling")
+    p.add_argument("--keepaside-spill", default="1G",
+                   help="cap of the spill file in the state directory; past it a cycle is copied "
+                        "without its point in time instead of failing writes (default: %(default)s)")
     p.add_argument("--tracker-mem", default="64M", help="memory cap of the tracker's TE arrays")
     p.add_argument("--verbose", action="store_true", help="nbdkit -v")
     p.set_defaults(func=_serve)
@@ -118,7 +121,8 @@ def serve_config(args):
     params = [("source", s) for s in args.source] + [("replica", r) for r in args.replica]
     params += [("cycle", str(args.cycle)), ("tracking", args.tracking), ("state", args.state),
                ("control", control_path(args)), ("readonly", "on" if args.readonly else "off"),
-               ("keepaside-mem", args.keepaside_mem), ("tracker-mem", args.tracker_mem)]
+               ("keepaside-mem", args.keepaside_mem), ("keepaside-spill", args.keepaside_spill),
+               ("tracker-mem", args.tracker_mem)]
     cfg = Config()
     for key, value in params:
         cfg.add(key, value)

@@ -64,23 +64,24 @@ class ControlServer:
     def _serve(self, conn):
         with conn:
             try:
-                reply = self.answer(_read_line(conn))
-                conn.sendall(json.dumps(reply).encode() + b"\n")
+                conn.sendall(self.answer(_read_line(conn)) + b"\n")
             except OSError:
                 pass   # the client went away; nothing to answer
 
     def answer(self, line):
-        """The reply to one request line: never raises, whatever the line or the session do."""
+        """The reply to one request line, encoded: never raises, whatever the line or the
+        session do. A malformed request is the client's error; anything else is logged."""
         try:
             request = json.loads(line)
             if not isinstance(request, dict):
                 raise TypeError("a request is a JSON object")
-            return self.handle(request)
-        except (ValueError, KeyError, TypeError) as e:
-            return {"error": f"bad request: {e}"}
+        except (ValueError, TypeError) as e:
+            return json.dumps({"error": f"bad request: {e}"}).encode()
+        try:
+            return json.dumps(self.handle(request)).encode()
         except Exception as e:
-            log.exception("control request failed")
-            return {"error": f"internal error answering the request: {e!r}"}
+            log.exception("control request %r failed", request.get("cmd"))
+            return json.dumps({"error": f"internal error answering the request: {e!r}"}).encode()
 
     def handle(self, request):
         """Answer one request dict. Pure dispatch over the session's methods."""
@@ -88,7 +89,11 @@ class ControlServer:
         if cmd == "status":
             return self.session.status()
         if cmd == "rp":
-            return self._rp(bool(request.get("wait")), float(request.get("timeout", 60)))
+            try:
+                timeout = float(request.get("timeout", 60))
+            except (TypeError, ValueError):
+                return {"error": f"bad request: timeout {request.get('timeout')!r} is not a number"}
+            return self._rp(bool(request.get("wait")), timeout)
         if cmd == "report":
             return self.session.report_json()
         if cmd == "metrics":

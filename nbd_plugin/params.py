@@ -10,7 +10,8 @@ import re
 from copier.uri import parse_uri
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
-KEYS = ("source", "replica", "tracking", "readonly", "cycle", "control", "state", "keepaside-mem", "tracker-mem")
+KEYS = ("source", "replica", "tracking", "readonly", "cycle", "control", "state", "keepaside-mem", "keepaside-spill",
+        "tracker-mem")
 SIZE_SUFFIXES = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
@@ -36,6 +37,7 @@ class Config:
     control: str | None = None
     state: str | None = None
     keepaside_mem: int = 256 << 20
+    keepaside_spill: int = 1 << 30
     tracker_mem: int = 64 << 20
 
     def add(self, key, value):
@@ -145,5 +147,6 @@ _SETTERS = {
     "control": _set_path("control"),
     "state": _set_path("state"),
     "keepaside-mem": lambda cfg, v: setattr(cfg, "keepaside_mem", parse_size(v, "keepaside-mem")),
+    "keepaside-spill": lambda cfg, v: setattr(cfg, "keepaside_spill", parse_size(v, "keepaside-spill")),
     "tracker-mem": lambda cfg, v: setattr(cfg, "tracker_mem", parse_size(v, "tracker-mem")),
 }

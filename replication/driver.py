@@ -12,7 +12,8 @@ only touch the tracker and, while a cycle is copied, the keep-aside, through ``W
 Locks:
 
 * ``Session._cond`` guards the controller (its state, records, carry), the pending RP
-  request and the stopping flag. The worker holds it only to hand the machine an event,
+  request, the stopping flag, the published report (``last_report``, ``last_report_cycle``)
+  and the count of requests retried on connections since closed. The worker holds it only to hand the machine an event,
   never while it performs an action, so ``status`` and ``request_rp`` answer at once during
   a copy. ``wait_for`` waits on it for commits.
 * The replica connections (``_replicas``) belong to the worker thread, which opens and
@@ -117,7 +118,8 @@ class Session:
         self.replicated = any(d.replica_uri for d in self.devices)
         self.tracker = Tracker(max_bytes=config.tracker_mem)
         self.keepaside = KeepAside({d.dev: d.backend for d in self.devices},
-                                   mem_cap=config.keepaside_mem, spill_dir=config.state)
+                                   mem_cap=config.keepaside_mem, spill_cap=config.keepaside_spill,
+                                   spill_dir=config.state)
         self.hook = WriteHook(self.tracker, self.keepaside)
         self.clock = clock
         self.cycle_seconds = config.cycle
@@ -187,20 +189,22 @@ class Session:
         """The session as a JSON-able dict (what ``nbdrep status --json`` prints). O(history)."""
         with self._cond:
             out = self.controller.status(self.clock())
+            retried = self._retried_before + sum(
+                r.stats()["retried"] for r in list(self._replicas.values()))
         out.update({
             "cycle": self.tracker.cycle,
             "devices": [{"dev": d.dev, "name": d.name, "path": d.path, "size": d.size,
                          "replica": d.replica_uri} for d in self.devices],
             "tracker": self.tracker.stats(),
             "keepaside": self.keepaside.stats(),
-            "requests_retried": self._retried_before + sum(
-                r.stats()["retried"] for r in list(self._replicas.values())),
+            "requests_retried": retried,
         })
         return out
 
     def report_json(self):
         """The newest report's extents per export, for ``nbdrep report``. O(extents)."""
-        report, cycle = self.last_report, self.last_report_cycle
+        with self._cond:
+            report, cycle = self.last_report, self.last_report_cycle
         names = {d.dev: d.name for d in self.devices}
         return {"cycle": cycle, "exports": {} if report is None else report.as_json(names)}
 
@@ -219,13 +223,18 @@ class Session:
 
     def _run(self):
         try:
-            while True:
-                with self._cond:
-                    event = self._next_event_locked()
-                    actions = self._handle_locked(event)
-                self._perform_all(actions)
-                if self.controller.state == m.State.STOPPED:
-                    return
+            while self.controller.state != m.State.STOPPED:
+                try:
+                    with self._cond:
+                        actions = self._handle_locked(self._next_event_locked())
+                    self._perform_all(actions)
+                except m.ProtocolError as e:
+                    # A bug of this module or the machine. Writes are still tracked, so
+                    # nothing is lost while it is shown, logged and retried once a second.
+                    log.exception("replication controller error")
+                    with self._cond:
+                        self.controller.stuck = f"internal error: {e}"
+                        self._cond.wait(1.0)
         finally:
             self._close_replicas()
 
@@ -248,13 +257,17 @@ class Session:
         return actions
 
     def _perform_all(self, actions):
-        """Perform actions in order; each outcome is an event that may add more."""
+        """Perform actions in order; each outcome is an event that may add more. After an
+        unexpected error the rest of the batch is dropped: the machine decides anew."""
         queue = list(actions)
         while queue:
             event = self._perform_guarded(queue.pop(0))
-            if event is not None:
-                with self._cond:
-                    queue.extend(self._handle_locked(event))
+            if event is None:
+                continue
+            if isinstance(event, m.Failed) and event.resync is not None:
+                queue.clear()
+            with self._cond:
+                queue.extend(self._handle_locked(event))
 
     def _perform_guarded(self, action):
         """Perform one action; an unexpected error becomes a failure with a full resync,
@@ -273,11 +286,10 @@ class Session:
             self.keepaside.arm(action.cycle)
         elif kind is m.CloseCycle:
             try:
-                return m.Drained(self.tracker.close_cycle(timeout=DRAIN_TIMEOUT))
+                return m.Drained(self.tracker.close_cycle(timeout=DRAIN_TIMEOUT,
+                                                          on_drained=self.keepaside.drained))
             except TimeoutError as e:
-                return m.DrainTimedOut(str(e))
-        elif kind is m.MarkDrained:
-            self.keepaside.drained()
+                return m.DrainTimedOut(str(e), self.tracker.draining)
         elif kind is m.BuildReport:
             return m.Reported(reports.build(action.closed, self.sizes, KINDS, action.carry,
                                             MAX_REPORT_EXTENTS, action.zeros_as_data))
@@ -288,7 +300,7 @@ class Session:
         elif kind is m.Commit:
             self._committed(action)
         elif kind is m.Publish:
-            self.last_report, self.last_report_cycle = action.report, action.cycle
+            self._publish(action.report, action.cycle)
         elif kind is m.Release:
             self.keepaside.release()
         elif kind is m.Disconnect:
@@ -299,8 +311,12 @@ class Session:
             raise TypeError(f"unknown action {action!r}")
         return None
 
+    def _publish(self, report, cycle):
+        with self._cond:
+            self.last_report, self.last_report_cycle = report, cycle
+
     def _committed(self, action):
-        self.last_report, self.last_report_cycle = action.report, action.cycle
+        self._publish(action.report, action.cycle)
         if action.outage is not None:
             log.info("replica back: cycle %d committed after %.1f s of failures", action.cycle,
                      action.outage)
@@ -324,7 +340,7 @@ class Session:
                 return m.Abandoned()
             return m.Failed(str(e), landed=self._durable(landed),
                             point_in_time=self.keepaside.point_in_time)
-        return m.Copied(point_in_time=self.keepaside.point_in_time)
+        return m.Copied(point_in_time=self.keepaside.point_in_time, reason=self.keepaside.degraded)
 
     def _copy_data(self, dev, replica, pairs, landed):
         batches = list(sgl_batches(pairs, MAX_SEGMENT, BATCH_BYTES, BATCH_SEGMENTS))
@@ -367,19 +383,22 @@ class Session:
             self._perform(action)
 
     def _durable(self, landed):
-        """The part of ``landed`` a FLUSH on a fresh connection made durable: per device, all
+        """The part of ``landed`` a FLUSH on fresh connections made durable: per device, all
         of it if the replica advertises multi-conn (a flush on one connection then covers
-        writes completed on others) and the flush succeeds, else nothing. O(extents)."""
+        writes completed on others) and the flush succeeds, else nothing. The connections
+        are the session's, so a stop can cancel them and the next cycle reuses them.
+        O(extents)."""
         out = {}
         for d in self.devices:
-            if d.dev not in landed:
+            if d.dev not in landed or self._stopping:
                 continue
             try:
-                with Replica(d.replica_uri) as replica:
-                    if not replica.can_multi_conn:
-                        continue
-                    replica.flush()
+                replica = self._replica(d)
+                if not replica.can_multi_conn:
+                    continue
+                replica.flush()
             except (ReplicaError, OSError):
+                self._close_replicas()
                 continue
             out[d.dev] = reports.merge(*landed[d.dev])
         return out
@@ -413,9 +432,10 @@ class Session:
         return replica
 
     def _close_replicas(self):
-        replicas, self._replicas = self._replicas, {}
+        with self._cond:
+            replicas, self._replicas = self._replicas, {}
+            self._retried_before += sum(r.stats()["retried"] for r in replicas.values())
         for replica in replicas.values():
-            self._retried_before += replica.stats()["retried"]
             try:
                 replica.close()
             except ReplicaError:

@@ -12,7 +12,7 @@ report, copy, flush, commit, release, disconnect, log). Every transition is one 
 A turn of the cycle, for cycle N::
 
     IDLE --timer/rp--> CLOSING: Arm(N), CloseCycle(N)     (the tracker opens N+1 at once)
-    CLOSING --drained--> REPORTING: MarkDrained, BuildReport(N's TEs + carry)
+    CLOSING --drained--> REPORTING: BuildReport(N's TEs + carry)
     REPORTING --reported--> COPYING: Copy(N, report)      (empty report: commit at once)
     COPYING --copied--> FLUSHING: Flush
     FLUSHING --flushed--> IDLE: Release, Commit(N)        (the replica equals RP N)
@@ -21,14 +21,18 @@ Failures never lose a change (invariant 1). A copy or flush that fails leaves th
 the report less what is known to have landed durably, merged into the next cycle's report, so
 a retry resends only what did not land. The drain of a cycle that times out leaves the cycle
 closed and draining in the tracker; the retry resumes that drain instead of closing another.
-An unexpected error in the driver arrives as ``Failed`` with a full-resync report, because
-the driver may have lost TEs. Every failure backs off (0.5 s doubling to 30 s) and counts;
-one that repeats the same way ``STUCK_AFTER`` times in a row is reported as *stuck* in
-status and logged, instead of being retried silently forever.
+An unexpected error in the driver, in any step, arrives as ``Failed`` with a full-resync
+report, because the driver may have lost TEs; since the step may also have left the
+keep-aside half done, the store is released and the next commit is not trusted as a recovery
+point (it is "inconsistent", and the RP after it follows at once). Every failure backs off
+(0.5 s doubling to 30 s) and counts; after ``STUCK_AFTER`` failures in a row the session is
+reported as *stuck*, with the last reason, in status and in the log, instead of being
+retried silently forever.
 
-RPs requested while a cycle is in progress are remembered as the highest cycle promised to a
-requester (``rp_wanted``); after the commit, if that cycle is not committed yet, the next RP
-is taken at once. So a slow replica makes cycles longer (they merge) instead of queueing them.
+The driver hands over RP requests only between cycles (in IDLE or BACKOFF); one made during
+a copy waits until then. The machine keeps the highest cycle promised to a requester
+(``rp_wanted``); after a commit, if that cycle is not committed yet, the next RP is taken at
+once. So a slow replica makes cycles longer (they merge) instead of queueing them.
 
 A cycle the keep-aside could not hold at its RP (``point_in_time=False``, e.g. the spill
 file filled) is copied and flushed but is not a recovery point: its state is "inconsistent",
@@ -84,7 +88,9 @@ class Drained:
 
 @dataclasses.dataclass(frozen=True)
 class DrainTimedOut:
+    """The tracker still drains ``cycle`` (closed, with writes in flight)."""
     message: str
+    cycle: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,7 +106,9 @@ class Progress:
 
 @dataclasses.dataclass(frozen=True)
 class Copied:
+    """Every extent landed; ``point_in_time`` False (with ``reason``) if the keep-aside gave up."""
     point_in_time: bool = True
+    reason: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,13 +147,9 @@ class Arm:
 
 @dataclasses.dataclass(frozen=True)
 class CloseCycle:
-    """Close the cycle in the tracker (or resume its drain); answer Drained or DrainTimedOut."""
+    """Close the cycle in the tracker (or resume its drain), telling the keep-aside the moment
+    no write of it is in flight any more; answer Drained or DrainTimedOut."""
     cycle: int
-
-
-@dataclasses.dataclass(frozen=True)
-class MarkDrained:
-    """Tell the keep-aside that no write of the armed cycle is in flight any more."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -247,9 +251,9 @@ class Controller:
         self.failures = 0
         self.failing_since = None
         self.last_error = None
-        self.same_error = 0
         self.stuck = None
         self.zeros_as_data = False
+        self.distrust = False
         self._record = None
         self._report = None
 
@@ -280,13 +284,10 @@ class Controller:
         self.history.append(self._record)
         return ([Arm(cycle)] if self.replicated else []) + [CloseCycle(cycle)]
 
-    def _remember_rp(self, event, now):
-        self.rp_wanted = max(self.rp_wanted, event.cycle)
-        return []
-
     def _drained(self, event, now):
         closed, record = event.closed, self._record
         self.draining = None
+        self._adopt(closed.cycle)
         record.writes, record.bytes_written = closed.count, closed.bytes_written
         record.state = "reporting"
         self.state = State.REPORTING
@@ -294,11 +295,18 @@ class Controller:
             return [BuildReport(closed, None)]
         record.initial_sync = self.carry_is_sync
         zeros_as_data, self.zeros_as_data = self.zeros_as_data, False
-        return [MarkDrained(), BuildReport(closed, self.carry, zeros_as_data)]
+        return [BuildReport(closed, self.carry, zeros_as_data)]
 
     def _drain_timed_out(self, event, now):
-        self.draining = self._record.cycle
+        self._adopt(event.cycle)
+        self.draining = event.cycle
         return self._fail(event.message, now)
+
+    def _adopt(self, cycle):
+        """The tracker's cycle ids are the truth. They differ from the machine's only after an
+        unexpected error inside CloseCycle (the tracker may have closed the cycle, or not)."""
+        if cycle != self._record.cycle:
+            self._record.cycle, self.open_cycle = cycle, cycle + 1
 
     def _reported(self, event, now):
         report, record = event.report, self._record
@@ -331,7 +339,10 @@ class Controller:
                             f"ETA {(total - done) / rate:.0f} s")]
 
     def _copied(self, event, now):
-        self._record.point_in_time = event.point_in_time
+        record = self._record
+        record.point_in_time = event.point_in_time
+        if not event.point_in_time:
+            record.error = f"keep-aside gave up: {event.reason}"
         self.zeros_as_data |= not event.point_in_time
         self.state = State.FLUSHING
         return [Flush(self._record.cycle)]
@@ -341,9 +352,12 @@ class Controller:
 
     def _failed(self, event, now):
         record = self._record
+        unexpected = event.resync is not None
         # Closing: the tracker still holds the cycle, draining, and the retry resumes that
-        # drain without arming again, so the keep-aside must stay armed for it.
-        actions = [] if self.state == State.CLOSING else [Release(), Disconnect()]
+        # drain without arming again, so the keep-aside must stay armed for it -- unless the
+        # failure was unexpected, after which nothing the store holds is trusted.
+        keep_armed = self.state == State.CLOSING and not unexpected
+        actions = [] if keep_armed else [Release(), Disconnect()]
         if self.state in (State.COPYING, State.FLUSHING):
             self.zeros_as_data |= not event.point_in_time
             landed = event.landed if self.state == State.COPYING else None
@@ -351,17 +365,18 @@ class Controller:
             self.carry_is_sync = record.initial_sync
         elif self.state == State.CLOSING:
             self.draining = record.cycle
-        if event.resync is not None:
+        if unexpected:
             self.carry = event.resync if self.carry is None else event.resync.merged_with(self.carry, self.sizes)
             self.carry_is_sync = True
-        if record is not None and record.state not in ("committed", "reported"):
+            self.distrust = self.zeros_as_data = True
+        if record is not None and record.state not in ("committed", "reported", "inconsistent"):
             record.state, record.error = "failed", event.error
         self._report = None
         return actions + self._fail(event.error, now)
 
     def _abandoned(self, event, now):
         self._record.state = "abandoned"
-        self.carry = self._report
+        self.carry = self._report if self.carry is None else self._report.merged_with(self.carry, self.sizes)
         return self._stop(event, now)
 
     def _stop(self, event, now):
@@ -374,8 +389,12 @@ class Controller:
         record, report = self._record, self._report
         record.commit_time = now
         outage = None if self.failing_since is None else now - self.failing_since
-        self.failures, self.failing_since, self.same_error, self.stuck = 0, None, 0, None
+        self.failures, self.failing_since, self.stuck = 0, None, None
         self._report = None
+        if self.distrust:
+            point_in_time, record.error = False, "copied after an unexpected error: not trusted"
+            self.zeros_as_data, self.distrust = True, False
+        record.point_in_time = point_in_time
         if point_in_time:
             record.state = "committed"
             self.committed_cycle, self.committed_rp_time = record.cycle, record.rp_time
@@ -384,15 +403,15 @@ class Controller:
             self.rp_wanted = max(self.rp_wanted, self.open_cycle)
         actions = [Release(), Commit(record.cycle, report, point_in_time, outage)]
         if not point_in_time:
-            actions.append(Log("warning", f"cycle {record.cycle} copied without its point in "
-                                          "time (keep-aside gave up); taking the next RP now"))
+            actions.append(Log("warning", f"cycle {record.cycle} is not a recovery point "
+                                          f"({record.error}); taking the next RP now"))
         return actions + self._next_rp(now)
 
     def _next_rp(self, now):
         """Back to IDLE; the next RP is due a cycle after this one's, or now if promised."""
         self.state = State.IDLE
         due = self._record.rp_time + self.cycle_seconds
-        self.wake_at = now if self.rp_wanted > self._done_upto() else due
+        self.wake_at = now if self.rp_wanted > self.done_upto() else due
         return []
 
     def _fail(self, error, now):
@@ -400,29 +419,27 @@ class Controller:
         self.failures += 1
         if self.failing_since is None:
             self.failing_since = now
-        self.same_error = self.same_error + 1 if error == self.last_error else 1
         self.last_error = error
         self.wake_at = now + self.backoff()
         cycle = self._record.cycle if self._record else self.open_cycle
         actions = [Log("warning", f"cycle {cycle} failed ({error}); retrying in "
                                   f"{self.backoff():g} s, nothing is lost")]
-        if self.same_error == STUCK_AFTER:
-            self.stuck = f"the same failure {STUCK_AFTER} times in a row: {error}"
-            actions.append(Log("error", f"replication is stuck: {self.stuck}"))
+        # Counted, not matched by text: a replica failing at a new offset each time is as stuck.
+        if self.failures >= STUCK_AFTER:
+            self.stuck = f"{self.failures} failures in a row since {self.failing_since:.0f}; the last: {error}"
+            if self.failures == STUCK_AFTER:
+                actions.append(Log("error", f"replication is stuck: {self.stuck}"))
         return actions
 
     def backoff(self):
         """Seconds until the retry after the current run of failures. O(1)."""
         return min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** min(max(self.failures - 1, 0), 16))
 
-    def _done_upto(self):
-        return self.committed_cycle if self.replicated else self.reported_cycle
-
     # -- what the driver and status read -------------------------------------------------------
 
     def done_upto(self):
         """Newest cycle committed (replicated) or reported (tracking only). O(1)."""
-        return self._done_upto()
+        return self.committed_cycle if self.replicated else self.reported_cycle
 
     def status(self, now):
         """The machine's part of ``nbdrep status --json``. O(history)."""
@@ -449,42 +466,36 @@ class Controller:
         return "replicating" if self.committed_cycle >= 1 else "starting"
 
 
-_ALL = tuple(State)
 _RP = (State.CLOSING,)
 
 # (state, event) -> (handler, the states it may go to). Every transition the machine has.
 TRANSITIONS = {
     (State.IDLE, Timer): (Controller._take_rp, _RP),
     (State.IDLE, RpRequested): (Controller._take_rp, _RP),
+    (State.IDLE, Failed): (Controller._failed, (State.BACKOFF,)),
     (State.IDLE, Stop): (Controller._stop, (State.STOPPED,)),
 
     (State.CLOSING, Drained): (Controller._drained, (State.REPORTING,)),
     (State.CLOSING, DrainTimedOut): (Controller._drain_timed_out, (State.BACKOFF,)),
-    (State.CLOSING, RpRequested): (Controller._remember_rp, (State.CLOSING,)),
     (State.CLOSING, Failed): (Controller._failed, (State.BACKOFF,)),
-    (State.CLOSING, Stop): (Controller._stop, (State.STOPPED,)),
 
     (State.REPORTING, Reported): (Controller._reported, (State.COPYING, State.IDLE)),
-    (State.REPORTING, RpRequested): (Controller._remember_rp, (State.REPORTING,)),
     (State.REPORTING, Failed): (Controller._failed, (State.BACKOFF,)),
-    (State.REPORTING, Stop): (Controller._stop, (State.STOPPED,)),
 
     (State.COPYING, Progress): (Controller._progress, (State.COPYING,)),
     (State.COPYING, Copied): (Controller._copied, (State.FLUSHING,)),
     (State.COPYING, Failed): (Controller._failed, (State.BACKOFF,)),
     (State.COPYING, Abandoned): (Controller._abandoned, (State.STOPPED,)),
-    (State.COPYING, RpRequested): (Controller._remember_rp, (State.COPYING,)),
-    (State.COPYING, Stop): (Controller._abandoned, (State.STOPPED,)),
 
     (State.FLUSHING, Flushed): (Controller._flushed, (State.IDLE,)),
     (State.FLUSHING, Failed): (Controller._failed, (State.BACKOFF,)),
     (State.FLUSHING, Abandoned): (Controller._abandoned, (State.STOPPED,)),
-    (State.FLUSHING, RpRequested): (Controller._remember_rp, (State.FLUSHING,)),
-    (State.FLUSHING, Stop): (Controller._abandoned, (State.STOPPED,)),
 
     (State.BACKOFF, Timer): (Controller._take_rp, _RP),
     (State.BACKOFF, RpRequested): (Controller._take_rp, _RP),
+    (State.BACKOFF, Failed): (Controller._failed, (State.BACKOFF,)),
     (State.BACKOFF, Stop): (Controller._stop, (State.STOPPED,)),
 
-    (State.STOPPED, Stop): (lambda self, event, now: [], (State.STOPPED,)),
+    # An error in the stop's own release or disconnect: nothing is left to do.
+    (State.STOPPED, Failed): (lambda self, event, now: [], (State.STOPPED,)),
 }

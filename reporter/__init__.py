@@ -5,9 +5,10 @@ in which every TE either grows the REs it overlaps or adjoins into one RE, or be
 a new RE.  The tree lives in C (``reporter/btree.c``, whose header comment is the theory
 of operation); this module only checks arguments, holds a lock, and converts results.
 
-``sgl`` and ``subtract`` are the pure functions between the report and the copier:
-the SGL cuts REs into copier-sized segments, and ``subtract`` finds the zero/trim ranges
-that no data write touched, which are sent as WRITE_ZEROES rather than as data.
+``sgl_batches`` and ``subtract`` are the pure functions between the report and the copier:
+the SGL cuts REs into copier-sized segments, in batches of one read and one send each, and
+``subtract`` finds the zero/trim ranges that no data write touched, which are sent as
+WRITE_ZEROES rather than as data. ``report`` builds a cycle's report from the tracker's TEs.
 
 Sans-I/O: nothing here reads or writes a device.
 """
@@ -18,7 +19,7 @@ import threading
 
 from reporter._btree import ffi, lib
 
-__all__ = ["MergingBTree", "sgl", "sgl_batches", "subtract"]
+__all__ = ["MergingBTree", "sgl_batches", "subtract"]
 
 _SPLITS = {"count": lib.RB_SPLIT_COUNT, "range": lib.RB_SPLIT_RANGE}
 _MAX_ORDER = 65536
@@ -223,21 +224,6 @@ def _checked_extents(extents, name):
             raise ValueError(f"{name} are not sorted and disjoint at offset {offset}")
         last_end = offset + length
         yield offset, last_end
-
-
-def sgl(extents, max_segment=None):
-    """The SGL for the copier: (offset, length) segments in offset order.
-
-    ``extents`` is any iterable of (offset, length); it is sorted first.  Extents longer
-    than ``max_segment`` are cut into ``max_segment``-sized pieces, the last one shorter.
-    Raises ValueError for max_segment < 1 or a bad extent.  O(n log n) for unsorted
-    input, O(n + segments) for sorted input such as ``MergingBTree.extents()``.
-    """
-    max_segment = _max_segment(max_segment)
-    segments = []
-    for offset, length in sorted(_extent(o, n) for o, n in extents):
-        segments.extend(_cut(offset, length, max_segment))
-    return segments
 
 
 def sgl_batches(pairs, max_segment, batch_bytes, batch_segments):

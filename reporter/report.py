@@ -4,7 +4,11 @@ Theory of operation
 -------------------
 One format from the tracker to the copier: a flat ``array('Q')`` of (offset, length) pairs,
 ascending, disjoint and non-adjacent (what ``MergingBTree.pairs`` returns and what the C
-copier and ``ClosedCycle.entries`` speak). Tuples appear only at the JSON edge (``as_json``).
+copier and ``ClosedCycle.entries`` speak). Tuples appear at the JSON edge (``as_json``) and,
+for now, inside two subtractions that go through ``reporter.subtract``: zero extents minus
+data extents, and a failed report minus what landed. Both are O(n + m) but run in Python
+with the GIL: 0.66 s for 500,000 extents against 500,000, the report cap's order of size;
+ordinary cycles have few zero extents and failures are rare.
 
 ``build`` turns a closed cycle into its report (claims 5-11 do the merging):
 

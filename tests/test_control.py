@@ -43,3 +43,13 @@ def test_an_unexpected_error_is_answered_not_a_dropped_connection(tmp_path):
     finally:
         server.stop()
     assert not os.path.exists(server.path)
+
+
+def test_a_bad_timeout_is_the_clients_error(tmp_path):
+    server = control.ControlServer(str(tmp_path / "c.sock"), Broken())
+    server.start()
+    try:
+        reply = ask(server.path, b'{"cmd": "rp", "timeout": "soon"}\n')
+        assert reply == {"error": "bad request: timeout 'soon' is not a number"}
+    finally:
+        server.stop()

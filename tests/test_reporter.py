@@ -5,7 +5,7 @@ import threading
 import numpy as np
 import pytest
 
-from reporter import MergingBTree, sgl, subtract
+from reporter import MergingBTree, sgl_batches, subtract
 
 KIB = 1024
 LAST = 2**64 - 1
@@ -310,35 +310,47 @@ def test_repr_names_the_shape():
 
 # ---- SGL ------------------------------------------------------------------------------
 
+def segments(extents, max_segment=None, batch_bytes=1 << 62, batch_segments=1 << 30):
+    """The SGL of ``extents`` as (offset, length) tuples, batch boundaries dropped."""
+    batches = sgl_batches(array.array("Q", [v for e in extents for v in e]), max_segment,
+                          batch_bytes, batch_segments)
+    return [(b[i], b[i + 1]) for b in batches for i in range(0, len(b), 2)]
+
+
 def test_sgl_cuts_long_extents():
-    assert sgl([(0, 10), (20, 3), (30, 8)], max_segment=4) == [
+    assert segments([(0, 10), (20, 3), (30, 8)], max_segment=4) == [
         (0, 4), (4, 4), (8, 2), (20, 3), (30, 4), (34, 4)]
 
 
-def test_sgl_without_limit_is_the_sorted_extents():
-    assert sgl(iter([(50, 5), (0, 10)])) == [(0, 10), (50, 5)]
+def test_sgl_without_limit_is_the_extents():
+    assert segments([(0, 10), (50, 5)]) == [(0, 10), (50, 5)]
 
 
 def test_sgl_segments_cover_exactly_the_extents():
     extents = [(i * 1000, 1 + i * 37) for i in range(20)]
-    segments = sgl(extents, max_segment=64)
-    assert all(1 <= n <= 64 for _, n in segments)
-    assert sum(n for _, n in segments) == sum(n for _, n in extents)
+    cut = segments(extents, max_segment=64)
+    assert all(1 <= n <= 64 for _, n in cut)
+    assert sum(n for _, n in cut) == sum(n for _, n in extents)
     rebuilt = MergingBTree()
-    for seg in segments:
+    for seg in cut:
         rebuilt.insert(*seg)
     assert rebuilt.extents() == extents
+
+
+def test_sgl_batches_hold_at_most_their_bytes_and_segments():
+    pairs = array.array("Q", [v for i in range(10) for v in (i * 100, 40)])
+    by_bytes = list(sgl_batches(pairs, None, 100, 1000))
+    assert [list(b) for b in by_bytes] == [list(pairs[k:k + 4]) for k in range(0, 20, 4)]
+    by_count = list(sgl_batches(pairs, None, 1 << 30, 3))
+    assert [len(b) // 2 for b in by_count] == [3, 3, 3, 1]
+    alone = list(sgl_batches(array.array("Q", [0, 500, 1000, 10]), None, 100, 10))
+    assert [list(b) for b in alone] == [[0, 500], [1000, 10]], "a longer segment is a batch of its own"
 
 
 @pytest.mark.parametrize("bad", [0, -4])
 def test_sgl_rejects_bad_max_segment(bad):
     with pytest.raises(ValueError, match="max_segment must be >= 1"):
-        sgl([(0, 10)], max_segment=bad)
-
-
-def test_sgl_rejects_bad_extent():
-    with pytest.raises(ValueError, match="length must be >= 1"):
-        sgl([(0, 0)])
+        list(sgl_batches(array.array("Q", [0, 10]), bad, 100, 10))
 
 
 # ---- subtract -------------------------------------------------------------------------

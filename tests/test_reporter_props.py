@@ -1,4 +1,5 @@
 """Property tests: the merging B-tree against a naive union oracle, invariants after every step."""
+import array
 import random
 
 import numpy as np
@@ -6,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from oracle import union_extents
-from reporter import MergingBTree, sgl, subtract
+from reporter import MergingBTree, sgl_batches, subtract
 
 LAST = 2**64 - 1
 
@@ -135,7 +136,9 @@ def test_subtract_matches_set_difference(extents, holes):
 @given(extents=storm(), max_segment=st.integers(1, 40))
 def test_sgl_partitions_the_extents(extents, max_segment):
     merged = union_extents(extents)
-    segments = sgl(merged, max_segment=max_segment)
+    pairs = array.array("Q", [v for e in merged for v in e])
+    segments = [(b[i], b[i + 1]) for b in sgl_batches(pairs, max_segment, 64, 3)
+                for i in range(0, len(b), 2)]
     assert all(1 <= length <= max_segment for _, length in segments)
     assert segments == sorted(segments)
     assert union_extents(segments) == merged

@@ -51,12 +51,12 @@ def wait_until(predicate, timeout=60, what="the state"):
         time.sleep(0.01)
 
 
-def write(s, backend, offset, data):
-    cycle = s.hook.begin(0, offset, len(data))
+def write(s, backend, offset, data, dev=0):
+    cycle = s.hook.begin(dev, offset, len(data))
     try:
         backend.pwrite(data, offset)
     finally:
-        s.hook.end(cycle, 0, KIND_DATA, offset, len(data))
+        s.hook.end(cycle, dev, KIND_DATA, offset, len(data))
 
 
 def rp(s, timeout=60):
@@ -254,3 +254,68 @@ def test_stop_leaves_a_worker_held_by_a_hung_write_to_end_on_its_own(make_sessio
     s.hook.end(cycle, 0, KIND_DATA, MiB, 4096)
     wait_until(lambda: not s._thread.is_alive(), what="the worker's own end")
     assert s.status()["state"] == "stopped"
+
+
+def test_a_full_keepaside_degrades_the_cycle_never_a_host_write(make_session):
+    """Issue 8, bug 8: with the spill file's file system full, 48 of 64 host overwrites failed
+    with EIO. Now the keep-aside gives up the cycle's point in time instead: the cycle is copied
+    but marked inconsistent (committed does not move to it), the next RP follows at once, and
+    its commit is a recovery point again."""
+    s, backend, src, dst = make_session(filters=["--filter=delay"], params=["delay-write=100ms"],
+                                        size=16 * MiB, config=[("keepaside-mem", "4k"),
+                                                               ("keepaside-spill", "8k")])
+    rp(s)
+    write(s, backend, 0, os.urandom(16 * MiB))
+    cycle = s.request_rp()
+    wait_until(lambda: s.status()["state"] == "copying", what="copying")
+    for i in range(64):                      # overwrite blocks the copy has not read yet
+        write(s, backend, 16 * MiB - (i + 1) * 65536, os.urandom(4096))
+    wait_until(lambda: s.status()["committed_cycle"] > cycle, what="a later commit")
+    records = {c["cycle"]: c for c in s.status()["cycles"]}
+    assert records[cycle]["state"] == "inconsistent" and not records[cycle]["point_in_time"]
+    assert records[cycle]["commit_time"] is not None, "its copy still landed"
+    assert open(src, "rb").read() == open(dst, "rb").read()
+
+
+@pytest.mark.parametrize("multi_conn", [True, False], ids=["multi-conn", "single-conn"])
+def test_a_failed_cycle_resends_only_what_did_not_land(nbdkit, tmp_path, multi_conn):
+    """Issue 8, bug 6: a failed cycle's retry resends only what did not land. Two exports in
+    one consistency group; the second replica fails every write while a flag file exists, so
+    the first device's extents land and the cycle fails on the second. With multi-conn, a
+    FLUSH on a fresh connection makes what landed durable and the retry copies only the second
+    device; without it nothing is known durable and the retry copies both."""
+    flag = tmp_path / "fail-b"
+    cfg, backends = Config(), {}
+    for name in ("a", "b"):
+        src = make_image(str(tmp_path / f"{name}.img"), 8 * MiB)
+        dst = make_image(str(tmp_path / f"{name}-replica.img"), 8 * MiB)
+        filters = [] if name == "b" or multi_conn else ["--filter=multi-conn", "multi-conn-mode=disable"]
+        if name == "b":
+            filters = ["--filter=error", "error-pwrite-rate=100%", "error-pwrite=EIO", f"error-file={flag}"]
+        sock, _ = nbdkit(*[f for f in filters if f.startswith("--")], "file", dst,
+                         *[f for f in filters if not f.startswith("--")])
+        cfg.add("source", f"{name}={src}")
+        cfg.add("replica", f"{name}={uri(sock)}")
+        backends[name] = Backend(src)
+    cfg.add("cycle", "3600")
+    cfg.complete()
+    s = Session(cfg, backends)
+    s.start()
+    try:
+        rp(s)
+        for dev, name in enumerate(("a", "b")):
+            write(s, backends[name], 0, os.urandom(MiB), dev=dev)
+        flag.touch()
+        failed = s.request_rp()
+        wait_until(lambda: s.status()["failures"] > 0, timeout=120, what="the failed cycle")
+        flag.unlink()
+        retry = rp(s)
+        records = {c["cycle"]: c for c in s.status()["cycles"]}
+        assert records[failed]["state"] == "failed"
+        assert records[retry]["bytes_copied"] == (MiB if multi_conn else 2 * MiB)
+        for name in ("a", "b"):
+            assert (tmp_path / f"{name}.img").read_bytes() == (tmp_path / f"{name}-replica.img").read_bytes()
+    finally:
+        assert s.stop()
+        for backend in backends.values():
+            backend.close()

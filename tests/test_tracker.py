@@ -146,12 +146,14 @@ def _writer(tr, dev, use_begin, count, tagged, recorded):
         recorded.append(te)
 
 
-def test_hammer_threads_with_periodic_close():
-    tr = Tracker(shards=4)
+def _hammer(tr, writes):
+    """Four writer threads (``writes`` each, odd ones bracketing with begin/end) against a
+    closer thread taking an RP every 2 ms; returns (closed cycles, recorded TEs per writer,
+    (cycle, TE) tagged per writer)."""
     recorded = [[] for _ in range(4)]
     tagged = [[] for _ in range(4)]
     writers = [
-        start(lambda d=d: _writer(tr, d, d % 2 == 1, 20000, tagged[d], recorded[d]))
+        start(lambda d=d: _writer(tr, d, d % 2 == 1, writes, tagged[d], recorded[d]))
         for d in range(4)
     ]
     closed = []
@@ -166,6 +168,12 @@ def test_hammer_threads_with_periodic_close():
     closing = start(closer)
     join(*writers, closing)
     closed.append(tr.close_cycle(timeout=WAIT))
+    return closed, recorded, tagged
+
+
+def test_hammer_threads_with_periodic_close():
+    tr = Tracker(shards=4)
+    closed, recorded, tagged = _hammer(tr, 20000)
 
     assert [c.cycle for c in closed] == list(range(1, len(closed) + 1))
     assert not any(c.folded for c in closed) and tr.stats()["folds"] == 0
@@ -185,22 +193,7 @@ def test_hammer_threads_with_periodic_close():
 
 def test_hammer_threads_with_folds_and_periodic_close_lose_nothing():
     tr = Tracker(shards=2, max_bytes=2 * 64 * TE_BYTES)
-    recorded = [[] for _ in range(4)]
-    tagged = [[] for _ in range(4)]
-    writers = [
-        start(lambda d=d: _writer(tr, d, d % 2 == 1, 5000, tagged[d], recorded[d]))
-        for d in range(4)
-    ]
-    closed = []
-
-    def closer():
-        while any(w.is_alive() for w in writers):
-            closed.append(tr.close_cycle(timeout=WAIT))
-            time.sleep(0.002)
-
-    closing = start(closer)
-    join(*writers, closing)
-    closed.append(tr.close_cycle(timeout=WAIT))
+    closed, recorded, tagged = _hammer(tr, 5000)
 
     assert [c.cycle for c in closed] == list(range(1, len(closed) + 1))
     assert tr.stats()["folds"] > 0 and any(c.folded for c in closed)

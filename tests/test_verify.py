@@ -3,7 +3,6 @@
 import argparse
 import os
 import random
-import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings
