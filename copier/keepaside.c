@@ -515,33 +515,21 @@ static uint32_t take_slot(struct ka *k, struct gil *g)
     return k->mem_slots + k->spill_fresh++;
 }
 
-static int write_spill(struct ka *k, uint32_t s, const unsigned char *src, uint64_t n)
-{
-    uint64_t done = 0, at = spill_offset(k, s);
-    while (done < n) {
-        ssize_t r = pwrite(k->spill_fd, src + done, n - done, (off_t)(at + done));
-        if (r < 0 && errno == EINTR)
-            continue;
-        if (r < 0)
-            return errno;
-        if (r == 0)
-            return ENOSPC;
-        done += (uint64_t)r;
-    }
-    return 0;
-}
-
-static int read_spill(const struct ka *k, uint32_t s, uint64_t off, unsigned char *dst, uint64_t n)
+/* Write (`writing`) or read all `n` bytes at `off` within spill slot `s`: 0, or an errno (a
+ * write that makes no progress is a full file system, a read that finds nothing is EIO). */
+static int spill_io(const struct ka *k, uint32_t s, uint64_t off, unsigned char *buf, uint64_t n,
+                    int writing)
 {
     uint64_t done = 0, at = spill_offset(k, s) + off;
     while (done < n) {
-        ssize_t r = pread(k->spill_fd, dst + done, n - done, (off_t)(at + done));
+        ssize_t r = writing ? pwrite(k->spill_fd, buf + done, n - done, (off_t)(at + done))
+                            : pread(k->spill_fd, buf + done, n - done, (off_t)(at + done));
         if (r < 0 && errno == EINTR)
             continue;
         if (r < 0)
             return errno;
         if (r == 0)
-            return EIO;
+            return writing ? ENOSPC : EIO;
         done += (uint64_t)r;
     }
     return 0;
@@ -566,7 +554,7 @@ static int store(struct ka *k, size_t d, uint64_t block, const unsigned char *sr
         k->mem_bytes += n;
     } else {
         gil_release(g);
-        int err = write_spill(k, s, src, n);
+        int err = spill_io(k, s, 0, (unsigned char *)src, n, 1);
         if (err) {
             degrade(k, "writing the spill file in %s failed at %s: %s", k->spill_dir,
                     human(spill_offset(k, s), a, sizeof a), strerror(err));
@@ -811,7 +799,7 @@ static void overlay(struct ka *k, size_t d, const uint64_t *pairs, size_t n, uns
             if (s < k->mem_slots) {
                 memcpy(dst, mem_slot(k, s) + (lo - bs), top - lo);
             } else {
-                int err = read_spill(k, s, lo - bs, dst, top - lo);
+                int err = spill_io(k, s, lo - bs, dst, top - lo, 0);
                 if (err) {
                     degrade(k, "reading the spill file in %s failed at %s: %s", k->spill_dir,
                             human(spill_offset(k, s), a, sizeof a), strerror(err));
