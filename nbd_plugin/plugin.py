@@ -80,8 +80,8 @@ def after_fork():
 def cleanup():
     if control is not None:
         control.stop()
-    # A session that is still in a call to the replica after its stop timeout keeps using the
-    # back ends; the process is exiting, so their descriptors are left to it.
+    # A worker still held after the stop timeout (its drain waits for a hung write) may still
+    # read the back ends; the process is exiting, so their descriptors are left to it.
     if session is not None and not session.stop():
         return
     for backend in backends.values():

@@ -210,12 +210,13 @@ class Session:
 
     def full_report(self):
         """Every source's data extents as data and its holes as zeros: the initial sync and a
-        resync. A source whose extents cannot be listed counts as all data. O(extents)."""
+        resync. A source whose extents cannot be listed, for whatever reason, counts as all
+        data: this runs in the worker's error path and must not fail itself. O(extents)."""
         extents = {}
         for d in self.devices:
             try:
                 extents[d.dev] = d.backend.extents(0, d.size)
-            except OSError:
+            except Exception:
                 extents[d.dev] = [(0, d.size, False)]
         return reports.whole(extents)
 
@@ -230,10 +231,14 @@ class Session:
                     self._perform_all(actions)
                 except m.ProtocolError as e:
                     # A bug of this module or the machine. Writes are still tracked, so
-                    # nothing is lost while it is shown, logged and retried once a second.
+                    # nothing is lost while it is shown, logged and retried once a second;
+                    # a stop ends the worker here, since the machine may have no way to stop
+                    # from the state it was left in.
                     log.exception("replication controller error")
                     with self._cond:
                         self.controller.stuck = f"internal error: {e}"
+                        if self._stopping:
+                            return
                         self._cond.wait(1.0)
         finally:
             self._close_replicas()

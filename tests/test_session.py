@@ -319,3 +319,29 @@ def test_a_failed_cycle_resends_only_what_did_not_land(nbdkit, tmp_path, multi_c
         assert s.stop()
         for backend in backends.values():
             backend.close()
+
+
+def test_a_step_that_fails_unexpectedly_mid_batch_never_ends_the_worker(make_session, monkeypatch):
+    """Review finding: an error in an action that was not the last of its batch (here the
+    keep-aside release that opens a commit) fed the machine an event its state had no row
+    for, and the worker died for good while status still said replicating."""
+    s, backend, src, dst = make_session()
+    rp(s)
+    real_release, broken = s.keepaside.release, threading.Event()
+
+    def release_once_broken():
+        if not broken.is_set():
+            broken.set()
+            raise RuntimeError("injected")
+        real_release()
+    monkeypatch.setattr(s.keepaside, "release", release_once_broken)
+    write(s, backend, 3 * MiB, os.urandom(65536))
+    rp(s)
+    assert broken.is_set()
+    write(s, backend, 5 * MiB, os.urandom(4096))
+    cycle = rp(s)
+    assert s._thread.is_alive()
+    states = [c["state"] for c in s.status()["cycles"]]
+    assert "inconsistent" in states, "the commit after the error was not trusted"
+    assert s.status()["committed_cycle"] >= cycle
+    assert open(src, "rb").read() == open(dst, "rb").read()
