@@ -1,6 +1,8 @@
 """Replication sessions end to end: nbdrep serve -> nbdkit replica, with real writes."""
 import hashlib
 import os
+import random
+import signal
 import subprocess
 import time
 
@@ -26,13 +28,8 @@ def sha(path):
 
 def wait_committed(server, cycle, timeout=120):
     """Poll status (bounded) until ``cycle`` is committed, without requesting another RP."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        status = server.status()
-        if status["committed_cycle"] >= cycle:
-            return status
-        time.sleep(0.1)
-    raise AssertionError(f"cycle {cycle} not committed within {timeout} s: {status}")
+    return wait_status(server, lambda st: st["committed_cycle"] >= cycle, f"cycle {cycle} committed",
+                       timeout)
 
 
 def wait_state(server, cycle, state, timeout=120):
@@ -45,6 +42,15 @@ def wait_state(server, cycle, state, timeout=120):
         assert record is None or record["state"] in ("closing", "reporting"), record
         time.sleep(0.05)
     raise AssertionError(f"cycle {cycle} never reached {state} within {timeout} s")
+
+
+def wait_status(server, predicate, what, timeout=120):
+    """Poll status (bounded) until ``predicate(status)``; fail naming ``what`` otherwise."""
+    deadline = time.monotonic() + timeout
+    while not predicate(status := server.status()):
+        assert time.monotonic() < deadline, f"{what}: not seen in {timeout} s: {status}"
+        time.sleep(0.05)
+    return status
 
 
 def cycle_record(status, cycle):
@@ -249,3 +255,33 @@ def test_every_block_written_once_reaches_the_replica_under_short_cycles(replica
     status = server.status()
     assert sum(c["writes"] for c in status["cycles"] if c["state"] == "committed") > 0
     assert subprocess.run(["cmp", src, dst]).returncode == 0
+
+
+def test_replica_killed_at_random_moments_under_fio_converges(procs, nbdkit, replicated, tmp_path):
+    """Campaign: kill -9 the replica at a random moment, five rounds, while fio writes and 0.2 s
+    cycles run. Each time the session must fail, carry, reconnect and commit again once the
+    replica is back; at the end the last RP equals the source byte for byte."""
+    server, src, dst, rsock, replica = replicated(32 * MiB, cycle=0.2, random_mib=8)
+    server.rp()
+    rng = random.Random(12393603)
+    fio = procs.start(["fio", "--name=kill", "--ioengine=nbd", f"--uri={server.uri}", "--rw=randwrite",
+                       "--bs=4k", "--iodepth=8", "--size=100%", "--time_based", "--runtime=300",
+                       "--output=/dev/null"], cwd=tmp_path)
+    try:
+        for _ in range(5):
+            committed = server.status()["committed_cycle"]
+            time.sleep(rng.uniform(0.05, 0.8))        # the random moment of the kill
+            os.kill(replica.pid, signal.SIGKILL)
+            replica.wait(30)
+            procs.procs.remove(replica)
+            wait_status(server, lambda st: st["failures"] > 0, "a failed cycle while it is down")
+            os.unlink(rsock)
+            _, replica = nbdkit("file", dst, sock=rsock)
+            wait_status(server, lambda st: st["committed_cycle"] > committed and st["failures"] == 0,
+                        "a commit once the replica is back")
+    finally:
+        procs.stop(fio)
+    server.rp()
+    assert server.status()["stuck"] is None
+    assert subprocess.run(["cmp", src, dst]).returncode == 0
+    procs.stop(server.proc)   # before its replica: nbdkit waits for connected clients to leave
