@@ -87,6 +87,12 @@ def _add_serve(sub):
                    help="cap of the spill file in the state directory; past it a cycle is copied "
                         "without its point in time instead of failing writes (default: %(default)s)")
     p.add_argument("--tracker-mem", default="64M", help="memory cap of the tracker's TE arrays")
+    p.add_argument("--stop-timeout", default="30", metavar="SECONDS",
+                   help="on SIGTERM/SIGINT, time to copy and commit a final RP before recording "
+                        "what is outstanding instead (default: %(default)s)")
+    p.add_argument("--resync", choices=("auto", "full"), default="auto",
+                   help="full: copy every source in full at start, whatever the record in the "
+                        "state directory says (a block device written while nbdrep was stopped)")
     p.add_argument("--verbose", action="store_true", help="nbdkit -v")
     p.set_defaults(func=_serve)
 
@@ -122,7 +128,8 @@ def serve_config(args):
     params += [("cycle", str(args.cycle)), ("tracking", args.tracking), ("state", args.state),
                ("control", control_path(args)), ("readonly", "on" if args.readonly else "off"),
                ("keepaside-mem", args.keepaside_mem), ("keepaside-spill", args.keepaside_spill),
-               ("tracker-mem", args.tracker_mem)]
+               ("tracker-mem", args.tracker_mem), ("stop-timeout", args.stop_timeout),
+               ("resync", args.resync)]
     cfg = Config()
     for key, value in params:
         cfg.add(key, value)
@@ -134,7 +141,7 @@ def preflight(cfg):
     """The plugin's start-up checks, run here first so a failure is one clean line."""
     backends = startup.open_sources(cfg)
     try:
-        startup.check(cfg, backends, record=False)
+        startup.check(cfg, backends, record_sizes=False)
     finally:
         for backend in backends.values():
             backend.close()

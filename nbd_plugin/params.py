@@ -11,7 +11,7 @@ from copier.uri import parse_uri
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 KEYS = ("source", "replica", "tracking", "readonly", "cycle", "control", "state", "keepaside-mem", "keepaside-spill",
-        "tracker-mem")
+        "tracker-mem", "stop-timeout", "resync")
 SIZE_SUFFIXES = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
@@ -39,6 +39,8 @@ class Config:
     keepaside_mem: int = 256 << 20
     keepaside_spill: int = 1 << 30
     tracker_mem: int = 64 << 20
+    stop_timeout: float = 30.0
+    resync: str = "auto"
 
     def add(self, key, value):
         """Take one ``key=value`` from nbdkit's command line. O(1) (O(sources) for source names)."""
@@ -93,15 +95,21 @@ def parse_size(text, what):
     return size
 
 
-def parse_cycle(text):
-    """Cycle length in seconds: a finite number in (0, 86400]."""
+def parse_seconds(text, what):
+    """A duration in seconds: a finite number in (0, 86400]."""
     try:
         seconds = float(text)
     except ValueError:
-        raise ParamError(f"cycle={text!r} is not a number of seconds") from None
+        raise ParamError(f"{what}={text!r} is not a number of seconds") from None
     if not (math.isfinite(seconds) and 0 < seconds <= 86400):
-        raise ParamError(f"cycle={text!r} must be > 0 and at most 86400 seconds")
+        raise ParamError(f"{what}={text!r} must be > 0 and at most 86400 seconds")
     return seconds
+
+
+def _set_resync(cfg, value):
+    if value not in ("auto", "full"):
+        raise ParamError(f"resync={value!r}: use auto or full")
+    cfg.resync = value
 
 
 def _set_source(cfg, value):
@@ -143,7 +151,9 @@ _SETTERS = {
     "replica": _set_replica,
     "tracking": _set_switch("tracking"),
     "readonly": _set_switch("readonly"),
-    "cycle": lambda cfg, v: setattr(cfg, "cycle", parse_cycle(v)),
+    "cycle": lambda cfg, v: setattr(cfg, "cycle", parse_seconds(v, "cycle")),
+    "stop-timeout": lambda cfg, v: setattr(cfg, "stop_timeout", parse_seconds(v, "stop-timeout")),
+    "resync": _set_resync,
     "control": _set_path("control"),
     "state": _set_path("state"),
     "keepaside-mem": lambda cfg, v: setattr(cfg, "keepaside_mem", parse_size(v, "keepaside-mem")),

@@ -61,9 +61,9 @@ def config_complete():
 def get_ready():
     global session, hook
     backends.update(startup.open_sources(config_))
-    startup.check(config_, backends, record=True)
+    replica_sizes = startup.check(config_, backends, record_sizes=True)
     if config_.tracking:
-        session = Session(config_, backends)
+        session = Session(config_, backends, replica_sizes)
         hook = session.hook
 
 
@@ -82,7 +82,7 @@ def cleanup():
         control.stop()
     # A worker still held after the stop timeout (its drain waits for a hung write) may still
     # read the back ends; the process is exiting, so their descriptors are left to it.
-    if session is not None and not session.stop():
+    if session is not None and not session.stop(config_.stop_timeout):
         return
     for backend in backends.values():
         backend.close()

@@ -9,8 +9,9 @@ import os
 from copier.replica import Replica, ReplicaError
 from nbd_plugin import state
 from nbd_plugin.backend import Backend, BackendError
+from replication import record
 
-ERRORS = (BackendError, ReplicaError, state.StateError, ValueError)
+ERRORS = (BackendError, ReplicaError, state.StateError, record.RecordError, ValueError)
 
 
 def open_sources(cfg):
@@ -26,12 +27,19 @@ def open_sources(cfg):
     return backends
 
 
-def check(cfg, backends, record):
-    """Check sizes against the last run (recording them if ``record``) and every replica."""
+def check(cfg, backends, record_sizes):
+    """Check sizes against the last run (recording them if ``record_sizes``), the replication
+    record, and every replica;
+    returns {export name: replica size}. O(sources) connections."""
     if cfg.state:
         sizes = {os.path.realpath(b.path): b.size for b in backends.values()}
-        state.check_sizes(cfg.state, sizes, record)
+        state.check_sizes(cfg.state, sizes, record_sizes)
+        if cfg.replicas:
+            record.load(cfg.state)   # a corrupt record stops the start here, in one line
+    replica_sizes = {}
     for src in cfg.sources:
         if src.replica:
             with Replica(src.replica) as replica:
                 replica.check_size(backends[src.name].size)
+                replica_sizes[src.name] = replica.size
+    return replica_sizes

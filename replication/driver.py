@@ -38,7 +38,7 @@ import time
 
 from copier.keepaside import KeepAside
 from copier.replica import Replica, ReplicaError
-from replication import machine as m
+from replication import machine as m, record as records
 from reporter import report as reports, sgl_batches
 from tracker import KIND_DATA, KIND_TRIM, KIND_ZERO, Tracker
 
@@ -68,13 +68,13 @@ KINDS = (KIND_DATA, KIND_ZERO, KIND_TRIM)
 
 
 class Stopping(Exception):
-    """The session is stopping: the copy in progress is abandoned, not failed."""
+    """The stop's timeout ran out: the copy in progress is abandoned, not failed."""
 
 
 class Device:
     """One source as the session sees it."""
 
-    __slots__ = ("dev", "name", "path", "size", "backend", "replica_uri")
+    __slots__ = ("dev", "name", "path", "size", "backend", "replica_uri", "identity", "replica_size")
 
     def __init__(self, dev, name, path, size, backend, replica_uri):
         self.dev, self.name, self.path, self.size = dev, name, path, size
@@ -110,13 +110,25 @@ class WriteHook:
 
 
 class Session:
-    """A replication session over the plugin's back ends (``backends``: export name -> Backend)."""
+    """A replication session over the plugin's back ends (``backends``: export name -> Backend).
 
-    def __init__(self, config, backends, clock=time.time):
+    ``replica_sizes`` {export name: bytes} as the start-up check found them. The durable record
+    in ``config.state`` decides how the session starts (``replication.record``); a record that
+    cannot be read raises RecordError here, before anything is served.
+    """
+
+    def __init__(self, config, backends, replica_sizes=None, clock=time.time):
         self.devices = [Device(s.dev, s.name, s.path, backends[s.name].size, backends[s.name],
                                s.replica) for s in config.sources]
         self.replicated = any(d.replica_uri for d in self.devices)
-        self.tracker = Tracker(max_bytes=config.tracker_mem)
+        self.state_dir = config.state if self.replicated else None
+        for d in self.devices:
+            d.identity = records.identity(d.path, d.backend.fd)
+            d.replica_size = (replica_sizes or {}).get(d.name)
+        self.plan = records.plan(records.load(self.state_dir) if self.state_dir else None,
+                                 self.devices, config.resync == "full") if self.replicated else None
+        self.tracker = Tracker(max_bytes=config.tracker_mem,
+                               first_cycle=self.plan.first_cycle if self.plan else 1)
         self.keepaside = KeepAside({d.dev: d.backend for d in self.devices},
                                    mem_cap=config.keepaside_mem, spill_cap=config.keepaside_spill,
                                    spill_dir=config.state)
@@ -130,6 +142,7 @@ class Session:
         self._cond = threading.Condition()
         self._request = 0
         self._stopping = False
+        self._abandon = False
         self._thread = None
         self._replicas = {}
         self._retried_before = 0   # requests retried on replica connections since closed
@@ -138,33 +151,49 @@ class Session:
     # -- life cycle (nbdkit's threads) ------------------------------------------------------
 
     def start(self):
-        """Start the worker (after nbdkit's fork). The first cycle is the initial sync."""
-        carry = self.full_report() if self.replicated else None
-        self.controller = m.Controller(sizes=self.sizes, replicated=self.replicated,
-                                       cycle_seconds=self.cycle_seconds, now=self.clock(),
-                                       first_cycle=self.tracker.cycle, carry=carry)
+        """Start the worker (after nbdkit's fork). The first cycle copies what the plan says:
+        a full sync of the sources that need one, what a clean stop left outstanding of the
+        others (often nothing)."""
+        carry, plan = None, self.plan
+        if plan is not None:
+            for reason in sorted(set(plan.full.values())):
+                log.info("%s: %s", ", ".join(repr(d.name or "(default)") for d in self.devices
+                                               if plan.full.get(d.dev) == reason), reason)
+            log.info("session %s starts at cycle %d: %s", plan.session_id, plan.first_cycle, plan.how)
+            full = reports.whole(self.source_extents(plan.full)) if plan.full else reports.Report()
+            carry = full
+            for report in plan.resume.values():
+                carry = carry.merged_with(report, self.sizes)
+        self.controller = m.Controller(
+            sizes=self.sizes, replicated=self.replicated, cycle_seconds=self.cycle_seconds,
+            now=self.clock(), first_cycle=self.tracker.cycle, carry=carry or None,
+            carry_is_sync=bool(plan and plan.full),
+            committed=(plan.committed_cycle, plan.rp_time) if plan else None)
         self._thread = threading.Thread(target=self._run, name="nbdrep-session", daemon=True)
         self._thread.start()
 
     def stop(self, timeout=30.0):
-        """Stop the worker after its current step; True if it ended within ``timeout``.
+        """Stop cleanly, within ``timeout`` s if it can: finish the cycle in progress, take a
+        final RP, copy and commit it, and record the stop. True if the worker ended.
 
-        A copy in progress is abandoned between two batches (a few milliseconds). A worker
-        still waiting for a replica after a grace of ``STOP_GRACE`` s has that wait cancelled.
-        One held up elsewhere -- a drain waiting for a hung write -- is left to end on its
-        own; then the caller must not close the back ends under it.
+        Call once the hosts are gone (nbdkit's cleanup), so that no write is in flight. When
+        ``timeout`` runs out, the copy in progress is abandoned (between two batches, and a
+        call to a replica that stopped answering is cancelled) and what it left is recorded
+        as outstanding, for the next start to copy. A worker held up elsewhere -- a drain
+        waiting for a hung write -- gets ``STOP_GRACE`` s more, then is left to end on its own;
+        the caller must not close the back ends under it.
         """
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
         if self._thread is None:
             return True
-        deadline = time.monotonic() + timeout
-        self._thread.join(min(timeout, STOP_GRACE))
+        self._thread.join(timeout)
         if self._thread.is_alive():
+            self._abandon = True
             for replica in list(self._replicas.values()):
                 replica.close()
-            self._thread.join(max(0.0, deadline - time.monotonic()))
+            self._thread.join(STOP_GRACE)
         return not self._thread.is_alive()
 
     def request_rp(self):
@@ -189,6 +218,8 @@ class Session:
         """The session as a JSON-able dict (what ``nbdrep status --json`` prints). O(history)."""
         with self._cond:
             out = self.controller.status(self.clock())
+            out["session_id"] = self.plan.session_id if self.plan else None
+            out["start"] = self.plan.how if self.plan else None
             retried = self._retried_before + sum(
                 r.stats()["retried"] for r in list(self._replicas.values()))
         out.update({
@@ -209,16 +240,22 @@ class Session:
         return {"cycle": cycle, "exports": {} if report is None else report.as_json(names)}
 
     def full_report(self):
-        """Every source's data extents as data and its holes as zeros: the initial sync and a
-        resync. A source whose extents cannot be listed, for whatever reason, counts as all
-        data: this runs in the worker's error path and must not fail itself. O(extents)."""
+        """Every source's data extents as data and its holes as zeros: a full resync.
+        O(extents)."""
+        return reports.whole(self.source_extents({d.dev for d in self.devices}))
+
+    def source_extents(self, devs):
+        """{dev: [(offset, length, is_hole)]} for the devices ``devs``. A source whose extents
+        cannot be listed, for whatever reason, counts as all data: this also runs in the
+        worker's error path and must not fail itself. O(extents)."""
         extents = {}
         for d in self.devices:
-            try:
-                extents[d.dev] = d.backend.extents(0, d.size)
-            except Exception:
-                extents[d.dev] = [(0, d.size, False)]
-        return reports.whole(extents)
+            if d.dev in devs:
+                try:
+                    extents[d.dev] = d.backend.extents(0, d.size)
+                except Exception:
+                    extents[d.dev] = [(0, d.size, False)]
+        return extents
 
     # -- the worker ---------------------------------------------------------------------------
 
@@ -310,6 +347,8 @@ class Session:
             self.keepaside.release()
         elif kind is m.Disconnect:
             self._close_replicas()
+        elif kind is m.Persist:
+            self._persist(action)
         elif kind is m.Log:
             getattr(log, action.level)("%s", action.message)
         else:
@@ -322,9 +361,42 @@ class Session:
 
     def _committed(self, action):
         self._publish(action.report, action.cycle)
+        if action.point_in_time:
+            self._save_record(clean=False)
         if action.outage is not None:
             log.info("replica back: cycle %d committed after %.1f s of failures", action.cycle,
                      action.outage)
+
+    def _persist(self, action):
+        """Record the stop. A clean one adds the open cycle's TEs to what is outstanding: the
+        writes after the last RP, which no report holds (the hosts are gone, so none is in
+        flight; if one is, the stop is recorded as unclean)."""
+        outstanding, clean = action.outstanding, action.clean
+        if clean:
+            try:
+                closed = self.tracker.close_cycle(timeout=STOP_GRACE)
+            except TimeoutError:
+                clean, outstanding = False, None
+            else:
+                # Zero TEs read as data: whether they landed in cycle order is not known here.
+                left = reports.build(closed, self.sizes, KINDS, zeros_as_data=True)
+                outstanding = left if outstanding is None else left.merged_with(outstanding, self.sizes)
+        self._save_record(clean, outstanding)
+        what = "nothing" if not outstanding else f"{outstanding.byte_count()} bytes"
+        log.info("stopped %s; %s outstanding for the next start", "cleanly" if clean else
+                 "without a clean record (the next start resyncs in full)", what)
+
+    def _save_record(self, clean, outstanding=None):
+        if self.state_dir is None:
+            return
+        c = self.controller
+        names = {d.dev: d.name for d in self.devices}
+        records.save(self.state_dir, records.make(
+            self.plan.session_id, clean=clean, committed_cycle=c.committed_cycle,
+            rp_time=c.committed_rp_time, next_cycle=self.tracker.cycle,
+            sources={d.name: records.identity(d.path, d.backend.fd) for d in self.devices},
+            replicas={d.name: {"uri": d.replica_uri, "size": d.replica_size} for d in self.devices},
+            outstanding=outstanding.as_json(names) if outstanding else None))
 
     # -- copy and flush ---------------------------------------------------------------------------
 
@@ -341,7 +413,7 @@ class Session:
             return m.Abandoned()
         except (ReplicaError, OSError) as e:
             self._close_replicas()
-            if self._stopping:   # the stop cancelled the call
+            if self._abandon:   # the stop's timeout cancelled the call
                 return m.Abandoned()
             return m.Failed(str(e), landed=self._durable(landed),
                             point_in_time=self.keepaside.point_in_time)
@@ -359,7 +431,7 @@ class Session:
             try:
                 for k in range(len(batches)):
                     view = ahead.result()
-                    if self._stopping:
+                    if self._abandon:
                         raise Stopping()
                     if k + 1 < len(batches):
                         ahead = reader.submit(read, k + 1)
@@ -395,7 +467,7 @@ class Session:
         O(extents)."""
         out = {}
         for d in self.devices:
-            if d.dev not in landed or self._stopping:
+            if d.dev not in landed or self._abandon:
                 continue
             try:
                 replica = self._replica(d)
@@ -414,7 +486,7 @@ class Session:
                 self._replica(d).flush()
         except (ReplicaError, OSError) as e:
             self._close_replicas()
-            return m.Abandoned() if self._stopping else m.Failed(f"flush failed: {e}")
+            return m.Abandoned() if self._abandon else m.Failed(f"flush failed: {e}")
         return m.Flushed()
 
     def _batch_buffers(self):

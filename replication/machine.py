@@ -34,6 +34,12 @@ a copy waits until then. The machine keeps the highest cycle promised to a reque
 (``rp_wanted``); after a commit, if that cycle is not committed yet, the next RP is taken at
 once. So a slow replica makes cycles longer (they merge) instead of queueing them.
 
+A stop is clean: ``Stop`` between cycles takes a final RP, and the machine stops once that
+cycle committed, failed or was abandoned (the driver abandons the copy when the stop timeout
+runs out), asking the driver to ``Persist`` what is outstanding: nothing after a commit, the
+carry otherwise. A stop whose last cycle could not drain, or that follows an unexpected error,
+is recorded as unclean, so the next start resyncs in full.
+
 A cycle the keep-aside could not hold at its RP (``point_in_time=False``, e.g. the spill
 file filled) is copied and flushed but is not a recovery point: its state is "inconsistent",
 ``committed_cycle`` does not move, and the next RP is taken at once; that cycle's report
@@ -191,6 +197,15 @@ class Publish:
 
 
 @dataclasses.dataclass(frozen=True)
+class Persist:
+    """The session stopped: record whether cleanly and what is still to copy -- ``outstanding``
+    (a report, or None) plus, for a clean stop, the TEs of the cycle still open in the tracker
+    (writes after the last RP that no report holds; none are in flight, the hosts are gone)."""
+    clean: bool
+    outstanding: object
+
+
+@dataclasses.dataclass(frozen=True)
 class Release:
     """Forget what the keep-aside holds."""
 
@@ -229,11 +244,14 @@ class Controller:
     """The cycle state machine of one session (consistency group).
 
     ``sizes`` {dev: bytes} of the sources; ``replicated`` False means tracking only (cycles
-    are reported, not copied); ``carry`` the report to copy first (the initial sync);
-    ``now`` the time the session starts. Not thread-safe: the driver serialises calls.
+    are reported, not copied); ``carry`` the report to copy first (a sync, unless
+    ``carry_is_sync`` is False: what a clean stop left outstanding); ``committed`` the
+    (cycle, RP time) a previous run committed last; ``now`` the time the session starts.
+    Not thread-safe: the driver serialises calls.
     """
 
-    def __init__(self, *, sizes, replicated, cycle_seconds, now, first_cycle=1, carry=None):
+    def __init__(self, *, sizes, replicated, cycle_seconds, now, first_cycle=1, carry=None,
+                 carry_is_sync=None, committed=None):
         self.sizes = dict(sizes)
         self.replicated = replicated
         self.cycle_seconds = cycle_seconds
@@ -241,9 +259,10 @@ class Controller:
         self.open_cycle = first_cycle
         self.draining = None
         self.carry = carry
-        self.carry_is_sync = carry is not None
-        self.committed_cycle = first_cycle - 1
-        self.committed_rp_time = None
+        self.carry_is_sync = carry is not None if carry_is_sync is None else carry_is_sync
+        self.committed_cycle, self.committed_rp_time = committed or (first_cycle - 1, None)
+        self.stopping = False
+        self.persist_failed = False
         self.reported_cycle = first_cycle - 1
         self.rp_wanted = 0
         self.wake_at = now if replicated else now + cycle_seconds
@@ -300,6 +319,8 @@ class Controller:
     def _drain_timed_out(self, event, now):
         self._adopt(event.cycle)
         self.draining = event.cycle
+        if self.stopping:   # the undrained cycle's TEs die with the process
+            return self._stopped(clean=False)
         return self._fail(event.message, now)
 
     def _adopt(self, cycle):
@@ -372,16 +393,38 @@ class Controller:
         if record is not None and record.state not in ("committed", "reported", "inconsistent"):
             record.state, record.error = "failed", event.error
         self._report = None
+        if self.stopping:
+            return actions + [Log("warning", f"final cycle failed ({event.error}); its report is "
+                                             "recorded for the next start")] + self._stopped(not unexpected)
         return actions + self._fail(event.error, now)
 
     def _abandoned(self, event, now):
         self._record.state = "abandoned"
         self.carry = self._report if self.carry is None else self._report.merged_with(self.carry, self.sizes)
-        return self._stop(event, now)
+        self._report = None
+        return [Release(), Disconnect()] + self._stopped(clean=True)
 
     def _stop(self, event, now):
+        """Between cycles: a replicated session takes a final RP first."""
+        if not self.replicated:
+            self.state = State.STOPPED
+            return []
+        self.stopping = True
+        return self._take_rp(event, now)
+
+    def _stopped(self, clean):
         self.state = State.STOPPED
-        return [Release(), Disconnect()]
+        return [Persist(clean, self.carry if clean else None)]
+
+    def _failed_stopped(self, event, now):
+        """A step of the stop failed, and the driver dropped what followed it: record the
+        stop once more, as unclean (the next start resyncs in full). Only once, in case the
+        recording itself is what fails."""
+        if self.persist_failed:
+            return [Log("error", f"cannot record the stop ({event.error}); the next start "
+                                 "finds the record of the last commit and resyncs in full")]
+        self.persist_failed = True
+        return [Persist(False, None)]
 
     # -- shared steps --------------------------------------------------------------------
 
@@ -408,7 +451,10 @@ class Controller:
         return actions + self._next_rp(now)
 
     def _next_rp(self, now):
-        """Back to IDLE; the next RP is due a cycle after this one's, or now if promised."""
+        """Back to IDLE; the next RP is due a cycle after this one's, or now if promised. A
+        stopping session stops instead: its final cycle is done."""
+        if self.stopping:
+            return self._stopped(clean=True)
         self.state = State.IDLE
         due = self._record.rp_time + self.cycle_seconds
         self.wake_at = now if self.rp_wanted > self.done_upto() else due
@@ -457,6 +503,8 @@ class Controller:
     def _status_word(self):
         if self.state == State.STOPPED:
             return "stopped"
+        if self.stopping:
+            return "stopping"
         if not self.replicated:
             return "tracking"
         if self.state == State.BACKOFF:
@@ -469,33 +517,35 @@ class Controller:
 _RP = (State.CLOSING,)
 
 # (state, event) -> (handler, the states it may go to). Every transition the machine has.
+_END = (State.IDLE, State.STOPPED)      # a cycle ends: the next one, or the end of a stop
+_FAIL = (State.BACKOFF, State.STOPPED)  # a failure: retry, or the end of a stop
+
 TRANSITIONS = {
     (State.IDLE, Timer): (Controller._take_rp, _RP),
     (State.IDLE, RpRequested): (Controller._take_rp, _RP),
-    (State.IDLE, Failed): (Controller._failed, (State.BACKOFF,)),
-    (State.IDLE, Stop): (Controller._stop, (State.STOPPED,)),
+    (State.IDLE, Failed): (Controller._failed, _FAIL),
+    (State.IDLE, Stop): (Controller._stop, (State.CLOSING, State.STOPPED)),
 
     (State.CLOSING, Drained): (Controller._drained, (State.REPORTING,)),
-    (State.CLOSING, DrainTimedOut): (Controller._drain_timed_out, (State.BACKOFF,)),
-    (State.CLOSING, Failed): (Controller._failed, (State.BACKOFF,)),
+    (State.CLOSING, DrainTimedOut): (Controller._drain_timed_out, _FAIL),
+    (State.CLOSING, Failed): (Controller._failed, _FAIL),
 
-    (State.REPORTING, Reported): (Controller._reported, (State.COPYING, State.IDLE)),
-    (State.REPORTING, Failed): (Controller._failed, (State.BACKOFF,)),
+    (State.REPORTING, Reported): (Controller._reported, (State.COPYING,) + _END),
+    (State.REPORTING, Failed): (Controller._failed, _FAIL),
 
     (State.COPYING, Progress): (Controller._progress, (State.COPYING,)),
     (State.COPYING, Copied): (Controller._copied, (State.FLUSHING,)),
-    (State.COPYING, Failed): (Controller._failed, (State.BACKOFF,)),
+    (State.COPYING, Failed): (Controller._failed, _FAIL),
     (State.COPYING, Abandoned): (Controller._abandoned, (State.STOPPED,)),
 
-    (State.FLUSHING, Flushed): (Controller._flushed, (State.IDLE,)),
-    (State.FLUSHING, Failed): (Controller._failed, (State.BACKOFF,)),
+    (State.FLUSHING, Flushed): (Controller._flushed, _END),
+    (State.FLUSHING, Failed): (Controller._failed, _FAIL),
     (State.FLUSHING, Abandoned): (Controller._abandoned, (State.STOPPED,)),
 
     (State.BACKOFF, Timer): (Controller._take_rp, _RP),
     (State.BACKOFF, RpRequested): (Controller._take_rp, _RP),
-    (State.BACKOFF, Failed): (Controller._failed, (State.BACKOFF,)),
-    (State.BACKOFF, Stop): (Controller._stop, (State.STOPPED,)),
+    (State.BACKOFF, Failed): (Controller._failed, _FAIL),
+    (State.BACKOFF, Stop): (Controller._stop, (State.CLOSING, State.STOPPED)),
 
-    # An error in the stop's own release or disconnect: nothing is left to do.
-    (State.STOPPED, Failed): (lambda self, event, now: [], (State.STOPPED,)),
+    (State.STOPPED, Failed): (Controller._failed_stopped, (State.STOPPED,)),
 }

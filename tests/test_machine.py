@@ -51,7 +51,9 @@ class ControllerModel(RuleBasedStateMachine):
         self.log = Log(bytes(range(256)) * (SIZE // 256) + bytes(SIZE % 256))
         self.replica = bytearray(SIZE)    # what a reader of the replica sees
         self.durable = bytearray(SIZE)    # what survives a failure: flushed writes
-        self.tracker = Tracker(shards=1, max_bytes=16 * 24 if small_tracker else 1 << 20)
+        self.tracker_bytes = 16 * 24 if small_tracker else 1 << 20
+        self.tracker = Tracker(shards=1, max_bytes=self.tracker_bytes)
+        self.persisted = None
         self.cap = cap
         self.inflight = []
         self.actions = []
@@ -79,6 +81,11 @@ class ControllerModel(RuleBasedStateMachine):
 
     # -- the host ------------------------------------------------------------------------------
 
+    def hosts_connected(self):
+        """nbdkit calls the plugin's cleanup (the stop) only once its clients are gone."""
+        return self.machine.state != m.State.STOPPED and not self.machine.stopping
+
+    @precondition(hosts_connected)
     @rule(offset=st.integers(0, SIZE - 1), length=st.integers(1, 70000),
           kind=st.sampled_from(KINDS))
     def write(self, offset, length, kind):
@@ -88,6 +95,7 @@ class ControllerModel(RuleBasedStateMachine):
         self.complete(tag, offset, data)
         self.tracker.end(tag, 0, kind, offset, length)
 
+    @precondition(hosts_connected)
     @rule(offset=st.integers(0, SIZE - 1), length=st.integers(1, 9000))
     def begin_write(self, offset, length):
         self.inflight.append((self.tracker.begin(), offset, min(length, SIZE - offset)))
@@ -124,11 +132,12 @@ class ControllerModel(RuleBasedStateMachine):
     def request_rp(self):
         self.feed(m.RpRequested(self.tracker.cycle))
 
-    @precondition(between_cycles)
+    @precondition(lambda self: self.between_cycles() and not self.inflight)
     @rule()
     def stop(self):
+        """A clean stop: a final RP, then Persist."""
         self.feed(m.Stop())
-        assert self.machine.state == m.State.STOPPED
+        assert self.machine.state in (m.State.CLOSING, m.State.STOPPED)
 
     @precondition(lambda self: self.machine.state in (m.State.COPYING, m.State.CLOSING,
                                                       m.State.REPORTING))
@@ -146,13 +155,16 @@ class ControllerModel(RuleBasedStateMachine):
         if event is not None:
             self.feed(event)
 
-    @precondition(lambda self: self.actions and type(self.actions[0]) in (m.Copy, m.Flush))
+    @precondition(lambda self: self.actions and type(self.actions[0]) in (m.Copy, m.Flush)
+                  and not self.inflight)
     @rule()
     def abandon(self):
-        """A stop arrives during a copy or a flush: the driver abandons it."""
+        """The stop's timeout runs out during a copy or a flush (the hosts are gone, so no
+        write is in flight): the driver abandons it."""
         self.actions.pop(0)
         self.feed(m.Abandoned())
-        assert self.machine.state == m.State.STOPPED and not self.actions[2:]
+        assert self.machine.state == m.State.STOPPED
+        assert isinstance(self.actions[-1], m.Persist) and self.actions[-1].clean
 
     @precondition(lambda self: self.actions)
     @rule(after_effect=st.booleans())
@@ -230,6 +242,41 @@ class ControllerModel(RuleBasedStateMachine):
             assert self.replica == self.log.image(action.cycle), \
                 f"cycle {action.cycle} committed but the replica is not the source at its RP"
 
+    @precondition(lambda self: self.machine.state == m.State.STOPPED and not self.actions)
+    @rule()
+    def restart(self):
+        """The next run, from what the stop recorded: a new tracker whose ids continue, the
+        outstanding report after a clean stop, a full resync after an unclean one."""
+        # No Persist performed (recording the stop failed twice): the record still holds the
+        # last commit's, written while running, so the next start resyncs in full.
+        p, before = self.persisted or m.Persist(False, None), self.machine
+        self.persisted = None
+        carry = p.outstanding if p.clean else reports.whole({0: [(0, SIZE, False)]})
+        self.tracker = Tracker(shards=1, max_bytes=self.tracker_bytes, first_cycle=self.tracker.cycle)
+        self.armed, self.drained, self.degraded, self.ids_unsure = None, False, False, False
+        self.machine = m.Controller(sizes={0: SIZE}, replicated=True, cycle_seconds=1.0, now=self.now,
+                                    first_cycle=self.tracker.cycle, carry=carry or None,
+                                    carry_is_sync=not p.clean,
+                                    committed=(before.committed_cycle, before.committed_rp_time))
+
+    def do_Persist(self, action, *_):
+        """Nothing lost across a clean stop: every byte where the replica differs from the
+        source is in the recorded outstanding report (a stop recorded as unclean resyncs all)."""
+        assert self.machine.state == m.State.STOPPED
+        if not action.clean:
+            self.persisted = action
+            return
+        # As the driver does: the open cycle's TEs join what is outstanding.
+        closed = self.tracker.close_cycle(timeout=0)
+        extra = reports.build(closed, {0: SIZE}, KINDS, zeros_as_data=True)
+        outstanding = extra if action.outstanding is None else extra.merged_with(action.outstanding, {0: SIZE})
+        self.persisted = m.Persist(True, outstanding)
+        source, covered = self.log.image(), set()
+        for part in (outstanding.data_of(0), outstanding.zero_of(0)):
+            covered |= {b for o, n in zip(part[0::2], part[1::2]) for b in range(o, o + n)}
+        differ = {i for i in range(SIZE) if self.replica[i] != source[i]}
+        assert differ <= covered, f"{len(differ - covered)} bytes lost across the stop"
+
     def do_Publish(self, action, *_):
         raise AssertionError("a replicated session never publishes")
 
@@ -249,23 +296,28 @@ class ControllerModel(RuleBasedStateMachine):
         if not hasattr(self, "machine"):
             return
         assert self.machine.committed_cycle < self.machine.open_cycle
-        if not any(isinstance(a, m.CloseCycle) for a in self.actions) and not self.ids_unsure:
+        if not any(isinstance(a, m.CloseCycle) for a in self.actions) and not self.ids_unsure \
+                and self.machine.state != m.State.STOPPED:   # the stop closed the open cycle
             assert self.machine.open_cycle == self.tracker.cycle
 
     def teardown(self):
-        """Quiesce: end every write, then let every step succeed until the open cycle commits
-        with nothing written after it. The replica must then equal the source."""
-        if not hasattr(self, "machine") or self.machine.state == m.State.STOPPED:
+        """Quiesce: end every write, then let every step succeed (restarting after a stop)
+        until the open cycle commits with nothing written after it. The replica must then
+        equal the source."""
+        if not hasattr(self, "machine"):
             return
         while self.inflight:
             self.end_write(0)
         target = self.tracker.cycle
-        for _ in range(200):
-            if self.machine.committed_cycle >= target and not self.actions:
-                break
-            if self.actions:
+        for _ in range(300):
+            if self.machine.state == m.State.STOPPED and not self.actions:
+                self.restart()
+                target = self.tracker.cycle
+            elif self.actions:
                 self.perform(True, 100, 0)
-            elif self.machine.state in (m.State.IDLE, m.State.BACKOFF):
+            elif self.machine.committed_cycle >= target:
+                break
+            else:
                 self.timer()
         assert self.machine.committed_cycle >= target, self.machine.status(self.now)
         assert self.replica == self.log.image(), "a change never reached the replica"

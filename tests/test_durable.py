@@ -1,0 +1,162 @@
+"""Durable replication (issue 9): a restart copies only what may differ, and says why it copies
+more. Real `nbdrep serve` processes stopped with SIGTERM (a clean stop) against real replicas."""
+import json
+import os
+import subprocess
+
+import nbd
+
+from conftest import Server, make_image, nbdrep_cmd, uri
+
+MiB = 1 << 20
+
+
+def write(server, offset, data):
+    h = nbd.NBD()
+    h.connect_uri(server.uri)
+    h.pwrite(data, offset)
+    h.shutdown()   # nbdkit's cleanup (the clean stop) waits for its clients to leave
+
+
+def first_cycle(status):
+    """The first cycle of this run: what the restart copied."""
+    return status["cycles"][0]
+
+
+def full(cycle, size=16 * MiB):
+    """The cycle covered the whole device: data copied, holes zeroed."""
+    return cycle["bytes_copied"] + cycle["bytes_zeroed"] == size
+
+
+def same(a, b):
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        return fa.read() == fb.read()
+
+
+class Site:
+    """A source image, a replica image served by nbdkit, and `nbdrep serve` between them."""
+
+    def __init__(self, procs, nbdkit, tmp_path, size=16 * MiB):
+        self.procs, self.nbdkit, self.tmp = procs, nbdkit, str(tmp_path)
+        self.src = make_image(os.path.join(self.tmp, "source.img"), size, random_mib=2)
+        self.dst = make_image(os.path.join(self.tmp, "replica.img"), size)
+        self.rsock, self.replica = nbdkit("file", self.dst)
+        self.server = None
+
+    def serve(self, *extra, replica_uri=None):
+        self.server = Server(self.procs, self.tmp, [self.src], [replica_uri or uri(self.rsock)],
+                             extra=["--cycle", "3600", *extra])
+        return self.server
+
+    def stop(self):
+        """SIGTERM: a clean stop (a final RP, or what is outstanding recorded)."""
+        assert self.procs.stop(self.server.proc) == 0
+
+
+def test_a_clean_restart_copies_nothing_and_cycle_ids_continue(procs, nbdkit, tmp_path):
+    site = Site(procs, nbdkit, tmp_path)
+    server = site.serve()
+    server.rp()
+    write(server, 3 * MiB, os.urandom(65536))
+    before = server.status()
+    site.stop()
+    assert same(site.src, site.dst), "the final RP of the clean stop reached the replica"
+    server = site.serve()
+    cycle = server.rp()
+    status = server.status()
+    assert status["session_id"] == before["session_id"]
+    assert status["start"] == "resumed after a clean stop (0 bytes outstanding)"
+    assert first_cycle(status)["cycle"] > before["cycle"], "RP ids are unique for the session"
+    assert sum(c["bytes_copied"] + c["bytes_zeroed"] for c in status["cycles"]) == 0
+    assert status["committed_cycle"] == cycle and same(site.src, site.dst)
+
+
+def test_a_restart_copies_exactly_what_the_stop_left_outstanding(procs, nbdkit, tmp_path):
+    """The replica is down when the source stops: the final RP cannot commit, so the stop
+    records the outstanding report, and the next start copies exactly that."""
+    site = Site(procs, nbdkit, tmp_path)
+    server = site.serve("--stop-timeout", "5")
+    server.rp()
+    procs.stop(site.replica)
+    write(server, 5 * MiB, os.urandom(8192))
+    write(server, 9 * MiB + 4096, os.urandom(4096))
+    site.stop()
+    os.unlink(site.rsock)
+    site.rsock, site.replica = nbdkit("file", site.dst, sock=site.rsock)
+    server = site.serve()
+    server.rp()
+    status = server.status()
+    assert status["start"] == "resumed after a clean stop (12288 bytes outstanding)", status["start"]
+    assert first_cycle(status)["bytes_copied"] == 12288 and not first_cycle(status)["initial_sync"]
+    assert same(site.src, site.dst)
+
+
+def test_a_source_changed_while_stopped_is_resynced_in_full_and_says_why(procs, nbdkit, tmp_path):
+    site = Site(procs, nbdkit, tmp_path)
+    site.serve().rp()
+    site.stop()
+    with open(site.src, "r+b") as f:   # written behind nbdrep's back
+        f.seek(7 * MiB)
+        f.write(b"outside write")
+    server = site.serve()
+    server.rp()
+    status = server.status()
+    assert "full resync (the source changed while nbdrep was not serving it" in status["start"]
+    assert first_cycle(status)["initial_sync"] and full(first_cycle(status))
+    assert same(site.src, site.dst)
+
+
+def test_a_swapped_replica_is_resynced_in_full(procs, nbdkit, tmp_path):
+    site = Site(procs, nbdkit, tmp_path)
+    site.serve().rp()
+    site.stop()
+    other = make_image(os.path.join(site.tmp, "other.img"), 16 * MiB)
+    osock, _ = nbdkit("file", other)
+    server = site.serve(replica_uri=uri(osock))
+    server.rp()
+    assert "the replica is not the recorded one (URI)" in server.status()["start"]
+    assert same(site.src, other)
+
+
+def test_resync_full_copies_everything_whatever_the_record_says(procs, nbdkit, tmp_path):
+    site = Site(procs, nbdkit, tmp_path)
+    site.serve().rp()
+    site.stop()
+    server = site.serve("--resync", "full")
+    server.rp()
+    status = server.status()
+    assert status["start"] == "full sync (--resync full)"
+    assert full(first_cycle(status))
+
+
+def test_a_corrupt_record_is_one_line_exit_2_and_nothing_written(procs, nbdkit, tmp_path):
+    site = Site(procs, nbdkit, tmp_path)
+    state = os.path.join(site.tmp, "state")
+    os.makedirs(state)
+    with open(os.path.join(state, "replication.json"), "w") as f:
+        f.write("{not json")
+    before = sorted(os.listdir(state))
+    run = subprocess.run(nbdrep_cmd("serve", "--source", site.src, "--socket",
+                                    os.path.join(site.tmp, "s.sock"), "--state", state,
+                                    "--replica", uri(site.rsock)),
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2, run.stderr
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and "replication record" in lines[0] and "move it away" in lines[0]
+    assert sorted(os.listdir(state)) == before
+
+
+def test_the_record_is_replaced_whole(procs, nbdkit, tmp_path):
+    """Written through a temporary file and a rename: never a torn record, no leftovers."""
+    site = Site(procs, nbdkit, tmp_path)
+    server = site.serve()
+    server.rp()
+    state = os.path.join(site.tmp, "state")
+    with open(os.path.join(state, "replication.json")) as f:
+        record = json.load(f)
+    assert record["clean"] is False and record["committed_cycle"] == server.status()["committed_cycle"]
+    site.stop()
+    with open(os.path.join(state, "replication.json")) as f:
+        record = json.load(f)
+    assert record["clean"] is True and record["outstanding"] == {}
+    assert "replication.json.tmp" not in os.listdir(state)
