@@ -2,9 +2,13 @@
 more. Real `nbdrep serve` processes stopped with SIGTERM (a clean stop) against real replicas."""
 import json
 import os
+import random
+import signal
 import subprocess
+import time
 
 import nbd
+import psutil
 
 from conftest import Server, make_image, nbdrep_cmd, uri
 
@@ -160,3 +164,32 @@ def test_the_record_is_replaced_whole(procs, nbdkit, tmp_path):
         record = json.load(f)
     assert record["clean"] is True and record["outstanding"] == {}
     assert "replication.json.tmp" not in os.listdir(state)
+
+
+def test_source_killed_at_random_moments_restarts_with_a_full_resync_and_converges(procs, nbdkit,
+                                                                                    tmp_path):
+    """kill -9 of the source's nbdkit under fio at a random moment, four rounds. Without the
+    dirty-region log, each restart must resync in full and say why; after its RP the replica
+    equals the source."""
+    site = Site(procs, nbdkit, tmp_path)
+    rng = random.Random(12393603)
+    server = site.serve("--cycle", "0.2")
+    server.rp()
+    for _ in range(4):
+        fio = procs.start(["fio", "--name=crash", "--ioengine=nbd", f"--uri={server.uri}",
+                           "--rw=randwrite", "--bs=4k", "--iodepth=8", "--size=100%", "--time_based",
+                           "--runtime=60", "--output=/dev/null"], cwd=tmp_path,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(0.2, 1.0))       # the random moment of the crash
+        (nbdkit_proc,) = psutil.Process(server.proc.pid).children()
+        nbdkit_proc.send_signal(signal.SIGKILL)
+        server.proc.wait(60)
+        procs.procs.remove(server.proc)
+        procs.stop(fio)
+        os.unlink(server.control)   # left by the killed run; the new one is waited for by it
+        server = site.serve("--cycle", "0.2")
+        server.rp()
+        status = server.status()
+        assert status["start"] == "full resync (the last run did not stop cleanly (killed or power lost))"
+        assert first_cycle(status)["initial_sync"]
+        assert same(site.src, site.dst)
