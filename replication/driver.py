@@ -129,6 +129,13 @@ class Session:
                                  self.devices, config.resync == "full") if self.replicated else None
         self.tracker = Tracker(max_bytes=config.tracker_mem,
                                first_cycle=self.plan.first_cycle if self.plan else 1)
+        if self.state_dir is not None:
+            # Before the first write is served: from here on a crash must read as a run in
+            # progress (a full resync), not as the last run's clean stop, whose outstanding
+            # report lacks this run's writes. Raises if the record cannot be written: better
+            # not to serve than to lose a change silently.
+            self._write_record(clean=False, outstanding=None, committed_cycle=self.plan.committed_cycle,
+                               rp_time=self.plan.rp_time)
         self.keepaside = KeepAside({d.dev: d.backend for d in self.devices},
                                    mem_cap=config.keepaside_mem, spill_cap=config.keepaside_spill,
                                    spill_dir=config.state)
@@ -143,6 +150,7 @@ class Session:
         self._request = 0
         self._stopping = False
         self._abandon = False
+        self.record_error = None   # why the record could not be written last time, or None
         self._thread = None
         self._replicas = {}
         self._retried_before = 0   # requests retried on replica connections since closed
@@ -220,6 +228,7 @@ class Session:
             out = self.controller.status(self.clock())
             out["session_id"] = self.plan.session_id if self.plan else None
             out["start"] = self.plan.how if self.plan else None
+            out["record_error"] = self.record_error
             retried = self._retried_before + sum(
                 r.stats()["retried"] for r in list(self._replicas.values()))
         out.update({
@@ -387,13 +396,27 @@ class Session:
                  "without a clean record (the next start resyncs in full)", what)
 
     def _save_record(self, clean, outstanding=None):
+        """Write the record. One that cannot be written (a full state directory) is logged and
+        shown in status, never a failed cycle: the record on disk then is an older one of a
+        run in progress, so the next start resyncs in full, which is safe."""
         if self.state_dir is None:
             return
-        c = self.controller
+        try:
+            self._write_record(clean, outstanding, self.controller.committed_cycle,
+                               self.controller.committed_rp_time)
+        except OSError as e:
+            if self.record_error is None:
+                log.error("cannot write the replication record in %s (%s); until it can be "
+                          "written, a restart resyncs in full", self.state_dir, e.strerror or e)
+            self.record_error = f"{e.strerror or e}"
+        else:
+            self.record_error = None
+
+    def _write_record(self, clean, outstanding, committed_cycle, rp_time):
         names = {d.dev: d.name for d in self.devices}
         records.save(self.state_dir, records.make(
-            self.plan.session_id, clean=clean, committed_cycle=c.committed_cycle,
-            rp_time=c.committed_rp_time, next_cycle=self.tracker.cycle,
+            self.plan.session_id, clean=clean, committed_cycle=committed_cycle,
+            rp_time=rp_time, next_cycle=self.tracker.cycle,
             sources={d.name: records.identity(d.path, d.backend.fd) for d in self.devices},
             replicas={d.name: {"uri": d.replica_uri, "size": d.replica_size} for d in self.devices},
             outstanding=outstanding.as_json(names) if outstanding else None))

@@ -193,3 +193,4 @@ def test_source_killed_at_random_moments_restarts_with_a_full_resync_and_converg
         assert status["start"] == "full resync (the last run did not stop cleanly (killed or power lost))"
         assert first_cycle(status)["initial_sync"]
         assert same(site.src, site.dst)
+
