@@ -1,6 +1,8 @@
 """The replication driver in-process, over real back ends and a real nbdkit replica."""
+import errno
 import os
 import signal
+import subprocess
 import threading
 import time
 
@@ -344,4 +346,44 @@ def test_a_step_that_fails_unexpectedly_mid_batch_never_ends_the_worker(make_ses
     states = [c["state"] for c in s.status()["cycles"]]
     assert "inconsistent" in states, "the commit after the error was not trusted"
     assert s.status()["committed_cycle"] >= cycle
+    assert open(src, "rb").read() == open(dst, "rb").read()
+
+
+@pytest.fixture
+def tiny_state(tmp_path):
+    """A 64 KiB tmpfs for the state directory, unmounted after the sessions stopped."""
+    state = tmp_path / "tiny-state"
+    state.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(state)], check=True,
+                   timeout=60)
+    yield str(state)
+    subprocess.run(["umount", str(state)], check=True, timeout=60)
+
+
+def test_a_full_state_directory_is_shown_never_a_failed_cycle(tiny_state, make_session):
+    """The record is written at every commit; when the state directory is full, replication
+    goes on, the error is in status, and the record on disk (a run in progress) makes the
+    next start resync in full, which is safe."""
+    s, backend, src, dst = make_session(config=[("state", tiny_state)])
+    rp(s)
+    assert s.status()["record_error"] is None
+    fd = os.open(os.path.join(tiny_state, "filler"), os.O_WRONLY | os.O_CREAT)
+    try:
+        for _ in range(64):   # 64 KiB: more than is left
+            os.write(fd, b"x" * 4096)
+    except OSError as e:
+        assert e.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
+    write(s, backend, 2 * MiB, os.urandom(4096))
+    cycle = rp(s)
+    # rp returns at the commit; the driver writes the record right after it.
+    wait_until(lambda: s.status()["record_error"] is not None, what="the record's error")
+    status = s.status()
+    assert status["committed_cycle"] == cycle and status["failures"] == 0
+    assert "No space left" in status["record_error"]
+    os.unlink(os.path.join(tiny_state, "filler"))
+    write(s, backend, 3 * MiB, os.urandom(4096))
+    rp(s)
+    wait_until(lambda: s.status()["record_error"] is None, what="the next commit's record")
     assert open(src, "rb").read() == open(dst, "rb").read()
