@@ -299,6 +299,11 @@ def format_status(status, rows=10):
         f"state: {status['state']}   cycle: {status['cycle']}   "
         f"committed: {status['committed_cycle'] if status['replicated'] else '(no replica)'}   lag: {lag}",
     ]
+    if status.get("session_id"):
+        head.append(f"session: {status['session_id']}   start: {status['start']}")
+    for key in ("stuck", "record_error"):
+        if status.get(key):
+            head.append(f"{key.replace('_', ' ')}: {status[key]}")
     head += [f"  export {d['name'] or '(default)'!r}: {d['path']} ({_human(d['size'])})"
              f" -> {d['replica'] or '-'}" for d in status["devices"]]
     cycles = status["cycles"][-rows:]

@@ -26,6 +26,7 @@ from replication.driver import Session
 from nbd_plugin import startup
 from nbd_plugin.control import ControlServer
 from nbd_plugin.params import Config
+from replication import record
 from tracker import KIND_DATA, KIND_TRIM, KIND_ZERO
 
 API_VERSION = 2
@@ -69,6 +70,11 @@ def get_ready():
 
 def after_fork():
     global control
+    if not config_.replicas and config_.state and not config_.readonly:
+        # Serving without replicating writes behind a replication record's back: a later
+        # replicated start must resync in full. nbdkit has bound its sockets but accepts no
+        # client before this returns.
+        record.taint(config_.state)
     if session is None:
         return
     session.start()
@@ -78,11 +84,13 @@ def after_fork():
 
 
 def cleanup():
-    if control is not None:
-        control.stop()
+    # The control socket stays up during the stop, so that status shows it ("stopping").
     # A worker still held after the stop timeout (its drain waits for a hung write) may still
     # read the back ends; the process is exiting, so their descriptors are left to it.
-    if session is not None and not session.stop(config_.stop_timeout):
+    stopped = session is None or session.stop(config_.stop_timeout)
+    if control is not None:
+        control.stop()
+    if not stopped:
         return
     for backend in backends.values():
         backend.close()

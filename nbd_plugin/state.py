@@ -6,6 +6,8 @@ wrong file or a resize the replica has not seen; both deserve a stop, not a gues
 import json
 import os
 
+from replication import record as record_module
+
 FILE = "sources.json"
 
 
@@ -23,15 +25,7 @@ def check_sizes(state_dir, sizes, record=True):
                 f"source {source!r} is {size} bytes but was {known[source]} bytes when nbdrep last "
                 f"served it; if the resize is intended, remove its entry from {path}")
     if record:
-        _save(path, {**known, **sizes})
-
-
-def _save(path, known):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(known, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
+        record_module.write_json(path, {**known, **sizes})
 
 
 def _load(path):

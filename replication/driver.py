@@ -62,8 +62,11 @@ BATCH_BYTES = 4 << 20
 BATCH_SEGMENTS = 8192
 MAX_REPORT_EXTENTS = reports.MAX_EXTENTS
 DRAIN_TIMEOUT = 60.0
-# How long a stop lets the worker finish its step before cancelling its replica calls.
+# How long a stop waits for a worker held elsewhere once its replica calls are cancelled.
 STOP_GRACE = 1.0
+# Of a stop's timeout, what is kept to record an abandoned copy's outstanding report: a report
+# at its cap (a million extents) took 2 s to write.
+PERSIST_RESERVE = 5.0
 KINDS = (KIND_DATA, KIND_ZERO, KIND_TRIM)
 
 
@@ -123,19 +126,12 @@ class Session:
         self.replicated = any(d.replica_uri for d in self.devices)
         self.state_dir = config.state if self.replicated else None
         for d in self.devices:
-            d.identity = records.identity(d.path, d.backend.fd)
+            d.identity = records.identity(d.path, d.backend.fd, d.size)
             d.replica_size = (replica_sizes or {}).get(d.name)
         self.plan = records.plan(records.load(self.state_dir) if self.state_dir else None,
                                  self.devices, config.resync == "full") if self.replicated else None
         self.tracker = Tracker(max_bytes=config.tracker_mem,
                                first_cycle=self.plan.first_cycle if self.plan else 1)
-        if self.state_dir is not None:
-            # Before the first write is served: from here on a crash must read as a run in
-            # progress (a full resync), not as the last run's clean stop, whose outstanding
-            # report lacks this run's writes. Raises if the record cannot be written: better
-            # not to serve than to lose a change silently.
-            self._write_record(clean=False, outstanding=None, committed_cycle=self.plan.committed_cycle,
-                               rp_time=self.plan.rp_time)
         self.keepaside = KeepAside({d.dev: d.backend for d in self.devices},
                                    mem_cap=config.keepaside_mem, spill_cap=config.keepaside_spill,
                                    spill_dir=config.state)
@@ -163,6 +159,13 @@ class Session:
         a full sync of the sources that need one, what a clean stop left outstanding of the
         others (often nothing)."""
         carry, plan = None, self.plan
+        if self.state_dir is not None:
+            # Before the first write is served (nbdkit calls this after binding its sockets,
+            # before accepting a client, so a start that fails earlier leaves a clean record
+            # clean): from here on a crash must read as a run in progress, a full resync, not
+            # as the last run's clean stop, whose outstanding report lacks this run's writes.
+            # Raises if the record cannot be written: better not to serve than to lose a change.
+            self._write_record(False, None, plan.committed_cycle, plan.rp_time)
         if plan is not None:
             for reason in sorted(set(plan.full.values())):
                 log.info("%s: %s", ", ".join(repr(d.name or "(default)") for d in self.devices
@@ -196,12 +199,13 @@ class Session:
             self._cond.notify_all()
         if self._thread is None:
             return True
-        self._thread.join(timeout)
+        reserve = min(PERSIST_RESERVE, timeout / 2)
+        self._thread.join(timeout - reserve)
         if self._thread.is_alive():
             self._abandon = True
             for replica in list(self._replicas.values()):
                 replica.close()
-            self._thread.join(STOP_GRACE)
+            self._thread.join(reserve + STOP_GRACE)
         return not self._thread.is_alive()
 
     def request_rp(self):
@@ -379,47 +383,53 @@ class Session:
     def _persist(self, action):
         """Record the stop. A clean one adds the open cycle's TEs to what is outstanding: the
         writes after the last RP, which no report holds (the hosts are gone, so none is in
-        flight; if one is, the stop is recorded as unclean)."""
+        flight; if one is, the stop is recorded as unclean). The sources are made durable
+        first: a clean record vouches for them, and their identities are taken after."""
         outstanding, clean = action.outstanding, action.clean
         if clean:
             try:
                 closed = self.tracker.close_cycle(timeout=STOP_GRACE)
-            except TimeoutError:
+                for d in self.devices:
+                    d.backend.flush()
+            except (TimeoutError, OSError) as e:
+                log.warning("stop not recorded as clean: %s", e)
                 clean, outstanding = False, None
             else:
-                # Zero TEs read as data: whether they landed in cycle order is not known here.
-                left = reports.build(closed, self.sizes, KINDS, zeros_as_data=True)
+                left = reports.build(closed, self.sizes, KINDS, zeros_as_data=action.zeros_as_data)
                 outstanding = left if outstanding is None else left.merged_with(outstanding, self.sizes)
-        self._save_record(clean, outstanding)
+        if not self._save_record(clean, outstanding, exact=True):
+            log.error("stopped, but the record could not be written: the next start resyncs in full")
+            return
         what = "nothing" if not outstanding else f"{outstanding.byte_count()} bytes"
         log.info("stopped %s; %s outstanding for the next start", "cleanly" if clean else
                  "without a clean record (the next start resyncs in full)", what)
 
-    def _save_record(self, clean, outstanding=None):
-        """Write the record. One that cannot be written (a full state directory) is logged and
-        shown in status, never a failed cycle: the record on disk then is an older one of a
-        run in progress, so the next start resyncs in full, which is safe."""
+    def _save_record(self, clean, outstanding=None, exact=False):
+        """Write the record; True if it was. One that cannot be written (a full state
+        directory) is logged and shown in status, never a failed cycle: the record on disk then
+        is an older one of a run in progress, so the next start resyncs in full, which is safe."""
         if self.state_dir is None:
-            return
+            return True
         try:
             self._write_record(clean, outstanding, self.controller.committed_cycle,
-                               self.controller.committed_rp_time)
+                               self.controller.committed_rp_time, exact)
         except OSError as e:
             if self.record_error is None:
                 log.error("cannot write the replication record in %s (%s); until it can be "
                           "written, a restart resyncs in full", self.state_dir, e.strerror or e)
             self.record_error = f"{e.strerror or e}"
-        else:
-            self.record_error = None
+            return False
+        self.record_error = None
+        return True
 
-    def _write_record(self, clean, outstanding, committed_cycle, rp_time):
-        names = {d.dev: d.name for d in self.devices}
+    def _write_record(self, clean, outstanding, committed_cycle, rp_time, exact=False):
+        """``exact``: the open cycle is the next id (a stop); otherwise ids are reserved ahead."""
         records.save(self.state_dir, records.make(
-            self.plan.session_id, clean=clean, committed_cycle=committed_cycle,
-            rp_time=rp_time, next_cycle=self.tracker.cycle,
-            sources={d.name: records.identity(d.path, d.backend.fd) for d in self.devices},
+            self.plan.session_id, clean=clean, committed_cycle=committed_cycle, rp_time=rp_time,
+            next_cycle=self.tracker.cycle + (0 if exact else records.RESERVE),
+            sources={d.name: records.identity(d.path, d.backend.fd, d.size) for d in self.devices},
             replicas={d.name: {"uri": d.replica_uri, "size": d.replica_size} for d in self.devices},
-            outstanding=outstanding.as_json(names) if outstanding else None))
+            outstanding=outstanding, names={d.dev: d.name for d in self.devices}))
 
     # -- copy and flush ---------------------------------------------------------------------------
 
@@ -497,7 +507,7 @@ class Session:
                 if not replica.can_multi_conn:
                     continue
                 replica.flush()
-            except (ReplicaError, OSError):
+            except (ReplicaError, OSError, Stopping):
                 self._close_replicas()
                 continue
             out[d.dev] = reports.merge(*landed[d.dev])
@@ -507,6 +517,8 @@ class Session:
         try:
             for d in self.devices:
                 self._replica(d).flush()
+        except Stopping:
+            return m.Abandoned()
         except (ReplicaError, OSError) as e:
             self._close_replicas()
             return m.Abandoned() if self._abandon else m.Failed(f"flush failed: {e}")
@@ -526,6 +538,8 @@ class Session:
     def _replica(self, d):
         replica = self._replicas.get(d.dev)
         if replica is None:
+            if self._abandon:   # the stop's time ran out: open nothing new
+                raise Stopping()
             replica = Replica(d.replica_uri, connections=REPLICA_CONNECTIONS)
             self._replicas[d.dev] = replica
             replica.check_size(d.size)

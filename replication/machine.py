@@ -203,6 +203,7 @@ class Persist:
     (writes after the last RP that no report holds; none are in flight, the hosts are gone)."""
     clean: bool
     outstanding: object
+    zeros_as_data: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -414,7 +415,7 @@ class Controller:
 
     def _stopped(self, clean):
         self.state = State.STOPPED
-        return [Persist(clean, self.carry if clean else None)]
+        return [Persist(clean, self.carry if clean else None, self.zeros_as_data)]
 
     def _failed_stopped(self, event, now):
         """A step of the stop failed, and the driver dropped what followed it: record the

@@ -8,14 +8,19 @@ fsync, rename over the old one, fsync of the directory. So after a crash at any 
 file is the old record or the new one, never a mix.
 
 It holds the session id (made at the first full sync; with a cycle id it names an RP for the
-life of the session), the last committed cycle and its RP time, the next cycle id (so ids
-continue across restarts), each source's identity, each replica's URI and size, whether the
-last run stopped cleanly, and what it left outstanding.
+life of the session), the last committed cycle and its RP time, the next cycle id, each
+source's identity, each replica's URI and size, whether the last run stopped cleanly, and what
+it left outstanding (flat lists of offset, length, compact: a report at its cap of a million
+extents is tens of MB and must be written within the stop's time).
 
-The driver writes it at every commit (``clean`` false: a run is in progress) and once at a
-clean stop (``clean`` true, with the outstanding report: nothing if the final RP committed,
-else the carry). ``plan`` reads it at start and decides, per source, between resuming (copy
-the outstanding report, often nothing) and a full resync, with the reason:
+The driver writes it once serving is about to begin (``clean`` false: a run is in progress),
+at every commit, and at a clean stop (``clean`` true, with the outstanding report: nothing if
+the final RP committed, else the carry and the writes after the last RP). While a run is in
+progress, ``next_cycle`` is ``RESERVE`` ahead of the open cycle, so the ids a crashed run
+used are never issued again. A run that serves the sources without replicating them marks the
+record as not clean (``taint``): it writes behind the record's back. ``plan`` reads the record
+at start and decides, per source, between resuming (copy the outstanding report, often
+nothing) and a full resync, with the reason:
 
 * no record, or ``--resync full``: a full sync;
 * the last run did not stop cleanly (kill -9, power loss): a full resync, since writes may
@@ -29,29 +34,36 @@ the outstanding report, often nothing) and a full resync, with the reason:
 A block device cannot show outside writes (no mtime): the README says so, and
 ``--resync full`` is for that case.
 """
+import array
 import json
 import os
 import stat
 import uuid
 
-from reporter.report import Report, pack
+from reporter.report import Report
 
 FILE = "replication.json"
 VERSION = 1
+KEYS = ("session_id", "clean", "committed_cycle", "rp_time", "next_cycle", "sources", "replicas",
+        "outstanding")
+# Ids reserved ahead of the open cycle while a run is in progress: a year of failed cycles
+# retried every 30 s.
+RESERVE = 1 << 20
 
 
 class RecordError(Exception):
     """The record cannot be read; the message says how to start afresh."""
 
 
-def identity(path, fd):
-    """What names a source and shows a change made while nbdrep was not serving it. O(1)."""
+def identity(path, fd, size):
+    """What names a source of ``size`` bytes and shows a change made while nbdrep was not
+    serving it (for a file: mtime and ctime; a block device shows none). O(1)."""
     st = os.fstat(fd)
     block = stat.S_ISBLK(st.st_mode)
     out = {"path": os.path.realpath(path), "dev": st.st_rdev if block else st.st_dev,
-           "ino": 0 if block else st.st_ino, "block": block}
+           "ino": 0 if block else st.st_ino, "block": block, "size": size}
     if not block:
-        out.update(size=st.st_size, mtime_ns=st.st_mtime_ns, ctime_ns=st.st_ctime_ns)
+        out.update(mtime_ns=st.st_mtime_ns, ctime_ns=st.st_ctime_ns)
     return out
 
 
@@ -66,24 +78,40 @@ def load(state_dir):
     except (OSError, ValueError) as e:
         raise RecordError(f"replication record {path} is unreadable ({e}); move it away to "
                           "start afresh with a full sync") from None
-    if not isinstance(record, dict) or record.get("version") != VERSION:
-        raise RecordError(f"replication record {path} is not version {VERSION}; move it away "
-                          "to start afresh with a full sync")
+    if not isinstance(record, dict) or record.get("version") != VERSION or \
+            any(key not in record for key in KEYS):
+        raise RecordError(f"replication record {path} is not a version {VERSION} record; move "
+                          "it away to start afresh with a full sync")
     return record
 
 
 def save(state_dir, record):
-    """Replace the record crash-safely (temporary file, fsync, rename, fsync the directory).
-    Cost: two fsyncs."""
-    os.makedirs(state_dir, exist_ok=True)
-    path = os.path.join(state_dir, FILE)
+    """Replace the record crash-safely. Cost: two fsyncs."""
+    write_json(os.path.join(state_dir, FILE), record)
+
+
+def taint(state_dir):
+    """Mark a clean record as not clean, before a run serves its sources without replicating
+    them: their next replicated start then resyncs in full. O(size of the record)."""
+    record = load(state_dir)
+    if record is not None and record["clean"]:
+        record["clean"] = False
+        save(state_dir, record)
+
+
+def write_json(path, obj):
+    """Replace the JSON file ``path`` crash-safely: a temporary file, fsync, rename over the
+    old one, fsync of the directory; after a crash it is the old file or the new one, whole.
+    Compact (no indentation). Cost: two fsyncs."""
+    folder = os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(record, f, indent=1, sort_keys=True)
+        json.dump(obj, f, separators=(",", ":"))
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    fd = os.open(state_dir, os.O_RDONLY | os.O_DIRECTORY)
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
     finally:
@@ -91,12 +119,17 @@ def save(state_dir, record):
 
 
 def make(session_id, *, clean, committed_cycle, rp_time, next_cycle, sources, replicas,
-         outstanding=None):
+         outstanding=None, names=None):
     """A record: ``sources`` {name: identity}, ``replicas`` {name: {"uri", "size"}},
-    ``outstanding`` {name: Report-as-JSON} (None: nothing). O(outstanding extents)."""
+    ``outstanding`` a Report (or None) whose devices ``names`` {dev: name} names.
+    O(outstanding extents)."""
+    left = {}
+    if outstanding:
+        left = {name: {"data": outstanding.data_of(dev).tolist(), "zero": outstanding.zero_of(dev).tolist()}
+                for dev, name in names.items() if outstanding.data_of(dev) or outstanding.zero_of(dev)}
     return {"version": VERSION, "session_id": session_id, "clean": clean,
             "committed_cycle": committed_cycle, "rp_time": rp_time, "next_cycle": next_cycle,
-            "sources": sources, "replicas": replicas, "outstanding": outstanding or {}}
+            "sources": sources, "replicas": replicas, "outstanding": left}
 
 
 class Plan:
@@ -157,7 +190,8 @@ def _changed(record, d):
 def _report(outstanding, dev):
     if not outstanding:
         return Report()
-    return Report({dev: pack(outstanding["data"])}, {dev: pack(outstanding["zero"])})
+    return Report({dev: array.array("Q", outstanding["data"])},
+                  {dev: array.array("Q", outstanding["zero"])})
 
 
 def _label(d):

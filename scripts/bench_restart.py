@@ -12,6 +12,7 @@ shows the first cycle of the run committed. Prints a table.
 import argparse
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -53,9 +54,9 @@ def main():
                     print(f"[bench] restart {i + 1}/{args.rounds}: {name}", file=sys.stderr, flush=True)
                     rows[name].append(_run(procs, work, src, rsock, extra))
     print(f"\nStart to first commit after a clean stop ({args.size} sparse source, {args.data} of data)")
-    print(format_table(["restart", "best s", "median s", "copied MiB"],
+    print(format_table(["restart", "best s", "median s", "copied or zeroed MiB (each run)"],
                        [[name, f"{min(s for s, _ in r):.2f}", f"{statistics.median(s for s, _ in r):.2f}",
-                         f"{r[0][1] / 2**20:.1f}"] for name, r in rows.items()]))
+                         ", ".join(f"{n / 2**20:.1f}" for _, n in r)] for name, r in rows.items()]))
 
 
 def _run(procs, work, src, rsock, extra):
@@ -66,7 +67,7 @@ def _run(procs, work, src, rsock, extra):
     proc = procs.start(nbdrep_cmd("serve", "--source", src, "--socket", os.path.join(work, "s.sock"),
                                   "--control", ctl, "--state", os.path.join(work, "state"),
                                   "--cycle", "3600", "--replica", f"nbd+unix:///?socket={rsock}", *extra),
-                       wait_for=ctl, timeout=600, stdout=open(os.devnull, "w"))
+                       wait_for=ctl, timeout=600, stdout=subprocess.DEVNULL)
     deadline = started + 3600
     while time.monotonic() < deadline:
         status = control.request(ctl, {"cmd": "status"}, 30)

@@ -11,6 +11,7 @@ import nbd
 import psutil
 
 from conftest import Server, make_image, nbdrep_cmd, uri
+from test_backend import kernel  # noqa: F401 -- the loop-device fixture
 
 MiB = 1 << 20
 
@@ -194,3 +195,24 @@ def test_source_killed_at_random_moments_restarts_with_a_full_resync_and_converg
         assert first_cycle(status)["initial_sync"]
         assert same(site.src, site.dst)
 
+
+
+def test_a_block_device_served_without_replication_in_between_is_resynced(procs, nbdkit, kernel,
+                                                                         tmp_path):
+    """A block device shows no mtime: a run that serves it without replicating (here tracking
+    only, on the same state directory) must mark the record, or the next replicated start
+    would resume with nothing to copy and the replica would miss that run's writes."""
+    image = make_image(str(tmp_path / "dev.img"), 16 * MiB, random_mib=2)
+    dev = kernel.loop(image, 512)
+    dst = make_image(str(tmp_path / "replica.img"), 16 * MiB)
+    rsock, _ = nbdkit("file", dst)
+    server = Server(procs, str(tmp_path), [dev], [uri(rsock)], extra=["--cycle", "3600"])
+    server.rp()
+    assert procs.stop(server.proc) == 0
+    tracking_only = Server(procs, str(tmp_path), [dev])
+    write(tracking_only, 4 * MiB, os.urandom(4096))
+    assert procs.stop(tracking_only.proc) == 0
+    server = Server(procs, str(tmp_path), [dev], [uri(rsock)], extra=["--cycle", "3600"])
+    server.rp()
+    assert "the last run did not stop cleanly" in server.status()["start"]
+    assert same(dev, dst)

@@ -268,7 +268,7 @@ class ControllerModel(RuleBasedStateMachine):
             return
         # As the driver does: the open cycle's TEs join what is outstanding.
         closed = self.tracker.close_cycle(timeout=0)
-        extra = reports.build(closed, {0: SIZE}, KINDS, zeros_as_data=True)
+        extra = reports.build(closed, {0: SIZE}, KINDS, zeros_as_data=action.zeros_as_data)
         outstanding = extra if action.outstanding is None else extra.merged_with(action.outstanding, {0: SIZE})
         self.persisted = m.Persist(True, outstanding)
         source, covered = self.log.image(), set()
