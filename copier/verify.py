@@ -25,6 +25,7 @@ tail past the smaller size is reported as one more range.
 import argparse
 import bisect
 import collections
+import os
 import re
 import sys
 import time
@@ -67,6 +68,32 @@ def verify(source_uri, replica_uri, *, chunk=4 << 20, progress=None, connect_tim
     for h in (source, replica):
         h.aio_disconnect()
     return ranges
+
+
+def sample_differs(source_fd, replica_uri, offsets, length=BLOCK, connect_timeout=10.0):
+    """The first of ``offsets`` where ``length`` bytes of the source (a file descriptor) and of
+    the replica differ, or None: the cheap check that a replica is still the one recorded.
+    Reads past the source's end are cut short on both sides. Raises ReplicaError if the
+    replica is unreachable or a read fails. O(len(offsets)) round trips."""
+    h = connect(replica_uri, timeout=connect_timeout)
+    try:
+        size = h.get_size()
+        for offset in offsets:
+            theirs_len = min(length, size - offset)
+            mine = os.pread(source_fd, length, offset)
+            n = min(len(mine), theirs_len)
+            if n <= 0:
+                continue
+            try:
+                theirs = h.pread(n, offset)
+            except nbd.Error as e:
+                raise ReplicaError(f"reading the replica at offset {offset} failed: "
+                                   f"{describe_error(e.errnum)}", e.errnum) from None
+            if bytes(theirs) != mine[:n]:
+                return offset
+        return None
+    finally:
+        h.shutdown()
 
 
 def check_chunk(chunk):

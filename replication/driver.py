@@ -38,6 +38,7 @@ import time
 
 from copier.keepaside import KeepAside
 from copier.replica import Replica, ReplicaError
+from copier.verify import sample_differs
 from replication import machine as m, record as records
 from reporter import report as reports, sgl_batches
 from tracker import KIND_DATA, KIND_TRIM, KIND_ZERO, Tracker
@@ -129,7 +130,8 @@ class Session:
             d.identity = records.identity(d.path, d.backend.fd, d.size)
             d.replica_size = (replica_sizes or {}).get(d.name)
         self.plan = records.plan(records.load(self.state_dir) if self.state_dir else None,
-                                 self.devices, config.resync == "full") if self.replicated else None
+                                 self.devices, config.resync == "full",
+                                 sample=self._sample) if self.replicated else None
         self.tracker = Tracker(max_bytes=config.tracker_mem,
                                first_cycle=self.plan.first_cycle if self.plan else 1)
         self.keepaside = KeepAside({d.dev: d.backend for d in self.devices},
@@ -151,6 +153,16 @@ class Session:
         self._replicas = {}
         self._retried_before = 0   # requests retried on replica connections since closed
         self._buffers = None
+
+    @staticmethod
+    def _sample(d, offsets):
+        """Where the replica of ``d`` first differs from the source at ``offsets``, or None.
+        Unreachable now (it was reachable at the start-up check a moment ago): treated as
+        different, the safe side."""
+        try:
+            return sample_differs(d.backend.fd, d.replica_uri, offsets)
+        except ReplicaError:
+            return offsets[0] if offsets else 0
 
     # -- life cycle (nbdkit's threads) ------------------------------------------------------
 

@@ -28,19 +28,25 @@ nothing) and a full resync, with the reason:
   dirty-region log of issue 9 will narrow this);
 * a source whose identity changed while nbdrep was not serving it (path, device and inode,
   size; for a file also mtime and ctime): a full resync of that source;
-* a replica whose URI or size is not the recorded one: a full resync of that source;
+* a replica whose URI or size is not the recorded one, or that differs from the source in
+  any of ``SAMPLES`` 4 KiB blocks (the first, the last and the rest at random) outside what
+  was left outstanding, since after a clean stop the two must be equal there: a full resync
+  of that source (a different image behind the same URI, a replica written by a test
+  failover);
 * a source not in the record (an added export): a full sync of that source only.
 
 A block device cannot show outside writes (no mtime): the README says so, and
 ``--resync full`` is for that case.
 """
 import array
+import bisect
 import json
 import os
+import random
 import stat
 import uuid
 
-from reporter.report import Report
+from reporter.report import Report, merge as reports_merge
 
 FILE = "replication.json"
 VERSION = 1
@@ -49,6 +55,8 @@ KEYS = ("session_id", "clean", "committed_cycle", "rp_time", "next_cycle", "sour
 # Ids reserved ahead of the open cycle while a run is in progress: a year of failed cycles
 # retried every 30 s.
 RESERVE = 1 << 20
+SAMPLES = 64
+SAMPLE_BLOCK = 4096
 
 
 class RecordError(Exception):
@@ -143,10 +151,11 @@ class Plan:
         self.committed_cycle, self.rp_time, self.how = committed_cycle, rp_time, how
 
 
-def plan(record, devices, resync_full=False):
+def plan(record, devices, resync_full=False, sample=None):
     """Decide how this run starts from ``record`` (or None) for ``devices`` (each with
-    ``dev``, ``name``, ``identity`` and ``replica_uri``/``replica_size``). O(sources +
-    outstanding extents)."""
+    ``dev``, ``name``, ``size``, ``identity`` and ``replica_uri``/``replica_size``).
+    ``sample(device, offsets)`` returns the first offset where the source and the replica
+    differ, or None (not called when None). O(sources + outstanding extents), plus the samples."""
     if record is None or resync_full:
         reason = "--resync full" if resync_full and record is not None else "first run: initial sync"
         return Plan(uuid.uuid4().hex, 1 if record is None else record["next_cycle"],
@@ -161,8 +170,12 @@ def plan(record, devices, resync_full=False):
         why = _changed(record, d)
         if why:
             full[d.dev] = why
-        else:
-            resume[d.dev] = _report(record["outstanding"].get(d.name), d.dev)
+            continue
+        resume[d.dev] = _report(record["outstanding"].get(d.name), d.dev)
+        why = _sampled(d, resume[d.dev], sample)
+        if why:
+            full[d.dev] = why
+            del resume[d.dev]
     if full:
         how = "; ".join(f"{_label(d)}: full resync ({full[d.dev]})" for d in devices if d.dev in full)
     else:
@@ -185,6 +198,32 @@ def _changed(record, d):
     if replica["size"] != d.replica_size:
         return f"the replica is not the recorded one (size {d.replica_size}, was {replica['size']})"
     return None
+
+
+def sample_offsets(size, outstanding, rng, count=SAMPLES, block=SAMPLE_BLOCK):
+    """Block-aligned offsets to compare: the first and last block and the rest at random,
+    none overlapping ``outstanding`` (flat pairs). O(count * log extents)."""
+    last = max(0, (size - 1) // block)
+    starts = outstanding[0::2]
+    ends = [o + n for o, n in zip(outstanding[0::2], outstanding[1::2])]
+
+    def clear(at):
+        i = bisect.bisect_right(ends, at)
+        return i >= len(starts) or starts[i] >= at + block
+
+    picks = [0, last] + [rng.randint(0, last) for _ in range(count - 2)]
+    return sorted({b * block for b in picks if clear(b * block)})
+
+
+def _sampled(d, outstanding, sample):
+    """Why the replica of ``d`` is not the one recorded, judged by sampled blocks, or None."""
+    if sample is None:
+        return None
+    left = reports_merge(outstanding.data_of(d.dev), outstanding.zero_of(d.dev))
+    at = sample(d, sample_offsets(d.size, left, random.Random()))
+    if at is None:
+        return None
+    return f"the replica is not the recorded one (it differs from the source at offset {at})"
 
 
 def _report(outstanding, dev):

@@ -1,5 +1,6 @@
 """Durable replication (issue 9): a restart copies only what may differ, and says why it copies
 more. Real `nbdrep serve` processes stopped with SIGTERM (a clean stop) against real replicas."""
+import array
 import json
 import os
 import random
@@ -11,6 +12,7 @@ import nbd
 import psutil
 
 from conftest import Server, make_image, nbdrep_cmd, uri
+from replication import record
 from test_backend import kernel  # noqa: F401 -- the loop-device fixture
 
 MiB = 1 << 20
@@ -216,3 +218,28 @@ def test_a_block_device_served_without_replication_in_between_is_resynced(procs,
     server.rp()
     assert "the last run did not stop cleanly" in server.status()["start"]
     assert same(dev, dst)
+
+
+def test_a_replica_rewritten_behind_the_same_uri_is_resynced_in_full(procs, nbdkit, tmp_path):
+    """The URI and size match the record, but the image behind them changed (another image,
+    or a test failover that wrote to the replica): the sampled blocks differ, so the source
+    is resynced in full and the start says why."""
+    site = Site(procs, nbdkit, tmp_path)
+    site.serve().rp()
+    site.stop()
+    with open(site.dst, "r+b") as f:   # every block differs from the source now
+        for _ in range(16):
+            f.write(os.urandom(MiB))
+    server = site.serve()
+    server.rp()
+    assert "the replica is not the recorded one (it differs from the source at offset" in \
+        server.status()["start"]
+    assert same(site.src, site.dst)
+
+
+def test_sample_offsets_avoid_what_is_outstanding_and_include_both_ends():
+    outstanding = array.array("Q", [4096, 8192, 40960, 100])   # blocks 1-2 and 10
+    offsets = record.sample_offsets(64 * 4096 + 10, outstanding, random.Random(1), count=500)
+    assert offsets[0] == 0 and offsets[-1] == 64 * 4096, "the first and the last (partial) block"
+    assert not {4096, 8192, 40960} & set(offsets)
+    assert offsets == sorted(set(offsets)) and all(o % 4096 == 0 for o in offsets)
