@@ -100,8 +100,13 @@ def save(state_dir, record):
 
 def taint(state_dir):
     """Mark a clean record as not clean, before a run serves its sources without replicating
-    them: their next replicated start then resyncs in full. O(size of the record)."""
-    record = load(state_dir)
+    them: their next replicated start then resyncs in full. A record that cannot be read is
+    left as it is: the next replicated start refuses it anyway, with a clear message.
+    O(size of the record)."""
+    try:
+        record = load(state_dir)
+    except RecordError:
+        return
     if record is not None and record["clean"]:
         record["clean"] = False
         save(state_dir, record)
