@@ -71,6 +71,8 @@
 #include <unistd.h>
 #include <libnbd.h>
 
+#include "fastcopy.h"
+
 /* NBD servers commonly refuse payloads above 32 MiB; longer data pairs go in pieces. */
 #define FC_MAX_WRITE (32u << 20)
 /* WRITE_ZEROES lengths are 32-bit in the protocol; stay well below. */
@@ -79,29 +81,6 @@
 #define FC_ZERO_BUFFER (1u << 20)
 #define FC_BACKOFF_FIRST_MS 10
 #define FC_BACKOFF_MAX_MS 1000
-
-#define FC_CONN 0
-#define FC_DATA 1
-#define FC_ZERO 2
-#define FC_FLUSH 3
-
-struct fc_info {
-    int64_t size;
-    int can_zero, can_flush, can_multi_conn, can_fast_zero, read_only;
-    int connections;
-};
-
-/* What a call reports: errnum 0 on success; else the failure, `kind` naming the failed command
- * (FC_CONN: a connection, a timeout or a cancel rather than one command). */
-struct fc_report {
-    int errnum;
-    int kind;
-    uint64_t offset;
-    uint64_t length;
-    int retries;         /* times the failed command had been re-issued */
-    uint64_t retried;    /* commands re-issued during this call */
-    char message[256];
-};
 
 struct fc_batch {
     atomic_int refs;     /* commands alive (in flight or queued), plus one for the caller */

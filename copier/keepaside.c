@@ -76,6 +76,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "keepaside.h"
+
 #define KA_BLOCK 4096
 #define KA_INDEX_BYTES_PER_BLOCK 56
 #define KA_INDEX_BYTES_FIXED (HASH_MIN * 12 + FREE_MIN * 4)
@@ -144,18 +146,6 @@ struct ka {
     int spill_fd;
     char *spill_dir;
     uint64_t mem_bytes, spill_bytes, kept_total;
-};
-
-struct ka_stats {
-    int armed;
-    int degraded;
-    uint64_t cycle;
-    uint64_t blocks;
-    uint64_t mem_bytes;
-    uint64_t spill_bytes;
-    uint64_t kept_total;
-    uint64_t index_bytes;
-    uint64_t extent_bytes;
 };
 
 static uint64_t min64(uint64_t a, uint64_t b)
