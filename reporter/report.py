@@ -136,8 +136,7 @@ def _finish(data, zero, sizes, cap):
     for dev, size in sizes.items():
         d = clip(data.get(dev, _EMPTY), size)
         z = clip(zero.get(dev, _EMPTY), size)
-        if z:
-            z = pack(subtract(_tuples(z), _tuples(d)))
+        z = difference(z, d)
         if (len(d) + len(z)) // 2 > cap:
             d, z = coarsen(merge(d, z), size, cap), _EMPTY
         out_data[dev], out_zero[dev] = d, z

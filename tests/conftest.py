@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -135,6 +136,80 @@ def mounted(device, mountpoint, *options):
         yield mountpoint
     finally:
         subprocess.run(["umount", mountpoint], timeout=120)
+
+
+def wait_until(predicate, timeout=60, what="the state", poll=0.01):
+    """Wait for a state another thread or process reaches: poll ``predicate`` every ``poll`` s
+    until it is true; fail the test if ``timeout`` s pass first."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"{what} not reached in {timeout} s"
+        time.sleep(poll)
+
+
+DETACH_TIMEOUT = 30.0
+
+
+class Kernel:
+    """Mounts and loop devices made for one test; ``release`` undoes them, last made first."""
+
+    def __init__(self, tmp):
+        self.tmp = tmp
+        self.mounts = []
+        self.loops = []
+
+    def mount(self, fstype, *options):
+        """Mount a fresh ``fstype`` (tmpfs, ramfs) with ``options``; returns its directory."""
+        mnt = os.path.join(self.tmp, f"{fstype}{len(self.mounts)}")
+        os.mkdir(mnt)
+        run("mount", "-t", fstype, *options, fstype, mnt, timeout=60)
+        self.mounts.append(mnt)
+        return mnt
+
+    def loop(self, image, sector):
+        """Attach ``image`` as a loop device with ``sector``-byte logical blocks; returns /dev/loopN."""
+        dev = run("losetup", "-f", "--show", "--sector-size", str(sector), image, timeout=60).stdout.strip()
+        self.loops.append((dev, os.path.realpath(image)))
+        return dev
+
+    def release(self):
+        """Detach every loop device, wait until each lets go of its image, then unmount."""
+        failed = []
+        for dev, image in reversed(self.loops):
+            done = subprocess.run(["losetup", "-d", dev], capture_output=True, text=True, timeout=60)
+            if done.returncode:
+                failed.append(f"losetup -d {dev}: {done.stderr.strip()}")
+            elif not _wait_detached(dev, image):
+                failed.append(f"{dev} still holds {image} after {DETACH_TIMEOUT} s")
+        for mnt in reversed(self.mounts):
+            done = subprocess.run(["umount", mnt], capture_output=True, text=True, timeout=60)
+            if done.returncode:
+                failed.append(f"umount {mnt}: {done.stderr.strip()}")
+        assert not failed, "; ".join(failed)
+
+
+def _wait_detached(dev, image):
+    """Wait until ``dev`` is no longer backed by ``image`` (a detach completes at the last close)."""
+    backing = f"/sys/block/{os.path.basename(dev)}/loop/backing_file"
+    deadline = time.monotonic() + DETACH_TIMEOUT
+    while time.monotonic() < deadline:
+        try:
+            with open(backing) as f:
+                if os.path.realpath(f.read().strip()) != image:
+                    return True
+        except FileNotFoundError:
+            return True
+        time.sleep(0.02)
+    return False
+
+
+@pytest.fixture
+def kernel(procs, tmp_path):
+    """A ``Kernel``; at teardown the test's processes stop first, as they hold its devices open."""
+    k = Kernel(str(tmp_path))
+    yield k
+    procs.stop_all()
+    k.release()
 
 
 def run(*cmd, timeout=300):

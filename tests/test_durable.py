@@ -13,7 +13,6 @@ import psutil
 
 from conftest import Server, make_image, nbdrep_cmd, uri
 from replication import record
-from test_backend import kernel  # noqa: F401 -- the loop-device fixture
 
 MiB = 1 << 20
 

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import ROOT, uri
+from conftest import ROOT, uri, wait_until
 from copier.replica import Replica, ReplicaError, parse_uri
 from procs import Procs
 
@@ -51,14 +51,6 @@ def write(r, segments, buf, **kw):
 
 def zero(r, segments, **kw):
     return r.wait_batch(r.send_zero(pack(segments), **kw))
-
-
-def wait_until(predicate, timeout=10.0):
-    """Wait for a state another thread or process reaches; fail the test past `timeout` s."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "state not reached in time"
-        time.sleep(0.001)
 
 
 def log_lines(path, command):
@@ -512,7 +504,7 @@ def test_close_from_another_thread_cancels_the_call_in_flight(nbdkit, tmp_path, 
     try:
         worker = threading.Thread(target=call)
         worker.start()
-        wait_until(lambda: r._busy is not None)
+        wait_until(lambda: r._busy is not None, timeout=10.0, poll=0.001)
         start = time.monotonic()
         r.close()
         worker.join(10)
@@ -556,7 +548,7 @@ def test_close_and_reconnect_racing_the_copier_thread(nbdkit):
             except ReplicaError as e:
                 errors.append(e.errno)
                 # Not connected until the test thread reconnects: wait for that, do not spin.
-                wait_until(lambda: r.stats()["connections"] or stop.is_set())
+                wait_until(lambda: r.stats()["connections"] or stop.is_set(), timeout=10.0, poll=0.001)
             except BaseException as e:  # noqa: BLE001 -- reported by the test thread below
                 unexpected.append(e)
             done.append(True)
@@ -565,7 +557,7 @@ def test_close_and_reconnect_racing_the_copier_thread(nbdkit):
     worker.start()
     try:
         for i in range(30):
-            wait_until(lambda: len(done) > i and r._busy is not None)
+            wait_until(lambda: len(done) > i and r._busy is not None, timeout=10.0, poll=0.001)
             r.close()
             r.reconnect()
     finally:

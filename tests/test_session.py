@@ -2,13 +2,12 @@
 import errno
 import os
 import signal
-import subprocess
 import threading
 import time
 
 import pytest
 
-from conftest import make_image, uri
+from conftest import make_image, uri, wait_until
 from replication import driver as session_mod
 from replication.driver import Session
 from nbd_plugin.backend import Backend
@@ -43,14 +42,6 @@ def make_session(nbdkit, tmp_path):
     for s, backend in made:
         assert s.stop(), "the worker ended"
         backend.close()
-
-
-def wait_until(predicate, timeout=60, what="the state"):
-    """Poll ``predicate`` every 10 ms until true; fail the test if ``timeout`` s pass first."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"{what} not reached in {timeout} s"
-        time.sleep(0.01)
 
 
 def write(s, backend, offset, data, dev=0):
@@ -349,21 +340,11 @@ def test_a_step_that_fails_unexpectedly_mid_batch_never_ends_the_worker(make_ses
     assert open(src, "rb").read() == open(dst, "rb").read()
 
 
-@pytest.fixture
-def tiny_state(tmp_path):
-    """A 64 KiB tmpfs for the state directory, unmounted after the sessions stopped."""
-    state = tmp_path / "tiny-state"
-    state.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(state)], check=True,
-                   timeout=60)
-    yield str(state)
-    subprocess.run(["umount", str(state)], check=True, timeout=60)
-
-
-def test_a_full_state_directory_is_shown_never_a_failed_cycle(tiny_state, make_session):
+def test_a_full_state_directory_is_shown_never_a_failed_cycle(kernel, make_session):
     """The record is written at every commit; when the state directory is full, replication
     goes on, the error is in status, and the record on disk (a run in progress) makes the
     next start resync in full, which is safe."""
+    tiny_state = kernel.mount("tmpfs", "-o", "size=64k")   # unmounted after the sessions stop
     s, backend, src, dst = make_session(config=[("state", tiny_state)])
     rp(s)
     assert s.status()["record_error"] is None

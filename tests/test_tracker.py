@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import tracker
+from conftest import wait_until
 from oracle import covers, union
 from tracker import KIND_DATA, KIND_TRIM, KIND_ZERO, TE_BYTES, Tracker
 
@@ -18,13 +19,6 @@ WAIT = 30.0  # generous bound on every wait, only to avoid hanging the suite
 
 def pairs(buf):
     return list(struct.iter_unpack("=QQ", buf))
-
-
-def wait_until(predicate):
-    deadline = time.monotonic() + WAIT
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.001)
 
 
 def start(target):
@@ -96,7 +90,7 @@ def test_write_that_began_before_the_switch_stays_in_the_old_cycle():
     writing = start(writer)
     assert began.wait(WAIT)
     closing = start(lambda: results.append(tr.close_cycle(timeout=WAIT)))
-    wait_until(lambda: tr.cycle == 2)
+    wait_until(lambda: tr.cycle == 2, timeout=WAIT, poll=0.001)
     assert closing.is_alive(), "close_cycle returned while a write of its cycle was in flight"
     tr.record(7, KIND_DATA, 8192, 4096)
     assert tr.inflight == 1
