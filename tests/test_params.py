@@ -45,6 +45,10 @@ def test_replicas_attach_to_their_sources():
     ([("source", "/a"), ("tracking", "off"), ("replica", "nbd://h/")], "replication needs tracking"),
     ([("source", "/a"), ("keepaside-mem", "lots")], "is not a size"),
     ([("source", "/a"), ("tracker-mem", "0")], "must be > 0"),
+    ([("source", "/a"), ("keepaside-spill", "1.5G")], "keepaside-spill='1.5G' is not a size"),
+    ([("source", "/a"), ("stop-timeout", "0")], "stop-timeout='0' must be > 0 and at most 86400 seconds"),
+    ([("source", "/a"), ("stop-timeout", "later")], "stop-timeout='later' is not a number of seconds"),
+    ([("source", "/a"), ("resync", "maybe")], "resync='maybe': use auto or full"),
 ])
 def test_bad_parameters_are_refused_with_a_clear_message(pairs, message):
     with pytest.raises(ParamError) as e:
