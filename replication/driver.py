@@ -245,12 +245,14 @@ class Session:
             out["session_id"] = self.plan.session_id if self.plan else None
             out["start"] = self.plan.how if self.plan else None
             out["record_error"] = self.record_error
+            device_totals, connected = out.pop("device_totals"), set(self._replicas)
             retried = self._retried_before + sum(
                 r.stats()["retried"] for r in list(self._replicas.values()))
         out.update({
             "cycle": self.tracker.cycle,
             "devices": [{"dev": d.dev, "name": d.name, "path": d.path, "size": d.size,
-                         "replica": d.replica_uri} for d in self.devices],
+                         "replica": d.replica_uri, "replica_connected": d.dev in connected,
+                         "totals": device_totals[d.dev]} for d in self.devices],
             "tracker": self.tracker.stats(),
             "keepaside": self.keepaside.stats(),
             "requests_retried": retried,

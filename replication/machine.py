@@ -262,6 +262,11 @@ class Controller:
         self.carry = carry
         self.carry_is_sync = carry is not None if carry_is_sync is None else carry_is_sync
         self.committed_cycle, self.committed_rp_time = committed or (first_cycle - 1, None)
+        self.started = now
+        # Monotonic since this process started, for Prometheus: session counters, and per
+        # device what committed reports carried (status reads them; only handlers write them).
+        self.totals = collections.Counter()
+        self.device_totals = {dev: collections.Counter() for dev in self.sizes}
         self.stopping = False
         self.persist_failed = False
         self.reported_cycle = first_cycle - 1
@@ -309,6 +314,7 @@ class Controller:
         self.draining = None
         self._adopt(closed.cycle)
         record.writes, record.bytes_written = closed.count, closed.bytes_written
+        self.totals.update(writes=closed.count, bytes_written=closed.bytes_written)
         record.state = "reporting"
         self.state = State.REPORTING
         if not self.replicated:
@@ -439,6 +445,7 @@ class Controller:
             point_in_time, record.error = False, "copied after an unexpected error: not trusted"
             self.zeros_as_data, self.distrust = True, False
         record.point_in_time = point_in_time
+        self._count_commit(record, report)
         if point_in_time:
             record.state = "committed"
             self.committed_cycle, self.committed_rp_time = record.cycle, record.rp_time
@@ -450,6 +457,15 @@ class Controller:
             actions.append(Log("warning", f"cycle {record.cycle} is not a recovery point "
                                           f"({record.error}); taking the next RP now"))
         return actions + self._next_rp(now)
+
+    def _count_commit(self, record, report):
+        """Add a commit to the totals. O(extents), as Report.byte_count."""
+        self.totals["cycles_committed" if record.point_in_time else "cycles_inconsistent"] += 1
+        self.totals["resyncs"] += record.initial_sync
+        for dev, counts in self.device_totals.items():
+            data, zero = report.data_of(dev), report.zero_of(dev)
+            counts.update(extents=(len(data) + len(zero)) // 2, bytes_copied=sum(data[1::2]),
+                          bytes_zeroed=sum(zero[1::2]))
 
     def _next_rp(self, now):
         """Back to IDLE; the next RP is due a cycle after this one's, or now if promised. A
@@ -464,6 +480,7 @@ class Controller:
     def _fail(self, error, now):
         self.state = State.BACKOFF
         self.failures += 1
+        self.totals["cycles_failed"] += 1
         if self.failing_since is None:
             self.failing_since = now
         self.last_error = error
@@ -493,13 +510,23 @@ class Controller:
         return {
             "state": self._status_word(),
             "committed_cycle": self.committed_cycle if self.replicated else None,
-            "lag": None if self.committed_rp_time is None else now - self.committed_rp_time,
+            "lag": self._lag(now),
             "replicated": self.replicated,
             "failures": self.failures,
             "last_error": self.last_error if self.failures else None,
             "stuck": self.stuck,
             "cycles": [dataclasses.asdict(r) for r in self.history],
+            "totals": dict(self.totals),
+            "device_totals": {dev: dict(counts) for dev, counts in self.device_totals.items()},
         }
+
+    def _lag(self, now):
+        """Now minus the newest committed RP; before a session's first commit the replica
+        holds no RP of it, so its lag is at least the time since the start (the first sync's
+        lag grows until it commits). None when not replicating."""
+        if not self.replicated:
+            return None
+        return now - (self.started if self.committed_rp_time is None else self.committed_rp_time)
 
     def _status_word(self):
         if self.state == State.STOPPED:
