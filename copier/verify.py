@@ -26,7 +26,6 @@ import argparse
 import bisect
 import collections
 import os
-import re
 import sys
 import time
 
@@ -34,6 +33,7 @@ import nbd
 
 from copier.nbdclient import Pump, Stalled, connect
 from copier.replica import ReplicaError
+from copier.sizes import format_size, size_argument
 from copier.uri import describe_error, parse_uri
 
 BLOCK = 4096
@@ -41,8 +41,6 @@ DEPTH = 4
 ZERO_WINDOW = 256 << 20
 IO_TIMEOUT = 60.0
 PROGRESS_INTERVAL = 0.25
-UNITS = ("KiB", "MiB", "GiB", "TiB")
-SHIFTS = {"": 0, "K": 10, "M": 20, "G": 30}
 
 
 def verify(source_uri, replica_uri, *, chunk=4 << 20, progress=None, connect_timeout=10.0):
@@ -262,14 +260,6 @@ class _Comparison:
             self.progress(self.done, self.size)
 
 
-def human(n):
-    """Format a byte count with binary units ('1.5 MiB'). O(1)."""
-    if n < 1024:
-        return f"{n} bytes"
-    exponent = min(len(UNITS), (n.bit_length() - 1) // 10)
-    return f"{n / (1 << 10 * exponent):.1f} {UNITS[exponent - 1]}"
-
-
 class ProgressLine:
     """Prints verify progress to `stream`: CR-updated on a TTY, else one line per 25 %."""
 
@@ -283,7 +273,7 @@ class ProgressLine:
     def __call__(self, done, total):
         percent = 100 if total == 0 else done * 100 // total
         rate = done / max(time.monotonic() - self.start, 1e-6) / 1e6
-        text = f"verify: {percent:3d}% of {human(total)}, {rate:.0f} MB/s"
+        text = f"verify: {percent:3d}% of {format_size(total)}, {rate:.0f} MB/s"
         if self.tty:
             self.stream.write("\r" + text)
         elif percent >= self.next_quarter:
@@ -301,40 +291,40 @@ class ProgressLine:
 def format_ranges(ranges):
     """Return the differing ranges as a text table (bytes and binary units). O(n)."""
     total = sum(n for _, n in ranges)
-    lines = [f"{len(ranges)} differing range(s), {total} bytes ({human(total)}):",
+    lines = [f"{len(ranges)} differing range(s), {total} bytes ({format_size(total)}):",
              f"{'offset':>16} {'':12} {'length':>16}"]
     for offset, length in ranges:
-        lines.append(f"{offset:>16} {'(' + human(offset) + ')':12} {length:>16} ({human(length)})")
+        lines.append(f"{offset:>16} {'(' + format_size(offset) + ')':12} {length:>16} "
+                     f"({format_size(length)})")
     return "\n".join(lines)
 
 
-def parse_size(text):
-    """Parse '4194304', '512K', '4M', '4MiB' into bytes (binary units). O(len(text))."""
-    match = re.fullmatch(r"(\d+)\s*([KMG]?)(I?B)?", text.strip(), re.IGNORECASE)
-    if not match:
-        raise argparse.ArgumentTypeError(f"bad size {text!r}: use BYTES or a K/M/G suffix")
-    return int(match[1]) << SHIFTS[match[2].upper()]
+DESCRIPTION = ("Compare two NBD exports byte for byte. Exit 0 if equal, 1 if they differ "
+               "(the ranges are printed), 2 on error.")
 
 
-def _parser():
-    p = argparse.ArgumentParser(
-        prog="nbdrep verify",
-        description="Compare two NBD exports byte for byte. Exit 0 if equal, 1 if they "
-                    "differ (the ranges are printed), 2 on error.")
+def add_arguments(p):
+    """The arguments of ``nbdrep verify``, on ``p`` (the subcommand's parser in the CLI)."""
     p.add_argument("source", metavar="SOURCE_URI", help="nbd:// or nbd+unix:// URI")
     p.add_argument("replica", metavar="REPLICA_URI", help="nbd:// or nbd+unix:// URI")
-    p.add_argument("--chunk", type=parse_size, default=4 << 20, metavar="BYTES",
+    p.add_argument("--chunk", type=size_argument, default=4 << 20, metavar="SIZE",
                    help="bytes read per request, a multiple of 4096 (default 4M)")
     p.add_argument("--quiet", action="store_true", help="no progress, no 'equal' line")
-    return p
 
 
 def main(argv=None):
-    """Run `nbdrep verify`; return the exit status (0 equal, 1 differ, 2 error)."""
+    """Run `nbdrep verify` on ``argv`` alone; return the exit status (0 equal, 1 differ, 2 error)."""
+    p = argparse.ArgumentParser(prog="nbdrep verify", description=DESCRIPTION)
+    add_arguments(p)
     try:
-        args = _parser().parse_args(argv)
+        args = p.parse_args(argv)
     except SystemExit as e:
         return e.code
+    return run(args)
+
+
+def run(args):
+    """Verify as parsed by ``add_arguments``; return the exit status."""
     line = None if args.quiet else ProgressLine(sys.stderr)
     try:
         ranges = verify(args.source, args.replica, chunk=args.chunk, progress=line)

@@ -5,6 +5,7 @@
 and the venv's sys.path through PYTHONPATH.
 """
 import argparse
+import importlib.metadata
 import json
 import os
 import signal
@@ -15,6 +16,8 @@ import sys
 import time
 
 import nbd_plugin
+from copier import verify
+from copier.sizes import format_size
 from nbd_plugin import control, startup
 from nbd_plugin.params import Config
 
@@ -32,12 +35,28 @@ def default_state_dir():
     return os.path.join(base, "nbdrep")
 
 
+# The exit status of a command whose reader went away (``nbdrep status | head -3``): what a
+# shell reports for ``cat`` killed by SIGPIPE there (128 + 13).
+EXIT_PIPE = 128 + signal.SIGPIPE
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except BrokenPipeError:
+        # Quietly, as cat does; stdout goes to /dev/null so that Python's flush at exit does
+        # not complain about the pipe once more.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_PIPE
     except (CLIError, *startup.ERRORS) as e:
         print(f"nbdrep: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        # Any other refusal of the system (a file we may not read, a directory we may not
+        # write) is the user's to fix: one line naming the file, never a traceback.
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"nbdrep: {where}{e.strerror or e}", file=sys.stderr)
         return 2
 
 
@@ -47,14 +66,14 @@ class CLIError(Exception):
 
 def build_parser():
     parser = argparse.ArgumentParser(prog="nbdrep", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version",
+                        version=f"nbdrep {importlib.metadata.version('nbdrep')}")
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
     _add_serve(sub)
     _add_rp(sub)
     _add_status(sub)
     _add_report(sub)
-    verify = sub.add_parser("verify", help="compare two NBD exports", add_help=False)
-    verify.add_argument("rest", nargs=argparse.REMAINDER)
-    verify.set_defaults(func=lambda a: _verify(a.rest))
+    _add_verify(sub)
     return parser
 
 
@@ -118,6 +137,12 @@ def _add_report(sub):
     p = sub.add_parser("report", help="print the extents of the newest report, as JSON")
     _control_arg(p)
     p.set_defaults(func=_report)
+
+
+def _add_verify(sub):
+    p = sub.add_parser("verify", help="compare two NBD exports", description=verify.DESCRIPTION)
+    verify.add_arguments(p)
+    p.set_defaults(func=verify.run)
 
 
 # -- serve ------------------------------------------------------------------------------------
@@ -250,6 +275,11 @@ def _ask(args, message, timeout=10.0):
         raise CLIError(f"no nbdrep server at control socket {args.control}") from None
     except TimeoutError:
         raise CLIError(f"control socket {args.control} did not answer in {timeout:.0f} s") from None
+    except (OSError, ValueError):
+        # Not a socket, or another server's (nbdkit's own hangs up on a JSON line).
+        raise CLIError(f"{args.control} is not an nbdrep control socket") from None
+    if not isinstance(reply, dict):
+        raise CLIError(f"{args.control} is not an nbdrep control socket")
     if "error" in reply:
         raise CLIError(reply["error"])
     return reply
@@ -281,11 +311,6 @@ def _report(args):
     return 0
 
 
-def _verify(rest):
-    from copier import verify
-    return verify.main(rest)
-
-
 # -- status table ------------------------------------------------------------------------------
 
 COLUMNS = ("cycle", "state", "writes", "extents", "bytes_written", "bytes_copied", "bytes_zeroed",
@@ -304,7 +329,7 @@ def format_status(status, rows=10):
     for key in ("stuck", "record_error"):
         if status.get(key):
             head.append(f"{key.replace('_', ' ')}: {status[key]}")
-    head += [f"  export {d['name'] or '(default)'!r}: {d['path']} ({_human(d['size'])})"
+    head += [f"  export {d['name'] or '(default)'!r}: {d['path']} ({format_size(d['size'])})"
              f" -> {d['replica'] or '-'}" for d in status["devices"]]
     cycles = status["cycles"][-rows:]
     table = [list(COLUMNS)] + [[_cell(c, k) for k in COLUMNS] for c in cycles]
@@ -320,7 +345,7 @@ def _cell(cycle, key):
     if key.endswith("_time"):
         return time.strftime("%H:%M:%S", time.localtime(value)) + f".{int(value * 1000) % 1000:03d}"
     if key.startswith("bytes"):
-        return _human(value)
+        return format_size(value)
     if key == "state":
         return _state_cell(cycle)
     return str(value)
@@ -331,14 +356,6 @@ def _state_cell(cycle):
     if text == "copying" and cycle["bytes_total"]:
         text += f" {100 * cycle['bytes_done'] // cycle['bytes_total']}%"
     return text + " (sync)" if cycle["initial_sync"] else text
-
-
-def _human(n):
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            break
-        n /= 1024
-    return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
 
 
 if __name__ == "__main__":

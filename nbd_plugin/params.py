@@ -7,12 +7,13 @@ import dataclasses
 import math
 import re
 
+import tracker
+from copier.sizes import format_size, parse_size as _parse_size
 from copier.uri import parse_uri
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 KEYS = ("source", "replica", "tracking", "readonly", "cycle", "control", "state", "keepaside-mem", "keepaside-spill",
         "tracker-mem", "stop-timeout", "resync")
-SIZE_SUFFIXES = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
 class ParamError(ValueError):
@@ -84,15 +85,20 @@ def split_named(value, what):
     return "", value
 
 
-def parse_size(text, what):
-    """'256M' -> 268435456. Binary suffixes k, M, G, T; must be > 0."""
-    m = re.fullmatch(r"\s*(\d+)\s*([kKmMgGtT]?)\s*", text)
-    if not m:
-        raise ParamError(f"{what}={text!r} is not a size (e.g. 4096, 64M, 1G)")
-    size = int(m.group(1)) * SIZE_SUFFIXES[m.group(2).lower()]
-    if size <= 0:
-        raise ParamError(f"{what} must be > 0")
+def parse_size(text, what, minimum=1):
+    """'256M' -> 268435456 (the grammar of ``copier.sizes``); at least ``minimum`` bytes."""
+    try:
+        size = _parse_size(text)
+    except ValueError as e:
+        raise ParamError(f"{what}={e}") from None
+    if size < minimum:
+        raise ParamError(f"{what}={text!r} must be at least {format_size(minimum)}")
     return size
+
+
+def _set_tracker_mem(cfg, value):
+    # The tracker needs room for a few TEs per CPU; below that it could not start at all.
+    cfg.tracker_mem = parse_size(value, "tracker-mem", minimum=tracker.min_bytes())
 
 
 def parse_seconds(text, what):
@@ -158,5 +164,5 @@ _SETTERS = {
     "state": _set_path("state"),
     "keepaside-mem": lambda cfg, v: setattr(cfg, "keepaside_mem", parse_size(v, "keepaside-mem")),
     "keepaside-spill": lambda cfg, v: setattr(cfg, "keepaside_spill", parse_size(v, "keepaside-spill")),
-    "tracker-mem": lambda cfg, v: setattr(cfg, "tracker_mem", parse_size(v, "tracker-mem")),
+    "tracker-mem": _set_tracker_mem,
 }

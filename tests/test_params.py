@@ -1,6 +1,8 @@
 """The plugin's parameter parsing: every bad parameter is refused with a message naming it."""
 import pytest
 
+import tracker
+from copier.sizes import format_size
 from nbd_plugin.params import Config, ParamError, parse_size, split_named
 
 
@@ -44,7 +46,10 @@ def test_replicas_attach_to_their_sources():
     ([("source", "/a"), ("tracking", "maybe")], "use on or off"),
     ([("source", "/a"), ("tracking", "off"), ("replica", "nbd://h/")], "replication needs tracking"),
     ([("source", "/a"), ("keepaside-mem", "lots")], "is not a size"),
-    ([("source", "/a"), ("tracker-mem", "0")], "must be > 0"),
+    ([("source", "/a"), ("tracker-mem", "0")], "tracker-mem='0' must be at least"),
+    ([("source", "/a"), ("tracker-mem", "1")], "tracker-mem='1' must be at least"),
+    ([("source", "/a"), ("keepaside-mem", "0")], "keepaside-mem='0' must be at least 1 B"),
+    ([("source", "/a"), ("keepaside-mem", "4MB")], "keepaside-mem='4MB' is not a size"),
     ([("source", "/a"), ("keepaside-spill", "1.5G")], "keepaside-spill='1.5G' is not a size"),
     ([("source", "/a"), ("stop-timeout", "0")], "stop-timeout='0' must be > 0 and at most 86400 seconds"),
     ([("source", "/a"), ("stop-timeout", "later")], "stop-timeout='later' is not a number of seconds"),
@@ -56,7 +61,28 @@ def test_bad_parameters_are_refused_with_a_clear_message(pairs, message):
     assert message in str(e.value)
 
 
-def test_sizes():
+def test_sizes_have_one_grammar():
+    """Every size (parameters, verify --chunk) goes through copier.sizes: binary units, with or
+    without 'iB', any case; no fractions, no decimal MB."""
     assert parse_size("4096", "x") == 4096
     assert parse_size("64M", "x") == 64 << 20
     assert parse_size("1g", "x") == 1 << 30
+    assert parse_size("512 KiB", "x") == 512 << 10
+    assert parse_size("2T", "x") == 2 << 40
+    assert parse_size("0", "x", minimum=0) == 0
+    for bad in ("1.5G", "4MB", "-1", "", "lots", "4X"):
+        with pytest.raises(ParamError, match="is not a size"):
+            parse_size(bad, "x")
+
+
+def test_the_smallest_tracker_mem_is_one_the_tracker_takes():
+    smallest = tracker.min_bytes()
+    assert config(("source", "/a"), ("tracker-mem", str(smallest))).tracker_mem == smallest
+    tracker.Tracker(max_bytes=smallest)
+    with pytest.raises(ParamError, match=f"must be at least {format_size(smallest)}"):
+        config(("source", "/a"), ("tracker-mem", str(smallest - 1)))
+
+
+def test_sizes_are_formatted_in_binary_units():
+    assert [format_size(n) for n in (0, 5, 1023, 1024, 1536, 64 << 20, 3 << 30, 1 << 62)] == [
+        "0 B", "5 B", "1023 B", "1.0 KiB", "1.5 KiB", "64.0 MiB", "3.0 GiB", "4.0 EiB"]

@@ -10,8 +10,9 @@ from hypothesis import strategies as st
 
 from conftest import uri
 from copier.nbdclient import connect
-from copier.verify import (add_range, covered, differing_blocks, format_ranges, human, main,
-                           parse_size, verify, zero_extents)
+from copier.sizes import size_argument
+from copier.verify import (add_range, covered, differing_blocks, format_ranges, main, verify,
+                           zero_extents)
 
 MiB = 1 << 20
 BLOCK = 4096
@@ -155,7 +156,7 @@ def test_bad_chunk_exits_2(make_pair, capsys):
     assert main([*pair.uris, "--chunk", "1000"]) == 2
     assert "bad chunk 1000" in capsys.readouterr().err
     assert main([*pair.uris, "--chunk", "lots"]) == 2
-    assert "bad size" in capsys.readouterr().err
+    assert "'lots' is not a size" in capsys.readouterr().err
 
 
 def test_helpers():
@@ -168,10 +169,9 @@ def test_helpers():
     assert list(differing_blocks(a, b, 100)) == [(8292, 10000 - 8192)]
     assert covered([(0, 10), (20, 30)], 20, 30) and not covered([(0, 10), (20, 30)], 5, 15)
     assert not covered([], 0, 1)
-    assert [human(n) for n in (5, 1536, 3 << 30)] == ["5 bytes", "1.5 KiB", "3.0 GiB"]
-    assert parse_size("4M") == 4 * MiB and parse_size("512KiB") == 512 * 1024
+    assert size_argument("4M") == 4 * MiB and size_argument("512KiB") == 512 * 1024
     with pytest.raises(argparse.ArgumentTypeError):
-        parse_size("4X")
+        size_argument("4X")
     assert "4096 (4.0 KiB)" in format_ranges([(MiB, 4096)])
 
 

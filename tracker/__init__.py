@@ -49,7 +49,16 @@ MAX_SHARDS = 4096
 MAX_CYCLE = 1 << 62
 _PAIR_BYTES = 16
 
-__all__ = ["KIND_DATA", "KIND_ZERO", "KIND_TRIM", "TE_BYTES", "Tracker", "ClosedCycle"]
+__all__ = ["KIND_DATA", "KIND_ZERO", "KIND_TRIM", "TE_BYTES", "Tracker", "ClosedCycle", "min_bytes"]
+
+
+def _default_shards():
+    return min(psutil.cpu_count() or 1, MAX_SHARDS)
+
+
+def min_bytes(shards=None):
+    """The smallest ``max_bytes`` a Tracker of ``shards`` shards (default: one per CPU) takes."""
+    return (shards or _default_shards()) * MIN_SHARD_TES * TE_BYTES
 
 
 def _te_error(dev, kind, offset, length):
@@ -146,9 +155,9 @@ class Tracker:
 
     def __init__(self, shards=None, max_bytes=64 << 20, first_cycle=1):
         if shards is None:
-            shards = min(psutil.cpu_count() or 1, MAX_SHARDS)
+            shards = _default_shards()
         _check_int("shards", shards, 1, MAX_SHARDS)
-        _check_int("max_bytes", max_bytes, shards * MIN_SHARD_TES * TE_BYTES, 1 << 62)
+        _check_int("max_bytes", max_bytes, min_bytes(shards), 1 << 62)
         _check_int("first_cycle", first_cycle, 0, MAX_CYCLE)
         share = max_bytes // TE_BYTES // shards
         ptr = lib.tr_new(shards, share, min(INITIAL_TES, share), first_cycle)
