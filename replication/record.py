@@ -23,9 +23,12 @@ at start and decides, per source, between resuming (copy the outstanding report,
 nothing) and a full resync, with the reason:
 
 * no record, or ``--resync full``: a full sync;
-* the last run did not stop cleanly (kill -9, power loss): a full resync, since writes may
-  have reached a source without reaching the replica and nothing recorded which (the
-  dirty-region log of issue 9 will narrow this);
+* the last run did not stop cleanly (kill -9, power loss): a resync of the regions its
+  dirty-region log marked (``replication.dirtylog``: every region that may hold a write not
+  yet committed), after the same source and replica checks as below (but the source's times,
+  which the crashed run changed); a full resync if there is no usable log: it was off
+  (``--dirty-region 0``), unreadable, an msync of it failed, or a run served the sources
+  without replicating them (``taint``);
 * a source whose identity changed while nbdrep was not serving it (path, device and inode,
   size; for a file also mtime and ctime): a full resync of that source;
 * a replica whose URI or size is not the recorded one, or that differs from the source in
@@ -99,28 +102,34 @@ def save(state_dir, record):
 
 
 def taint(state_dir):
-    """Mark a clean record as not clean, before a run serves its sources without replicating
-    them: their next replicated start then resyncs in full. A record that cannot be read is
+    """Mark a record as not clean and without a dirty-region log, before a run serves its
+    sources without replicating them: their next replicated start then resyncs in full. A record that cannot be read is
     left as it is: the next replicated start refuses it anyway, with a clear message.
     O(size of the record)."""
     try:
         record = load(state_dir)
     except RecordError:
         return
-    if record is not None and record["clean"]:
-        record["clean"] = False
+    if record is not None and (record["clean"] or record.get("dirty_log")):
+        record["clean"], record["dirty_log"] = False, None
         save(state_dir, record)
 
 
 def write_json(path, obj):
-    """Replace the JSON file ``path`` crash-safely: a temporary file, fsync, rename over the
-    old one, fsync of the directory; after a crash it is the old file or the new one, whole.
-    Compact (no indentation). Cost: two fsyncs."""
+    """Replace the JSON file ``path`` crash-safely (``write_bytes``), compact (no
+    indentation). Cost: two fsyncs."""
+    write_bytes(path, json.dumps(obj, separators=(",", ":")).encode())
+
+
+def write_bytes(path, data):
+    """Replace the file ``path`` with ``data`` crash-safely: a temporary file, fsync, rename
+    over the old one, fsync of the directory; after a crash it is the old file or the new one,
+    whole. Cost: two fsyncs."""
     folder = os.path.dirname(path)
     os.makedirs(folder, exist_ok=True)
     tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, separators=(",", ":"))
+    with open(tmp, "wb") as f:
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -132,70 +141,95 @@ def write_json(path, obj):
 
 
 def make(session_id, *, clean, committed_cycle, rp_time, next_cycle, sources, replicas,
-         outstanding=None, names=None):
+         outstanding=None, names=None, dirty_log=None):
     """A record: ``sources`` {name: identity}, ``replicas`` {name: {"uri", "size"}},
-    ``outstanding`` a Report (or None) whose devices ``names`` {dev: name} names.
-    O(outstanding extents)."""
+    ``outstanding`` a Report (or None) whose devices ``names`` {dev: name} names,
+    ``dirty_log`` the run's dirty-region log as ``DirtyLog.describe`` gives it (or None: off,
+    or unreliable). O(outstanding extents)."""
     left = {}
     if outstanding:
         left = {name: {"data": outstanding.data_of(dev).tolist(), "zero": outstanding.zero_of(dev).tolist()}
                 for dev, name in names.items() if outstanding.data_of(dev) or outstanding.zero_of(dev)}
     return {"version": VERSION, "session_id": session_id, "clean": clean,
             "committed_cycle": committed_cycle, "rp_time": rp_time, "next_cycle": next_cycle,
-            "sources": sources, "replicas": replicas, "outstanding": left}
+            "sources": sources, "replicas": replicas, "outstanding": left, "dirty_log": dirty_log}
 
 
 class Plan:
     """How this run starts: ``session_id``, ``first_cycle``, ``resume`` {dev: Report}
     (outstanding extents of sources that resume), ``full`` {dev: reason} (sources to sync in
-    full), ``committed_cycle`` and ``rp_time`` carried over, and ``how`` for status."""
+    full), ``committed_cycle`` and ``rp_time`` carried over, ``how`` for status, and
+    ``crashed``: the last run did not stop cleanly (None: there was no last run)."""
 
-    def __init__(self, session_id, first_cycle, resume, full, committed_cycle, rp_time, how):
+    def __init__(self, session_id, first_cycle, resume, full, committed_cycle, rp_time, how,
+                 crashed=None):
         self.session_id, self.first_cycle = session_id, first_cycle
         self.resume, self.full = resume, full
         self.committed_cycle, self.rp_time, self.how = committed_cycle, rp_time, how
+        self.crashed = crashed
 
 
-def plan(record, devices, resync_full=False, sample=None):
+def plan(record, devices, resync_full=False, sample=None, marks=None):
     """Decide how this run starts from ``record`` (or None) for ``devices`` (each with
     ``dev``, ``name``, ``size``, ``identity`` and ``replica_uri``/``replica_size``).
     ``sample(device, offsets)`` returns the first offset where the source and the replica
-    differ, or None (not called when None). O(sources + outstanding extents), plus the samples."""
+    differ, or None (not called when None). ``marks``, for a record of a run that did not stop
+    cleanly: the regions its dirty-region log marked, {name: flat pairs}, or why there are none
+    (a string). O(sources + outstanding extents), plus the samples."""
     if record is None or resync_full:
         reason = "--resync full" if resync_full and record is not None else "first run: initial sync"
         return Plan(uuid.uuid4().hex, 1 if record is None else record["next_cycle"],
-                    {}, {d.dev: reason for d in devices}, 0, None, f"full sync ({reason})")
-    if not record["clean"]:
-        reason = "the last run did not stop cleanly (killed or power lost)"
+                    {}, {d.dev: reason for d in devices}, 0, None, f"full sync ({reason})",
+                    None if record is None else not record["clean"])
+    crashed = not record["clean"]
+    if crashed and not isinstance(marks, dict):
+        reason = f"the last run did not stop cleanly (killed or power lost) and {marks}"
         return Plan(record["session_id"], record["next_cycle"], {},
                     {d.dev: reason for d in devices}, record["committed_cycle"], record["rp_time"],
-                    f"full resync ({reason})")
+                    f"full resync ({reason})", crashed)
     resume, full = {}, {}
     for d in devices:
-        why = _changed(record, d)
+        why = _changed(record, d, crashed)
         if why:
             full[d.dev] = why
             continue
-        resume[d.dev] = _report(record["outstanding"].get(d.name), d.dev)
+        if crashed:
+            resume[d.dev] = Report({d.dev: clip(marks.get(d.name, array.array("Q")), d.size)})
+        else:
+            resume[d.dev] = _report(record["outstanding"].get(d.name), d.dev)
         why = _sampled(d, resume[d.dev], sample)
         if why:
             full[d.dev] = why
             del resume[d.dev]
-    if full:
-        how = "; ".join(f"{_label(d)}: full resync ({full[d.dev]})" for d in devices if d.dev in full)
+    outstanding = sum(r.byte_count() for r in resume.values())
+    if crashed:
+        how = (f"resync after a crash: the last run did not stop cleanly, {outstanding} bytes "
+               "of regions its dirty-region log marked")
     else:
-        outstanding = sum(r.byte_count() for r in resume.values())
         how = f"resumed after a clean stop ({outstanding} bytes outstanding)"
+    if full:
+        how = "; ".join([f"{_label(d)}: full resync ({full[d.dev]})" for d in devices
+                         if d.dev in full] + ([how] if resume else []))
     return Plan(record["session_id"], record["next_cycle"], resume, full,
-                record["committed_cycle"], record["rp_time"], how)
+                record["committed_cycle"], record["rp_time"], how, crashed)
 
 
-def _changed(record, d):
-    """Why source ``d`` cannot resume from ``record``, or None."""
+def clip(pairs, size):
+    """Flat (offset, length) pairs cut to end at ``size``. O(pairs)."""
+    out = array.array("Q")
+    for off, length in zip(pairs[0::2], pairs[1::2]):
+        if off < size:
+            out.extend((off, min(length, size - off)))
+    return out
+
+
+def _changed(record, d, crashed=False):
+    """Why source ``d`` cannot resume from ``record``, or None. After a crash the source's
+    times say nothing (the crashed run wrote to it); its dirty-region log covers those writes."""
     known, replica = record["sources"].get(d.name), record["replicas"].get(d.name)
     if known is None:
         return "a new export"
-    for key in ("path", "dev", "ino", "block", "size", "mtime_ns", "ctime_ns"):
+    for key in ("path", "dev", "ino", "block", "size") + (() if crashed else ("mtime_ns", "ctime_ns")):
         if known.get(key) != d.identity.get(key):
             return f"the source changed while nbdrep was not serving it ({key})"
     if replica is None or replica["uri"] != d.replica_uri:

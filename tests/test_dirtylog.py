@@ -1,0 +1,173 @@
+"""The dirty-region log (replication/dirtylog.c) against a model: after any sequence of writes,
+RPs, commits and crashes, every region with a write not yet committed is marked in the file
+(what a restart would read), and a region stays marked only while it may differ or is hot."""
+import os
+import random
+import tempfile
+import threading
+import types
+
+import pytest
+from hypothesis import settings, strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from replication import dirtylog
+from tracker import KIND_DATA, Tracker
+
+REGION = 4096
+HOT = 2
+
+
+def devices(*regions):
+    return [types.SimpleNamespace(dev=i, name=f"d{i}", size=n * REGION - i)
+            for i, n in enumerate(regions)]
+
+
+def on_disk(state, log):
+    """The marks a restart would read now, as {(name, region)}: the file, not the mapping's
+    owner (a kill -9 keeps exactly what the file's page cache holds)."""
+    return regions(dirtylog.read(state, log.describe()))
+
+
+def regions(marks):
+    """{(name, region)} of marks as ``dirtylog.read`` gives them."""
+    return {(name, off // REGION + k) for name, pairs in marks.items()
+            for off, length in zip(pairs[0::2], pairs[1::2]) for k in range(-(-length // REGION))}
+
+
+class DirtyLogModel(RuleBasedStateMachine):
+    """Model: per region, the cycle of its last write (or of the start that preset it)."""
+
+    @initialize(sizes=st.lists(st.integers(1, 24), min_size=1, max_size=3))
+    def start(self, sizes):
+        self.state = tempfile.mkdtemp(prefix="dirtylog-")
+        self.devs = devices(*sizes)
+        self.last = {}            # (name, region) -> cycle of its last write
+        self.committed = 0        # newest committed cycle
+        self.cleared_upto = None  # the last commit handed to the log
+        self.open_log(first_cycle=1, preset=None)
+
+    def open_log(self, first_cycle, preset):
+        self.cycle = first_cycle
+        self.log = dirtylog.DirtyLog(self.state, self.devs, REGION, first_cycle, preset, hot=HOT)
+        dirtylog.prune(self.state, self.log.file)
+
+    def teardown(self):
+        for name in os.listdir(self.state):
+            os.unlink(os.path.join(self.state, name))
+        os.rmdir(self.state)
+
+    @rule(data=st.data())
+    def write(self, data):
+        d = data.draw(st.sampled_from(self.devs))
+        offset = data.draw(st.integers(0, d.size - 1))
+        length = data.draw(st.integers(1, d.size - offset))
+        self.log.mark(self.cycle, d.dev, offset, length)
+        for r in range(offset // REGION, (offset + length - 1) // REGION + 1):
+            self.last[(d.name, r)] = self.cycle
+
+    @rule()
+    def rp(self):
+        self.cycle += 1
+
+    @precondition(lambda self: self.committed < self.cycle - 1)
+    @rule(data=st.data())
+    def commit(self, data):
+        self.committed = data.draw(st.integers(self.committed + 1, self.cycle - 1))
+        self.log.commit(self.committed)
+        self.cleared_upto = self.committed
+
+    @rule(skip=st.integers(1, 5))
+    def crash_and_restart(self, skip):
+        """kill -9: only the file is left. The next run starts with its marks preset, at a
+        fresh cycle id, and nothing committed since."""
+        marks = dirtylog.read(self.state, self.log.describe())
+        self.log = None
+        first = self.cycle + skip
+        preset = {d.dev: marks[d.name] for d in self.devs}
+        self.last = {key: first for key in regions(marks)}
+        self.cleared_upto = None
+        self.open_log(first, preset)
+
+    @invariant()
+    def every_uncommitted_write_is_marked(self):
+        if getattr(self, "log", None) is None:
+            return
+        marked = on_disk(self.state, self.log)
+        uncommitted = {key for key, c in self.last.items() if c > self.committed}
+        assert uncommitted <= marked
+
+    @invariant()
+    def marks_clear_once_committed_and_cool(self):
+        if getattr(self, "log", None) is None:
+            return
+        marked = on_disk(self.state, self.log)
+        assert marked <= set(self.last), "a region never written is marked"
+        if self.cleared_upto is not None:
+            stale = {key for key in marked if self.last[key] <= self.cleared_upto - HOT}
+            assert not stale, "committed regions that cooled down stay marked"
+        assert self.log.stats()["marked"] == len(marked)
+
+
+TestDirtyLogModel = DirtyLogModel.TestCase
+TestDirtyLogModel.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
+
+
+def test_marks_race_commits_and_none_is_lost(tmp_path):
+    """Writers on several threads (tagged by a real tracker) mark while the committer closes
+    cycles and clears; a clear that raced a write of the open cycle must leave it marked."""
+    devs = devices(64)
+    log = dirtylog.DirtyLog(str(tmp_path), devs, REGION, 1, hot=0)
+    tracker = Tracker(max_bytes=1 << 20, first_cycle=1)
+    written = []               # (region, cycle) of every write
+    stop = threading.Event()
+
+    def writer(seed):
+        rng = random.Random(seed)
+        for _ in range(20000):
+            if stop.is_set():
+                return
+            r = rng.randrange(64)
+            c = tracker.begin()
+            log.mark(c, 0, r * REGION, REGION)
+            written.append((r, c))
+            tracker.end(c, 0, KIND_DATA, r * REGION, REGION)
+
+    threads = [threading.Thread(target=writer, args=(k,)) for k in range(3)]
+    for t in threads:
+        t.start()
+    committed = 0
+    try:
+        for _ in range(200):
+            committed = tracker.close_cycle(timeout=30).cycle
+            log.commit(committed)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(60)
+    marked = {r for _, r in on_disk(str(tmp_path), log)}
+    missing = {r for r, c in written if c > committed} - marked
+    assert not missing, f"regions written after cycle {committed} lost their marks: {missing}"
+    assert log.stats()["cleared"] > 0, "the commits cleared nothing: the race was not exercised"
+
+
+def test_a_log_file_of_the_wrong_size_or_missing_is_refused(tmp_path):
+    log = dirtylog.DirtyLog(str(tmp_path), devices(100), REGION, 1)
+    described = log.describe()
+    with open(os.path.join(tmp_path, described["file"]), "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(dirtylog.DirtyLogError, match="wrong size"):
+        dirtylog.read(str(tmp_path), described)
+    os.unlink(os.path.join(tmp_path, described["file"]))
+    with pytest.raises(dirtylog.DirtyLogError, match="unreadable"):
+        dirtylog.read(str(tmp_path), described)
+    with pytest.raises(dirtylog.DirtyLogError, match="no dirty-region log"):
+        dirtylog.read(str(tmp_path), None)
+
+
+def test_a_write_outside_its_device_is_a_bug_not_a_mark(tmp_path):
+    log = dirtylog.DirtyLog(str(tmp_path), devices(2), REGION, 1)
+    with pytest.raises(ValueError):
+        log.mark(1, 0, 2 * REGION, 1)
+    with pytest.raises(ValueError):
+        log.mark(1, 1, 0, 1)
