@@ -39,7 +39,7 @@ import time
 from copier.keepaside import KeepAside
 from copier.replica import Replica, ReplicaError
 from copier.verify import sample_differs
-from replication import machine as m, record as records
+from replication import dirtylog, machine as m, record as records
 from reporter import report as reports, sgl_batches
 from tracker import KIND_DATA, KIND_TRIM, KIND_ZERO, Tracker
 
@@ -92,14 +92,29 @@ class WriteHook:
     aside the bytes it is about to overwrite; ``end`` records its TE. O(1) usually.
     """
 
-    __slots__ = ("_tracker", "_keepaside")
+    __slots__ = ("_tracker", "_keepaside", "_dirty", "_mark")
 
     def __init__(self, tracker, keepaside):
         self._tracker, self._keepaside = tracker, keepaside
+        self._dirty = self._mark = None
+
+    def log_to(self, dirty):
+        """Mark every write in the dirty-region log ``dirty`` before it reaches the back end
+        (from now on: call before the first write is served)."""
+        self._dirty, self._mark = dirty, dirty.marker()
 
     def begin(self, dev, offset, length):
-        """Start a write; returns the token to hand to ``end``. O(1) unless it keeps aside."""
+        """Start a write; returns the token to hand to ``end``. O(1) unless it keeps aside or
+        marks a new region in the dirty-region log (then it waits for that mark's msync)."""
         cycle = self._tracker.begin()
+        if self._mark is not None:
+            rc = self._mark(cycle, dev, offset, length)
+            if rc:
+                try:
+                    self._dirty.check(rc)
+                except BaseException:
+                    self._tracker.end(cycle, dev, KIND_DATA, offset, length)
+                    raise
         if self._keepaside.needs(cycle):
             try:
                 self._keepaside.keep(cycle, dev, offset, length)
@@ -129,9 +144,10 @@ class Session:
         for d in self.devices:
             d.identity = records.identity(d.path, d.backend.fd, d.size)
             d.replica_size = (replica_sizes or {}).get(d.name)
-        self.plan = records.plan(records.load(self.state_dir) if self.state_dir else None,
-                                 self.devices, config.resync == "full",
-                                 sample=self._sample) if self.replicated else None
+        self.dirty_region = config.dirty_region if self.replicated else 0
+        self.dirty = None
+        self.resync_bytes = 0   # what this run started by copying for a sync or a crash
+        self.plan = self._plan(config.resync == "full") if self.replicated else None
         self.tracker = Tracker(max_bytes=config.tracker_mem,
                                first_cycle=self.plan.first_cycle if self.plan else 1)
         self.keepaside = KeepAside({d.dev: d.backend for d in self.devices},
@@ -154,6 +170,16 @@ class Session:
         self._retried_before = 0   # requests retried on replica connections since closed
         self._buffers = None
 
+    def _plan(self, resync_full):
+        record = records.load(self.state_dir)
+        marks = None
+        if record is not None and not record["clean"]:
+            try:
+                marks = dirtylog.read(self.state_dir, record.get("dirty_log"))
+            except dirtylog.DirtyLogError as e:
+                marks = str(e)
+        return records.plan(record, self.devices, resync_full, sample=self._sample, marks=marks)
+
     @staticmethod
     def _sample(d, offsets):
         """Where the replica of ``d`` first differs from the source at ``offsets``, or None.
@@ -171,26 +197,37 @@ class Session:
         a full sync of the sources that need one, what a clean stop left outstanding of the
         others (often nothing)."""
         carry, plan = None, self.plan
+        if plan is not None:
+            full = reports.whole(self.source_extents(plan.full)) if plan.full else reports.Report()
+            carry = full
+            for report in plan.resume.values():
+                carry = carry.merged_with(report, self.sizes)
+            self.resync_bytes = carry.byte_count() if plan.full or plan.crashed else 0
         if self.state_dir is not None:
             # Before the first write is served (nbdkit calls this after binding its sockets,
-            # before accepting a client, so a start that fails earlier leaves a clean record
-            # clean): from here on a crash must read as a run in progress, a full resync, not
-            # as the last run's clean stop, whose outstanding report lacks this run's writes.
-            # Raises if the record cannot be written: better not to serve than to lose a change.
+            # before accepting a client, so a start that fails earlier leaves the last record
+            # as it was): from here on a crash must read as a run in progress, a resync of what
+            # the dirty-region log marks, not as the last run's clean stop, whose outstanding
+            # report lacks this run's writes. The log starts with what this run must copy
+            # first marked, and is complete on disk before the record names it.
+            # Raises if either cannot be written: better not to serve than to lose a change.
+            if self.dirty_region:
+                self.dirty = dirtylog.DirtyLog(
+                    self.state_dir, self.devices, self.dirty_region, plan.first_cycle,
+                    {dev: reports.merge(carry.data_of(dev), carry.zero_of(dev))
+                     for dev in self.sizes})
+                self.hook.log_to(self.dirty)
             self._write_record(False, None, plan.committed_cycle, plan.rp_time)
+            dirtylog.prune(self.state_dir, self.dirty.file if self.dirty else None)
         if plan is not None:
             for reason in sorted(set(plan.full.values())):
                 log.info("%s: %s", ", ".join(repr(d.name or "(default)") for d in self.devices
                                                if plan.full.get(d.dev) == reason), reason)
             log.info("session %s starts at cycle %d: %s", plan.session_id, plan.first_cycle, plan.how)
-            full = reports.whole(self.source_extents(plan.full)) if plan.full else reports.Report()
-            carry = full
-            for report in plan.resume.values():
-                carry = carry.merged_with(report, self.sizes)
         self.controller = m.Controller(
             sizes=self.sizes, replicated=self.replicated, cycle_seconds=self.cycle_seconds,
             now=self.clock(), first_cycle=self.tracker.cycle, carry=carry or None,
-            carry_is_sync=bool(plan and plan.full),
+            carry_is_sync=bool(plan and (plan.full or plan.crashed)),
             committed=(plan.committed_cycle, plan.rp_time) if plan else None)
         self._thread = threading.Thread(target=self._run, name="nbdrep-session", daemon=True)
         self._thread.start()
@@ -245,6 +282,9 @@ class Session:
             out["session_id"] = self.plan.session_id if self.plan else None
             out["start"] = self.plan.how if self.plan else None
             out["record_error"] = self.record_error
+            out["last_stop_clean"] = None if self.plan is None or self.plan.crashed is None \
+                else not self.plan.crashed
+            out["resync"] = self._resync_status(out["cycles"])
             device_totals, connected = out.pop("device_totals"), set(self._replicas)
             retried = self._retried_before + sum(
                 r.stats()["retried"] for r in list(self._replicas.values()))
@@ -255,9 +295,23 @@ class Session:
                          "totals": device_totals[d.dev]} for d in self.devices],
             "tracker": self.tracker.stats(),
             "keepaside": self.keepaside.stats(),
+            "dirty_log": None if self.dirty is None else
+            {**self.dirty.stats(), "sync_error": self.dirty.sync_error},
             "requests_retried": retried,
         })
         return out
+
+    def _resync_status(self, cycles):
+        """The resync this run started with (a sync, or the marked regions after a crash):
+        its reason, bytes and bytes done so far, or None. O(history)."""
+        if not self.resync_bytes:
+            return None
+        if self.controller.committed_cycle >= self.plan.first_cycle:
+            done = self.resync_bytes
+        else:
+            done = max((c["bytes_done"] for c in cycles if c["initial_sync"]), default=0)
+        return {"reason": self.plan.how, "bytes_total": self.resync_bytes,
+                "bytes_done": min(done, self.resync_bytes)}
 
     def report_json(self):
         """The newest report's extents per export, for ``nbdrep report``. O(extents)."""
@@ -347,6 +401,8 @@ class Session:
             log.exception("cycle step %s failed unexpectedly; the next cycle resyncs every "
                           "source", type(action).__name__)
             self._close_replicas()
+            if self.dirty is not None:   # until that resync is committed, a crash repeats it
+                self.dirty.mark_all(self.tracker.cycle)
             return m.Failed(f"unexpected error: {e!r}", resync=self.full_report())
 
     def _perform(self, action):
@@ -390,6 +446,8 @@ class Session:
         self._publish(action.report, action.cycle)
         if action.point_in_time:
             self._save_record(clean=False)
+        if self.dirty is not None:   # every write of a cycle <= action.cycle landed, flushed
+            self.dirty.commit(action.cycle)
         if action.outage is not None:
             log.info("replica back: cycle %d committed after %.1f s of failures", action.cycle,
                      action.outage)
@@ -443,7 +501,8 @@ class Session:
             next_cycle=self.tracker.cycle + (0 if exact else records.RESERVE),
             sources={d.name: records.identity(d.path, d.backend.fd, d.size) for d in self.devices},
             replicas={d.name: {"uri": d.replica_uri, "size": d.replica_size} for d in self.devices},
-            outstanding=outstanding, names={d.dev: d.name for d in self.devices}))
+            outstanding=outstanding, names={d.dev: d.name for d in self.devices},
+            dirty_log=self.dirty.describe() if self.dirty and not self.dirty.sync_error else None))
 
     # -- copy and flush ---------------------------------------------------------------------------
 
