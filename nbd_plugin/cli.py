@@ -5,6 +5,7 @@
 and the venv's sys.path through PYTHONPATH.
 """
 import argparse
+import errno
 import importlib.metadata
 import json
 import os
@@ -41,8 +42,8 @@ EXIT_PIPE = 128 + signal.SIGPIPE
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         return args.func(args)
     except BrokenPipeError:
         # Quietly, as cat does; stdout goes to /dev/null so that Python's flush at exit does
@@ -112,6 +113,9 @@ def _add_serve(sub):
     p.add_argument("--resync", choices=("auto", "full"), default="auto",
                    help="full: copy every source in full at start, whatever the record in the "
                         "state directory says (a block device written while nbdrep was stopped)")
+    p.add_argument("--accept-resize", action="store_true",
+                   help="serve a source whose size changed since the last run (it is then "
+                        "resynced in full) instead of refusing to start")
     p.add_argument("--verbose", action="store_true", help="nbdkit -v")
     p.set_defaults(func=_serve)
 
@@ -154,7 +158,7 @@ def serve_config(args):
                ("control", control_path(args)), ("readonly", "on" if args.readonly else "off"),
                ("keepaside-mem", args.keepaside_mem), ("keepaside-spill", args.keepaside_spill),
                ("tracker-mem", args.tracker_mem), ("stop-timeout", args.stop_timeout),
-               ("resync", args.resync)]
+               ("resync", args.resync), ("accept-resize", "on" if args.accept_resize else "off")]
     cfg = Config()
     for key, value in params:
         cfg.add(key, value)
@@ -166,7 +170,7 @@ def preflight(cfg):
     """The plugin's start-up checks, run here first so a failure is one clean line."""
     backends = startup.open_sources(cfg)
     try:
-        startup.check(cfg, backends, record_sizes=False)
+        startup.check(cfg, backends)
     finally:
         for backend in backends.values():
             backend.close()
@@ -204,10 +208,10 @@ def _serve(args):
     if args.port is not None and not 0 < args.port < 65536:
         raise CLIError(f"--port {args.port} is not a TCP port")
     cfg, params = serve_config(args)
+    _check_places(args)
     preflight(cfg)
     for path in ([args.socket] if args.socket else []) + [control_path(args)]:
         _claim_socket(path)
-    os.makedirs(args.state, exist_ok=True)
     proc = subprocess.Popen(nbdkit_command(args, params), env=nbdkit_env())
     forward = lambda signum, frame: proc.send_signal(signum)  # noqa: E731
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
@@ -215,6 +219,52 @@ def _serve(args):
     if _wait_listening(proc, args):
         print(attach_help(args), flush=True)
     return proc.wait()
+
+
+def _check_places(args):
+    """Refuse, before nbdkit starts, the places it could not listen on or write to: a busy
+    port, an address not of this host, a socket or state directory that cannot be made."""
+    state = os.path.abspath(args.state)
+    _check_dir(state, f"--state {args.state}", may_create=True)
+    if args.socket:
+        _check_dir(os.path.dirname(os.path.abspath(args.socket)), f"--socket {args.socket}")
+    control = os.path.dirname(os.path.abspath(control_path(args)))
+    if control != state:
+        _check_dir(control, f"--control {args.control}")
+    if args.port is not None:
+        _check_port(args.bind, args.port)
+
+
+def _check_dir(path, what, may_create=False):
+    """``path`` is a directory we can write in, or (``may_create``) one we can make."""
+    existing = path
+    while may_create and not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.exists(existing):
+        raise CLIError(f"{what}: directory {existing} does not exist")
+    if not os.path.isdir(existing):
+        raise CLIError(f"{what}: {existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        verb = "cannot be created" if existing != path else "is not writable"
+        raise CLIError(f"{what}: {path} {verb} ({existing} is not writable)")
+
+
+def _check_port(host, port):
+    """Bind every address nbdkit will listen on and let go: what fails here would fail it."""
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise CLIError(f"--bind {host} is not an address ({e.strerror})") from None
+    for family, kind, proto, _, address in addresses:
+        with socket.socket(family, kind, proto) as s:
+            # As nbdkit does: a port whose last connections linger in TIME_WAIT is free.
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(address)
+            except OSError as e:
+                if e.errno == errno.EADDRINUSE:
+                    raise CLIError(f"port {port} on {host} is in use by another program") from None
+                raise CLIError(f"--bind {host} --port {port}: {e.strerror}") from None
 
 
 def _wait_listening(proc, args):
@@ -231,7 +281,8 @@ def _listening(args):
     if args.socket:
         # _claim_socket removed any stale file, so the file means nbdkit has bound it.
         return os.path.exists(args.socket)
-    return _answers(socket.AF_INET, (args.bind, args.port))
+    family, _, _, _, address = socket.getaddrinfo(args.bind, args.port, type=socket.SOCK_STREAM)[0]
+    return _answers(family, address)
 
 
 def _answers(family, address):
@@ -255,7 +306,8 @@ def attach_help(args):
         uri = f"nbd+unix:///?socket={args.socket}"
         kernel = f"nbd-client -unix {args.socket} /dev/nbd0"
     else:
-        uri = f"nbd://{args.bind}:{args.port}/"
+        host = f"[{args.bind}]" if ":" in args.bind else args.bind   # an IPv6 address
+        uri = f"nbd://{host}:{args.port}/"
         kernel = f"nbd-client {args.bind} {args.port} /dev/nbd0"
     return "\n".join([
         f"nbdrep: serving {', '.join(args.source)} at {uri}",

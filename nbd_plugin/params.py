@@ -13,7 +13,7 @@ from copier.uri import parse_uri
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 KEYS = ("source", "replica", "tracking", "readonly", "cycle", "control", "state", "keepaside-mem", "keepaside-spill",
-        "tracker-mem", "stop-timeout", "resync")
+        "tracker-mem", "stop-timeout", "resync", "accept-resize")
 
 
 class ParamError(ValueError):
@@ -42,6 +42,7 @@ class Config:
     tracker_mem: int = 64 << 20
     stop_timeout: float = 30.0
     resync: str = "auto"
+    accept_resize: bool = False
 
     def add(self, key, value):
         """Take one ``key=value`` from nbdkit's command line. O(1) (O(sources) for source names)."""
@@ -136,11 +137,11 @@ def _set_replica(cfg, value):
     cfg.replicas[name] = uri
 
 
-def _set_switch(attr):
+def _set_switch(key):
     def setter(cfg, value):
         if value not in ("on", "off"):
-            raise ParamError(f"{attr}={value!r}: use on or off")
-        setattr(cfg, attr, value == "on")
+            raise ParamError(f"{key}={value!r}: use on or off")
+        setattr(cfg, key.replace("-", "_"), value == "on")
     return setter
 
 
@@ -157,6 +158,7 @@ _SETTERS = {
     "replica": _set_replica,
     "tracking": _set_switch("tracking"),
     "readonly": _set_switch("readonly"),
+    "accept-resize": _set_switch("accept-resize"),
     "cycle": lambda cfg, v: setattr(cfg, "cycle", parse_seconds(v, "cycle")),
     "stop-timeout": lambda cfg, v: setattr(cfg, "stop_timeout", parse_seconds(v, "stop-timeout")),
     "resync": _set_resync,

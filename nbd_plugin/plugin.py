@@ -62,7 +62,7 @@ def config_complete():
 def get_ready():
     global session, hook
     backends.update(startup.open_sources(config_))
-    replica_sizes = startup.check(config_, backends, record_sizes=True)
+    replica_sizes = startup.check(config_, backends)
     if config_.tracking:
         session = Session(config_, backends, replica_sizes)
         hook = session.hook
@@ -70,6 +70,7 @@ def get_ready():
 
 def after_fork():
     global control
+    startup.record_sources(config_, backends)
     if not config_.replicas and config_.state and not config_.readonly:
         # Serving without replicating writes behind a replication record's back: a later
         # replicated start must resync in full. nbdkit has bound its sockets but accepts no

@@ -27,13 +27,12 @@ def open_sources(cfg):
     return backends
 
 
-def check(cfg, backends, record_sizes):
-    """Check sizes against the last run (recording them if ``record_sizes``), the replication
-    record, and every replica;
-    returns {export name: replica size}. O(sources) connections."""
+def check(cfg, backends):
+    """Check sizes against the last run, the replication record, and every replica; writes
+    nothing. Returns {export name: replica size}. O(sources) connections."""
     if cfg.state:
-        sizes = {os.path.realpath(b.path): b.size for b in backends.values()}
-        state.check_sizes(cfg.state, sizes, record_sizes)
+        record.check_unlocked(cfg.state)
+        state.check_sizes(cfg.state, _sizes(backends), cfg.accept_resize)
         if cfg.replicas:
             record.load(cfg.state)   # a corrupt record stops the start here, in one line
     replica_sizes = {}
@@ -43,3 +42,14 @@ def check(cfg, backends, record_sizes):
                 replica.check_size(backends[src.name].size)
                 replica_sizes[src.name] = replica.size
     return replica_sizes
+
+
+def record_sources(cfg, backends):
+    """Record the sources served in the state directory, once serving begins (nbdkit has bound
+    its sockets): a start that fails before then leaves the directory as it was."""
+    if cfg.state:
+        state.record_sizes(cfg.state, _sizes(backends))
+
+
+def _sizes(backends):
+    return {os.path.realpath(b.path): b.size for b in backends.values()}

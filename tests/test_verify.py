@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 from conftest import uri
 from copier.nbdclient import connect
 from copier.sizes import size_argument
-from copier.verify import (add_range, covered, differing_blocks, format_ranges, main, verify,
-                           zero_extents)
+from copier.verify import (ProgressLine, add_range, covered, differing_blocks, format_ranges, main,
+                           verify, zero_extents)
 
 MiB = 1 << 20
 BLOCK = 4096
@@ -185,3 +185,25 @@ def test_zero_extents_follow_holes(make_pair):
     extents = zero_extents(h, 0, 64 * MiB)
     assert covered(extents, 0, 10 * MiB) and covered(extents, 11 * MiB, 64 * MiB)
     assert not any(covered(extents, off, off + 1) for off in (10 * MiB, 11 * MiB - 1))
+
+
+def test_progress_lines_have_rate_and_eta(make_pair, capsys):
+    data = image(4 * MiB, seed=7)
+    pair = make_pair(data, data)
+    assert main([*pair.uris, "--chunk", "256K"]) == 0
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[-1].startswith("verify: 100% of 4.00MiB, ") and "iB/s, ETA 00:00" in lines[-1]
+    percents = [int(line.split("%")[0].split()[-1]) for line in lines]
+    assert percents == sorted(set(percents)) and len(percents) <= 10
+
+
+def test_progress_on_a_terminal_is_a_bar():
+    master, slave = os.openpty()
+    with os.fdopen(slave, "w") as tty:
+        line = ProgressLine(tty)
+        line(MiB, 4 * MiB)
+        line(4 * MiB, 4 * MiB)
+        line.finish()
+    shown = os.read(master, 65536).decode()
+    os.close(master)
+    assert "\r" in shown and "100%|" in shown and "4.00M/4.00M" in shown and "█" in shown
