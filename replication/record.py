@@ -43,6 +43,7 @@ A block device cannot show outside writes (no mtime): the README says so, and
 """
 import array
 import bisect
+import fcntl
 import json
 import os
 import random
@@ -52,6 +53,7 @@ import uuid
 from reporter.report import Report, merge as reports_merge
 
 FILE = "replication.json"
+LOCK_FILE = "lock"
 VERSION = 1
 KEYS = ("session_id", "clean", "committed_cycle", "rp_time", "next_cycle", "sources", "replicas",
         "outstanding")
@@ -94,6 +96,45 @@ def load(state_dir):
         raise RecordError(f"replication record {path} is not a version {VERSION} record; move "
                           "it away to start afresh with a full sync")
     return record
+
+
+def lock(state_dir):
+    """Take the state directory for this process, until it exits: an exclusive flock on
+    ``LOCK_FILE``, whose descriptor is returned and must stay open. Two runs on one directory
+    would overwrite each other's record and dirty-region log. Raises RecordError naming the
+    run that holds it. O(1)."""
+    os.makedirs(state_dir, exist_ok=True)
+    fd = os.open(os.path.join(state_dir, LOCK_FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        os.close(fd)
+        raise RecordError(_in_use(state_dir, holder)) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def check_unlocked(state_dir):
+    """Raise RecordError if another run holds ``state_dir`` (see ``lock``); creates nothing.
+    O(1)."""
+    try:
+        fd = os.open(os.path.join(state_dir, LOCK_FILE), os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return   # no lock file (or no directory): nobody holds it
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise RecordError(_in_use(state_dir, os.pread(fd, 32, 0).decode(errors="replace").strip())) \
+            from None
+    finally:
+        os.close(fd)
+
+
+def _in_use(state_dir, holder):
+    return (f"state directory {state_dir} is in use by another nbdrep serve (pid {holder or '?'}); "
+            "give this one its own --state")
 
 
 def save(state_dir, record):

@@ -152,6 +152,28 @@ def test_a_corrupt_record_is_one_line_exit_2_and_nothing_written(procs, nbdkit, 
     assert sorted(os.listdir(state)) == before
 
 
+def test_a_second_server_on_the_same_state_directory_is_refused(procs, nbdkit, tmp_path):
+    """Two runs on one state directory would overwrite each other's record and dirty-region
+    log: the second is one line naming the first's pid, exit 2, and changes nothing."""
+    site = Site(procs, nbdkit, tmp_path)
+    server = site.serve()
+    server.rp()   # the initial sync's commit is recorded; with 1 h cycles nothing is written now
+    state = os.path.join(site.tmp, "state")
+    before = {name: os.stat(os.path.join(state, name)).st_mtime_ns for name in os.listdir(state)}
+    other = make_image(os.path.join(site.tmp, "other.img"), 16 * MiB)
+    run = subprocess.run(nbdrep_cmd("serve", "--source", other, "--socket",
+                                    os.path.join(site.tmp, "s2.sock"), "--state", state,
+                                    "--control", os.path.join(site.tmp, "c2.sock")),
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2, run.stderr
+    (line,) = run.stderr.strip().splitlines()
+    nbdkit_pid = psutil.Process(server.proc.pid).children()[0].pid
+    assert f"state directory {state} is in use by another nbdrep serve (pid {nbdkit_pid})" in line
+    assert {name: os.stat(os.path.join(state, name)).st_mtime_ns
+            for name in os.listdir(state)} == before
+    server.rp()   # the first one is unharmed
+
+
 def test_the_record_is_replaced_whole(procs, nbdkit, tmp_path):
     """Written through a temporary file and a rename: never a torn record, no leftovers."""
     site = Site(procs, nbdkit, tmp_path)
