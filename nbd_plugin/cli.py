@@ -9,6 +9,7 @@ import errno
 import importlib.metadata
 import json
 import os
+import re
 import signal
 import socket
 import stat
@@ -25,6 +26,7 @@ from nbd_plugin.params import Config
 PLUGIN = os.path.join(os.path.dirname(os.path.abspath(nbd_plugin.__file__)), "plugin.py")
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(PLUGIN))
 START_TIMEOUT = 60.0
+PSK_LINE = re.compile(r"[^:\s]+:(?:[0-9A-Fa-f]{2})+")
 # nbdkit worker threads. The plugin's Python code runs under one GIL, so more threads mostly
 # add GIL hand-offs: 4k random writes measured 22k IOPS at 1 thread, 14.5k at 2, 13k at 4 and
 # 9.5k at 16 (scripts/bench_server.py). Two keep a slow flush or read from stalling everything.
@@ -116,6 +118,16 @@ def _add_serve(sub):
     p.add_argument("--accept-resize", action="store_true",
                    help="serve a source whose size changed since the last run (it is then "
                         "resynced in full) instead of refusing to start")
+    tls = p.add_argument_group("TLS for hosts (nbdkit's own TLS)")
+    tls.add_argument("--tls", choices=("off", "on", "require"),
+                     help="off: plain only; on: TLS offered; require: plain clients refused "
+                          "(default: require when --tls-psk or --tls-certificates is given, else off)")
+    tls.add_argument("--tls-psk", metavar="FILE",
+                     help="pre-shared keys, one USERNAME:HEXKEY a line (psktool -p FILE -u USER)")
+    tls.add_argument("--tls-certificates", metavar="DIR",
+                     help="X.509: DIR holds ca-cert.pem, server-cert.pem and server-key.pem")
+    tls.add_argument("--tls-verify-peer", action="store_true",
+                     help="with --tls-certificates: clients must present a certificate the CA signed")
     p.add_argument("--verbose", action="store_true", help="nbdkit -v")
     p.set_defaults(func=_serve)
 
@@ -191,7 +203,51 @@ def nbdkit_command(args, params):
         cmd += ["--unix", args.socket]
     else:
         cmd += ["--ipaddr", args.bind, "--port", str(args.port)]
-    return cmd + ["python", PLUGIN] + [f"{k}={v}" for k, v in params]
+    return cmd + tls_options(args) + ["python", PLUGIN] + [f"{k}={v}" for k, v in params]
+
+
+CERTIFICATE_FILES = ("ca-cert.pem", "server-cert.pem", "server-key.pem")
+
+
+def tls_options(args):
+    """nbdkit's TLS options for ``args``; CLIError, naming the option, for a combination
+    nbdkit would refuse or a key file or certificate directory it could not read."""
+    mode = args.tls or ("require" if args.tls_psk or args.tls_certificates else "off")
+    if mode == "off":
+        if args.tls_psk or args.tls_certificates or args.tls_verify_peer:
+            raise CLIError("--tls off contradicts --tls-psk, --tls-certificates and --tls-verify-peer")
+        return []
+    if bool(args.tls_psk) == bool(args.tls_certificates):
+        raise CLIError(f"--tls {mode} needs exactly one of --tls-psk FILE and --tls-certificates DIR")
+    if args.tls_verify_peer and not args.tls_certificates:
+        raise CLIError("--tls-verify-peer needs --tls-certificates (a PSK already proves the client)")
+    options = [f"--tls={mode}"]
+    if args.tls_psk:
+        _check_psk_file(args.tls_psk)
+        options.append(f"--tls-psk={os.path.abspath(args.tls_psk)}")
+    else:
+        missing = [f for f in CERTIFICATE_FILES
+                   if not os.access(os.path.join(args.tls_certificates, f), os.R_OK)]
+        if missing:
+            raise CLIError(f"--tls-certificates {args.tls_certificates}: cannot read "
+                           f"{', '.join(missing)}")
+        options.append(f"--tls-certificates={os.path.abspath(args.tls_certificates)}")
+    if args.tls_verify_peer:
+        options.append("--tls-verify-peer")
+    return options
+
+
+def _check_psk_file(path):
+    """A readable file of USERNAME:HEXKEY lines, the format gnutls (and so nbdkit) reads."""
+    try:
+        with open(path, encoding="ascii") as f:
+            lines = [line.strip() for line in f if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise CLIError(f"--tls-psk {path}: {getattr(e, 'strerror', None) or e}") from None
+    bad = [i + 1 for i, line in enumerate(lines) if not PSK_LINE.fullmatch(line)]
+    if not lines or bad:
+        raise CLIError(f"--tls-psk {path}: not a PSK file (want USERNAME:HEXKEY lines"
+                       f"{f'; line {bad[0]} is not' if bad else ''})")
 
 
 def nbdkit_env():
@@ -207,6 +263,7 @@ def _serve(args):
         raise CLIError("--threads must be at least 1")
     if args.port is not None and not 0 < args.port < 65536:
         raise CLIError(f"--port {args.port} is not a TCP port")
+    tls_options(args)
     cfg, params = serve_config(args)
     _check_places(args)
     preflight(cfg)
@@ -302,12 +359,21 @@ def _claim_socket(path):
 
 
 def attach_help(args):
+    scheme, user, query = "nbd", "", []
+    if tls_options(args):
+        # libnbd's TLS schemes; a PSK client names its user and key file in the URI.
+        scheme = "nbds"
+        if args.tls_psk:
+            with open(args.tls_psk, encoding="ascii") as f:
+                user = f.readline().split(":")[0] + "@"
+            query = [f"tls-psk-file={os.path.abspath(args.tls_psk)}"]
     if args.socket:
-        uri = f"nbd+unix:///?socket={args.socket}"
+        query.insert(0, f"socket={args.socket}")
+        uri = f"{scheme}+unix://{user}/?{'&'.join(query)}"
         kernel = f"nbd-client -unix {args.socket} /dev/nbd0"
     else:
         host = f"[{args.bind}]" if ":" in args.bind else args.bind   # an IPv6 address
-        uri = f"nbd://{host}:{args.port}/"
+        uri = f"{scheme}://{user}{host}:{args.port}/" + (f"?{'&'.join(query)}" if query else "")
         kernel = f"nbd-client {args.bind} {args.port} /dev/nbd0"
     return "\n".join([
         f"nbdrep: serving {', '.join(args.source)} at {uri}",
