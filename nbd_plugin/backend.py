@@ -67,14 +67,15 @@ class Backend:
         os.close(self.fd)
 
     def pread(self, buf, offset):
-        """Fill ``buf`` from ``offset``; a short read past the end is an error. O(len)."""
-        view = memoryview(buf).cast("B")
-        done = 0
-        while done < len(view):
-            n = os.preadv(self.fd, [view[done:]], offset + done)
-            if n == 0:
-                raise OSError(errno.EIO, f"short read at {offset + done} in {self.path}")
-            done += n
+        """Fill the writable buffer ``buf`` from ``offset``; a short read past the end is an error.
+
+        A page-cache hit keeps the GIL; a miss releases it while the disk answers (``_build.py``
+        says why). O(len).
+        """
+        data = _io_ffi.from_buffer(buf, require_writable=True)
+        rc = _io_lib.be_pread(self.fd, data, len(data), offset)
+        if rc:
+            raise OSError(rc, f"{os.strerror(rc)} reading {len(data)} bytes at {offset} in {self.path}")
 
     def read_batch(self, pairs, into):
         """Read many segments back to back into the buffer ``into``, in one call without the GIL.
@@ -90,11 +91,11 @@ class Backend:
             raise OSError(rc, f"{os.strerror(rc)} reading {self.path}")
 
     def pwrite(self, buf, offset):
-        """Write all of ``buf`` at ``offset``. O(len)."""
-        view = memoryview(buf).cast("B")
-        done = 0
-        while done < len(view):
-            done += os.pwrite(self.fd, view[done:], offset + done)
+        """Write all of ``buf`` at ``offset``, without the GIL. O(len)."""
+        data = _io_ffi.from_buffer(buf)
+        rc = _io_lib.be_pwrite(self.fd, data, len(data), offset)
+        if rc:
+            raise OSError(rc, f"{os.strerror(rc)} writing {len(data)} bytes at {offset} in {self.path}")
 
     def flush(self):
         """Make every completed write durable. Cost: one fdatasync."""

@@ -24,6 +24,7 @@ import nbdkit
 
 from replication.driver import Session
 from nbd_plugin import startup
+from nbd_plugin._io.lib import keep_thread_state
 from nbd_plugin.control import ControlServer
 from nbd_plugin.params import Config
 from replication import record
@@ -169,15 +170,19 @@ def can_extents(h):
     return True
 
 
-def _client_errno(callback):
-    """Hand the errno of an OSError that escapes ``callback`` to nbdkit, for the client.
+def _request(callback):
+    """Wrap a request callback: keep the worker's Python thread state, hand errors' errno to nbdkit.
 
-    Without ``nbdkit.set_error`` the client sees EIO for every failure (nbdkit-python-plugin(3));
-    with it a full file system is ENOSPC, and a zero that can only be done by writing is
-    EOPNOTSUPP, which makes nbdkit fall back to writing zeros (or refuse a fast zero).
+    The thread state: nbdkit's Python plugin makes one at every callback on its worker threads
+    and frees it at the end, unless something keeps it (``nbd_plugin/_build.py``); that cost
+    more than the read itself. The errno: without ``nbdkit.set_error`` the client sees EIO for
+    every failure (nbdkit-python-plugin(3)); with it a full file system is ENOSPC, and a zero
+    that can only be done by writing is EOPNOTSUPP, which makes nbdkit fall back to writing
+    zeros (or refuse a fast zero).
     """
     @functools.wraps(callback)
     def call(*args):
+        keep_thread_state()
         try:
             return callback(*args)
         except OSError as e:
@@ -187,40 +192,40 @@ def _client_errno(callback):
     return call
 
 
-@_client_errno
+@_request
 def pread(h, buf, offset, flags):
     h.backend.pread(buf, offset)
 
 
-@_client_errno
+@_request
 def pwrite(h, buf, offset, flags):
     _tracked(h, KIND_DATA, offset, len(buf), lambda: h.backend.pwrite(buf, offset), flags)
 
 
-@_client_errno
+@_request
 def zero(h, count, offset, flags):
     may_trim = bool(flags & nbdkit.FLAG_MAY_TRIM)
     fast = bool(flags & nbdkit.FLAG_FAST_ZERO)
     _tracked(h, KIND_ZERO, offset, count, lambda: h.backend.zero(offset, count, may_trim, fast), flags)
 
 
-@_client_errno
+@_request
 def trim(h, count, offset, flags):
     kind = KIND_TRIM if h.backend.trim_reads_zero else KIND_DATA
     _tracked(h, kind, offset, count, lambda: h.backend.trim(offset, count), flags)
 
 
-@_client_errno
+@_request
 def flush(h, flags):
     h.backend.flush()
 
 
-@_client_errno
+@_request
 def cache(h, count, offset, flags):
     h.backend.cache(offset, count)
 
 
-@_client_errno
+@_request
 def extents(h, count, offset, flags):
     hole = nbdkit.EXTENT_HOLE | nbdkit.EXTENT_ZERO
     return [(off, length, hole if is_hole else 0)

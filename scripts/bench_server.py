@@ -1,23 +1,28 @@
-"""Benchmark the NBD server: fio IOPS and MB/s against three servers on unix sockets.
+"""Benchmark the NBD front end: fio against several servers side by side, in interleaved rounds.
 
-Usage: .venv/bin/python scripts/bench_server.py [--seconds S] [--rounds R] [--dir DIR]
+Usage: .venv/bin/python scripts/bench_server.py [--seconds S] [--rounds R] [--threads N,...]
+                                               [--workloads NAME,...] [--dir DIR]
 
-Servers, each serving the same 1 GiB image (filled with data, so reads are not of holes):
+Servers, all serving the same 1 GiB image of random data, each started once and kept running:
 
-  nbdkit file        nbdkit's C ``file`` plugin: the ceiling for this machine
-  nbdrep untracked   our Python plugin, ``--tracking off``
-  nbdrep tracked     our Python plugin, tracking only (no replica), ``--cycle 1``
+  C file      nbdkit's C ``file`` plugin: the ceiling for this machine
+  minimal     nbdkit's Python plugin doing nothing but ``os.preadv``/``os.pwrite``, ``--threads 1``:
+              what a Python plugin can do here at all, the yardstick of issue 11
+  untracked   nbdrep ``--tracking off``, default ``--threads``
+  tracked     nbdrep tracking (no replica), ``--cycle 1``, default ``--threads``
+  tracked tN  the same with ``--threads N``, for each N of ``--threads``
 
-Workloads (fio ``--ioengine=nbd``, one job, S seconds each): 4k random write at queue depth 16,
-4k random read at QD16, 1 MiB sequential write at QD4. Then the tracked server is run with
-``--threads`` 1, 2, 4 and 16 on 4k random write, because GIL hand-off dominates small requests and
-fewer worker threads may be faster.
+Workloads (fio ``--ioengine=nbd``, one job, one connection, S seconds each): 4k random read and
+write at queue depth 16, 1 MiB sequential read and write at QD4. The machine is shared and its
+speed drifts by tens of percent within a minute, so no ratio is taken across rounds: each round
+runs every server once per workload, in an order that rotates from round to round, and a ratio
+compares two runs of the same round. The table prints medians over the rounds. CPU per request
+is the nbdkit process's user+system time over the requests fio completed.
 
-The goal for tracking is at least 0.95 of the untracked IOPS on 4k random write. The machine is
-shared and its load drifts by tens of percent within a minute, so that ratio is not taken from
-the table: both servers run side by side and R rounds alternate between them (untracked, tracked,
-untracked, ...); each round's ratio compares two neighbouring runs, and the median is printed.
-Progress goes to stderr, the tables to stdout.
+Then the stall check, on the tracked server: a 4k random reader (QD16) alone, then while a second
+connection writes 4k blocks each followed by a flush (fio ``--fsync=1``). A flush (or a read that
+misses the page cache) must not stall the other connections: the reader keeps at least half its
+IOPS. Progress goes to stderr, the tables to stdout.
 """
 import argparse
 import contextlib
@@ -36,16 +41,37 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from nbd_plugin.cli import DEFAULT_THREADS  # noqa: E402
 
 MiB, GiB = 1 << 20, 1 << 30
-IMAGE_SIZE = GiB
 WORKLOADS = {
-    "4k randwrite QD16": ["--rw=randwrite", "--bs=4k", "--iodepth=16"],
     "4k randread QD16": ["--rw=randread", "--bs=4k", "--iodepth=16"],
+    "4k randwrite QD16": ["--rw=randwrite", "--bs=4k", "--iodepth=16"],
+    "1M seqread QD4": ["--rw=read", "--bs=1M", "--iodepth=4"],
     "1M seqwrite QD4": ["--rw=write", "--bs=1M", "--iodepth=4"],
 }
-SERVERS = ("nbdkit file", "nbdrep untracked", "nbdrep tracked")
-RANDWRITE = "4k randwrite QD16"
-THREADS = (1, 2, 4, 16)
-GOAL = 0.95
+FLUSHING_WRITER = ["--rw=randwrite", "--bs=4k", "--iodepth=1", "--fsync=1"]
+# Goals of issue 11: nbdrep tracked against the minimal plugin, tracked against untracked
+# (4k random write), and the reader's IOPS beside a flushing writer against alone.
+GOAL_VS_MINIMAL = 0.85
+GOAL_TRACKING = 0.95
+GOAL_STALL = 0.5
+
+# The yardstick: nothing a Python plugin could leave out (no short-read loop, no errno mapping).
+MINIMAL_PLUGIN = '''\
+import os
+import nbdkit
+API_VERSION = 2
+fd = -1
+def thread_model(): return nbdkit.THREAD_MODEL_PARALLEL
+def config(key, value):
+    global fd
+    fd = os.open(value, os.O_RDWR)
+def open(readonly): return 1
+def get_size(h): return os.fstat(fd).st_size
+def can_write(h): return True
+def can_flush(h): return True
+def pread(h, buf, offset, flags): os.preadv(fd, [buf], offset)
+def pwrite(h, buf, offset, flags): os.pwrite(fd, buf, offset)
+def flush(h, flags): os.fdatasync(fd)
+'''
 
 
 def progress(message):
@@ -54,14 +80,14 @@ def progress(message):
 
 # ---- fio -----------------------------------------------------------------------------------
 
-def fio_command(uri, workload, seconds):
-    return ["fio", "--name=bench", "--ioengine=nbd", f"--uri={uri}", *WORKLOADS[workload],
-            f"--size={IMAGE_SIZE}", "--time_based", f"--runtime={seconds}", "--norandommap",
-            "--randrepeat=0", "--output-format=json"]
+def fio_command(uri, args, seconds, size):
+    return ["fio", "--name=bench", "--ioengine=nbd", f"--uri={uri}", *args, f"--size={size}",
+            "--time_based", f"--runtime={seconds}", "--norandommap", "--randrepeat=0",
+            "--output-format=json"]
 
 
 def parse_fio(stdout):
-    """(IOPS, MB/s) of fio's JSON report; the nbd engine prints lines before the JSON."""
+    """(IOPS, MB/s, requests) of fio's JSON report."""
     (job,) = fio_report(stdout)["jobs"]
     if job["error"]:
         raise RuntimeError(f"fio job failed with error {job['error']}")
@@ -69,9 +95,8 @@ def parse_fio(stdout):
     return side["iops"], side["bw_bytes"] / 1e6, side["total_ios"]
 
 
-def run_fio(uri, workload, seconds, label):
-    progress(f"  {label}: {workload} for {seconds} s")
-    done = subprocess.run(fio_command(uri, workload, seconds), check=False, capture_output=True,
+def run_fio(uri, args, seconds, size):
+    done = subprocess.run(fio_command(uri, args, seconds, size), check=False, capture_output=True,
                           text=True, timeout=seconds + 120)
     if done.returncode != 0:
         raise RuntimeError(f"fio exited {done.returncode}: {done.stderr.strip()}")
@@ -80,61 +105,54 @@ def run_fio(uri, workload, seconds, label):
 
 # ---- servers -------------------------------------------------------------------------------
 
-def server_command(kind, image, folder, threads):
-    """(argv, socket) of one server of ``kind`` (one of SERVERS) living in ``folder``."""
+class Server:
+    """One running server: its NBD URI and the nbdkit process that does the work."""
+
+    def __init__(self, name, uri, nbdkit):
+        self.name, self.uri, self.nbdkit = name, uri, nbdkit
+
+    def run(self, workload, seconds, size):
+        """(IOPS, MB/s, nbdkit CPU microseconds per request) of one fio run."""
+        progress(f"  {self.name}: {workload} for {seconds} s")
+        before = sum(self.nbdkit.cpu_times()[:2])
+        iops, mbps, ios = run_fio(self.uri, WORKLOADS[workload], seconds, size)
+        return iops, mbps, (sum(self.nbdkit.cpu_times()[:2]) - before) / max(ios, 1) * 1e6
+
+
+def server_command(name, image, folder, threads):
+    """(argv, socket) of the server called ``name`` living in ``folder``."""
     sock = os.path.join(folder, "nbd.sock")
-    if kind == "nbdkit file":
-        return ["nbdkit", "--foreground", "--exit-with-parent", "--unix", sock, "file", image], sock
-    tracking = "off" if kind == "nbdrep untracked" else "on"
+    nbdkit = ["nbdkit", "--foreground", "--exit-with-parent", "--unix", sock]
+    if name == "C file":
+        return [*nbdkit, "file", image], sock
+    if name == "minimal":
+        plugin = os.path.join(folder, "minimal.py")
+        with open(plugin, "w", encoding="utf-8") as f:
+            f.write(MINIMAL_PLUGIN)
+        return [*nbdkit, "--threads", "1", "python", plugin, f"file={image}"], sock
+    tracking = "off" if name == "untracked" else "on"
     return nbdrep_cmd("serve", "--source", image, "--socket", sock, "--state", folder,
                       "--control", os.path.join(folder, "control.sock"), "--tracking", tracking,
                       "--cycle", "1", "--threads", str(threads)), sock
 
 
 @contextlib.contextmanager
-def serving(procs, kind, image, threads=DEFAULT_THREADS):
-    """Run one server until the block ends; yields its NBD URI."""
-    with tempfile.TemporaryDirectory(prefix="nbdrep-bench-") as folder:
-        cmd, sock = server_command(kind, image, folder, threads)
-        proc = procs.start(cmd, wait_for=sock, stdout=subprocess.DEVNULL)
-        try:
-            yield f"nbd+unix:///?socket={sock}", proc
-        finally:
-            procs.stop(proc)
-
-
-def measure(procs, kind, image, workloads, seconds, threads=DEFAULT_THREADS):
-    """{workload: (IOPS, MB/s)} on a fresh server of ``kind``."""
-    with serving(procs, kind, image, threads) as (uri, _):
-        return {w: run_fio(uri, w, seconds, f"{kind} (threads {threads})")[:2] for w in workloads}
-
-
-def tracking_ratios(procs, image, seconds, rounds):
-    """Per round: tracked / untracked IOPS, and tracked / untracked nbdkit CPU per write.
-
-    The untracked side of a round is the mean of its runs just before and after the tracked
-    run. CPU per write is steadier than IOPS on a shared machine: another process's load slows
-    both servers' clocks, not the work each write costs.
-    """
-    with serving(procs, "nbdrep untracked", image) as off, serving(procs, "nbdrep tracked", image) as on:
-        untracked = [cpu_run(off, "A/B untracked", seconds)]
-        ratios = []
-        for _ in range(rounds):
-            tracked = cpu_run(on, "A/B tracked", seconds)
-            untracked.append(cpu_run(off, "A/B untracked", seconds))
-            iops_off = statistics.mean(u[0] for u in untracked[-2:])
-            cpu_off = statistics.mean(u[1] for u in untracked[-2:])
-            ratios.append((tracked[0] / iops_off, tracked[1] / cpu_off, tracked[1], cpu_off))
-    return ratios
-
-
-def cpu_run(server, label, seconds):
-    """(IOPS, nbdkit CPU microseconds per write) of one 4k random-write run."""
-    uri, proc = server
-    nbdkit = psutil.Process(proc.pid).children()[0]
-    before = sum(nbdkit.cpu_times()[:2])
-    iops, _, ios = run_fio(uri, RANDWRITE, seconds, label)
-    return iops, (sum(nbdkit.cpu_times()[:2]) - before) / ios * 1e6
+def servers(procs, image, threads):
+    """Start every server; yields {name: Server}."""
+    names = {"C file": 0, "minimal": 1, "untracked": DEFAULT_THREADS, "tracked": DEFAULT_THREADS}
+    names.update({f"tracked t{n}": n for n in threads if n != DEFAULT_THREADS})
+    with contextlib.ExitStack() as stack:
+        running = {}
+        for name, n in names.items():
+            folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="nbdrep-bench-"))
+            cmd, sock = server_command(name, image, folder, n)
+            proc = procs.start(cmd, wait_for=sock, stdout=subprocess.DEVNULL)
+            stack.callback(procs.stop, proc)
+            nbdkit = psutil.Process(proc.pid)
+            if cmd[0] != "nbdkit":   # nbdrep serve runs nbdkit as its child
+                nbdkit = nbdkit.children()[0]
+            running[name] = Server(name, f"nbd+unix:///?socket={sock}", nbdkit)
+        yield running
 
 
 def fill_image(path, size):
@@ -145,67 +163,118 @@ def fill_image(path, size):
         os.fsync(f.fileno())
 
 
+# ---- measuring -----------------------------------------------------------------------------
+
+def rounds_of(running, workloads, rounds, seconds, size):
+    """{workload: {server: [(IOPS, MB/s, CPU us) per round]}}, server order rotating per round."""
+    names = list(running)
+    results = {w: {n: [] for n in names} for w in workloads}
+    for r in range(rounds):
+        progress(f"round {r + 1} of {rounds}")
+        order = names[r % len(names):] + names[:r % len(names)]
+        for w in workloads:
+            for name in order:
+                results[w][name].append(running[name].run(w, seconds, size))
+    return results
+
+
+def stall_check(server, seconds, size):
+    """(reader IOPS alone, with a flushing writer beside it, the writer's IOPS)."""
+    progress(f"  {server.name}: stall check, reader alone then beside a flushing writer")
+    alone = run_fio(server.uri, WORKLOADS["4k randread QD16"], seconds, size)[0]
+    # The writer runs a second longer on each side, so it overlaps the whole reader run.
+    writer = subprocess.Popen(fio_command(server.uri, FLUSHING_WRITER, seconds + 2, size),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        beside = run_fio(server.uri, WORKLOADS["4k randread QD16"], seconds, size)[0]
+        out, err = writer.communicate(timeout=seconds + 120)
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+            writer.wait()
+    if writer.returncode != 0:
+        raise RuntimeError(f"the flushing fio exited {writer.returncode}: {err.strip()}")
+    return alone, beside, parse_fio(out)[0]
+
+
 # ---- tables --------------------------------------------------------------------------------
 
+def median_ratio(runs, base, i=0):
+    return statistics.median(a[i] / b[i] for a, b in zip(runs, base))
+
+
 def main_table(results):
-    base = results["nbdkit file"]
-    rows = [[kind, w, f"{iops:.0f}", f"{mbps:.1f}", f"{iops / base[w][0]:.2f}"]
-            for kind, res in results.items() for w, (iops, mbps) in res.items()]
-    return format_table(["server", "workload", "IOPS", "MB/s", "vs nbdkit file"], rows)
+    rows = []
+    for w, by_server in results.items():
+        for name, runs in by_server.items():
+            rows.append([w, name, f"{statistics.median(r[0] for r in runs):,.0f}",
+                         f"{statistics.median(r[1] for r in runs):,.0f}",
+                         f"{statistics.median(r[2] for r in runs):.1f}",
+                         f"{median_ratio(runs, by_server['minimal']):.2f}",
+                         f"{median_ratio(runs, by_server['C file']):.2f}",
+                         " ".join(f"{r[0]:.0f}" for r in runs)])
+    return format_table(["workload", "server", "IOPS", "MB/s", "CPU us/req", "vs minimal", "vs C",
+                         "IOPS per round"], rows)
 
 
-def threads_table(sweep):
-    best = max(sweep, key=lambda t: sweep[t][0])
-    rows = [[f"--threads {t}", f"{iops:.0f}", f"{mbps:.1f}", "fastest" if t == best else ""]
-            for t, (iops, mbps) in sweep.items()]
-    return format_table([f"nbdrep tracked, {RANDWRITE}", "IOPS", "MB/s", ""], rows)
+def goals(results, stalls):
+    lines = []
 
+    def verdict(what, ratio, goal):
+        lines.append(f"{what}: {ratio:.2f} ({'meets' if ratio >= goal else 'misses'} the goal of {goal})")
 
-def ratio_summary(ratios):
-    rows = [[f"round {i + 1}", f"{iops:.3f}", f"{on:.1f}", f"{off:.1f}", f"{cpu:.3f}"]
-            for i, (iops, cpu, on, off) in enumerate(ratios)]
-    iops = statistics.median(r[0] for r in ratios)
-    cpu = statistics.median(r[1] for r in ratios)
-    rows.append(["median", f"{iops:.3f}", "", "", f"{cpu:.3f}"])
-    table = format_table([f"tracking on/off, {RANDWRITE}, --threads {DEFAULT_THREADS}", "IOPS ratio",
-                          "CPU us/write on", "off", "CPU ratio"], rows)
-    verdict = "meets" if iops >= GOAL else "misses"
-    return f"{table}\nIOPS ratio {iops:.3f} {verdict} the goal of {GOAL}; tracking costs {cpu - 1:+.1%} CPU per write"
+    for w in ("4k randread QD16", "4k randwrite QD16"):
+        if w in results:
+            verdict(f"{w}, tracked / minimal", median_ratio(results[w]["tracked"], results[w]["minimal"]),
+                    GOAL_VS_MINIMAL)
+    for w, by_server in results.items():
+        verdict(f"{w}, tracked / untracked", median_ratio(by_server["tracked"], by_server["untracked"]),
+                GOAL_TRACKING)
+    for alone, beside, writer in stalls:
+        verdict(f"reader beside a flushing writer ({writer:,.0f} write+flush/s) / alone "
+                f"({beside:,.0f} / {alone:,.0f} IOPS)", beside / alone, GOAL_STALL)
+    return "\n".join(lines)
 
 
 # ---- main ----------------------------------------------------------------------------------
 
-def run_all(image, seconds, rounds):
-    with Procs() as procs:
-        results = {kind: measure(procs, kind, image, WORKLOADS, seconds) for kind in SERVERS}
-        sweep = {t: measure(procs, "nbdrep tracked", image, [RANDWRITE], seconds, t)[RANDWRITE]
-                 for t in THREADS}
-        ratios = tracking_ratios(procs, image, seconds, rounds)
-    return results, sweep, ratios
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=int, default=10, help="run time of each fio run (default: 10)")
-    parser.add_argument("--rounds", type=int, default=3,
-                        help="A/B rounds for the tracking ratio (default: 3)")
-    parser.add_argument("--dir", default="/var/tmp", help="where the 1 GiB image goes (default: /var/tmp)")
+    parser.add_argument("--seconds", type=int, default=5, help="run time of each fio run (default: 5)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default: 3)")
+    parser.add_argument("--threads", default="",
+                        help="comma-separated --threads values to add as 'tracked tN' servers")
+    parser.add_argument("--workloads", default=",".join(WORKLOADS),
+                        help=f"comma-separated subset of: {', '.join(WORKLOADS)}")
+    parser.add_argument("--size", type=int, default=1024, help="image size in MiB (default: 1024)")
+    parser.add_argument("--dir", default="/var/tmp", help="where the image goes (default: /var/tmp)")
     args = parser.parse_args(argv)
-    if args.seconds < 1 or args.rounds < 1:
-        parser.error("--seconds and --rounds must be at least 1")
+    if args.seconds < 1 or args.rounds < 1 or args.size < 1:
+        parser.error("--seconds, --rounds and --size must be at least 1")
+    workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    unknown = [w for w in workloads if w not in WORKLOADS]
+    if unknown or not workloads:
+        parser.error(f"unknown workload {unknown[0] if unknown else '(none given)'!r}")
+    try:
+        threads = [int(t) for t in args.threads.split(",") if t.strip()]
+    except ValueError:
+        parser.error(f"--threads must be comma-separated numbers, not {args.threads!r}")
+    if any(t < 1 for t in threads):
+        parser.error("--threads values must be at least 1")
     fd, image = tempfile.mkstemp(prefix="nbdrep-bench-", suffix=".img", dir=args.dir)
     os.close(fd)
+    size = args.size * MiB
     try:
-        progress(f"filling {image} ({IMAGE_SIZE >> 20} MiB)")
-        fill_image(image, IMAGE_SIZE)
-        results, sweep, ratios = run_all(image, args.seconds, args.rounds)
+        progress(f"filling {image} ({args.size} MiB)")
+        fill_image(image, size)
+        with Procs() as procs, servers(procs, image, threads) as running:
+            results = rounds_of(running, workloads, args.rounds, args.seconds, size)
+            stalls = [stall_check(running["tracked"], args.seconds, size) for _ in range(args.rounds)]
     finally:
         os.unlink(image)
     print(main_table(results))
     print()
-    print(threads_table(sweep))
-    print()
-    print(ratio_summary(ratios))
+    print(goals(results, stalls))
     return 0
 
 
