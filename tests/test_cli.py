@@ -4,6 +4,7 @@ state file forgets sources no longer served; a resize is accepted with --accept-
 import hashlib
 import json
 import os
+import re
 import signal
 import socket
 import stat
@@ -11,7 +12,7 @@ import subprocess
 
 import pytest
 
-from conftest import Server, make_image, nbdrep, nbdrep_cmd, uri
+from conftest import Server, make_image, nbdrep, nbdrep_cmd, uri, wait_until
 
 MiB = 1 << 20
 
@@ -188,3 +189,37 @@ def test_a_resize_is_refused_until_accepted_then_resynced_in_full(procs, nbdkit,
     assert sources_json(tmp_path) == {source: 12 * MiB}
     with open(source, "rb") as s, open(replica, "rb") as r:
         assert s.read() == r.read(12 * MiB), "the resized source reached the replica whole"
+
+
+STAMPED = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} ")
+
+
+def test_every_log_line_is_stamped_once_and_a_replica_back_is_told(procs, nbdkit, tmp_path, source):
+    """The log of a run where the replica goes away and comes back and a client vanishes with a
+    write in flight: every line starts with the time, no line names nbdrep twice, the replica's return
+    says how long it was out, and the vanished client leaves no traceback."""
+    replica = make_image(str(tmp_path / "replica.img"), 8 * MiB)
+    rsock, rproc = nbdkit("file", replica)
+    control, sock = str(tmp_path / "control.sock"), str(tmp_path / "source.sock")
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "wb") as log:
+        server = procs.start(nbdrep_cmd(*serve_args(tmp_path, source, "--socket", sock, "--control",
+                                                    control, "--replica", uri(rsock),
+                                                    "--cycle", "0.2")),
+                             wait_for=control, stdout=subprocess.DEVNULL, stderr=log)
+    status = lambda: json.loads(nbdrep("status", "--json", "--control", control).stdout)  # noqa: E731
+    wait_until(lambda: status()["committed_cycle"] is not None, what="the initial sync")
+    procs.stop(rproc)
+    vanish = ("import nbd, os; h = nbd.NBD(); h.connect_uri(%r); h.pwrite(b'x' * 4096, 0); "
+              "h.aio_pwrite(b'y' * (1 << 20), 4096); os._exit(0)" % uri(sock))
+    subprocess.run(["/usr/bin/python3", "-c", vanish], check=True, timeout=60)
+    wait_until(lambda: status()["failures"] > 0, what="a failed cycle while the replica is down")
+    os.unlink(rsock)   # nbdkit leaves its socket file behind
+    nbdkit("file", replica, sock=rsock)
+    wait_until(lambda: b"replica back" in log_path.read_bytes(), what="the replica back line")
+    assert procs.stop(server) == 0
+    lines = log_path.read_text().splitlines()
+    assert lines and all(STAMPED.match(line) for line in lines), lines
+    assert not any("nbdrep: nbdrep:" in line or "Traceback" in line for line in lines), lines
+    assert any(re.search(r"replica back: cycle \d+ committed after \d+\.\d s of failures", line)
+               for line in lines), lines
