@@ -78,6 +78,8 @@ def build_parser():
     _add_rp(sub)
     _add_status(sub)
     _add_report(sub)
+    from receiver.cli import add_parsers   # receiver.cli builds on this module
+    add_parsers(sub)
     _add_verify(sub)
     return parser
 
@@ -195,7 +197,7 @@ def control_path(args):
     return args.control or os.path.join(args.state, "control.sock")
 
 
-def nbdkit_command(args, params):
+def nbdkit_command(args, params, plugin=PLUGIN):
     cmd = ["nbdkit", "--foreground", "--exit-with-parent", "--threads", str(args.threads)]
     if args.verbose:
         cmd.append("--verbose")
@@ -205,7 +207,7 @@ def nbdkit_command(args, params):
         cmd += ["--unix", args.socket]
     else:
         cmd += ["--ipaddr", args.bind, "--port", str(args.port)]
-    return cmd + tls_options(args) + ["python", PLUGIN] + [f"{k}={v}" for k, v in params]
+    return cmd + tls_options(args) + ["python", plugin] + [f"{k}={v}" for k, v in params]
 
 
 CERTIFICATE_FILES = ("ca-cert.pem", "server-cert.pem", "server-key.pem")

@@ -37,6 +37,7 @@ import threading
 import time
 
 from copier.keepaside import KeepAside
+from copier.receiver import Link as ReceiverLink
 from copier.replica import Replica, ReplicaError
 from copier.verify import sample_differs
 from replication import dirtylog, machine as m, record as records
@@ -167,6 +168,8 @@ class Session:
         self.record_error = None   # why the record could not be written last time, or None
         self._thread = None
         self._replicas = {}
+        self.receivers = (ReceiverLink([d.replica_uri for d in self.devices])
+                          if self.replicated else None)
         self._retried_before = 0   # requests retried on replica connections since closed
         self._buffers = None
 
@@ -446,6 +449,9 @@ class Session:
         self._publish(action.report, action.cycle)
         if action.point_in_time:
             self._save_record(clean=False)
+            if self.receivers is not None:   # receivers show the cycle only now
+                self.receivers.commit(self.plan.session_id, action.cycle,
+                                      self.controller.committed_rp_time)
         if self.dirty is not None:   # every write of a cycle <= action.cycle landed, flushed
             self.dirty.commit(action.cycle)
         if action.outage is not None:

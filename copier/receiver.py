@@ -1,0 +1,174 @@
+"""The copier's side of the receiver protocol: commit records sent as NBD requests.
+
+A receiver (``nbdrep receive``) serves, next to the data exports, a small metadata export
+named ``META_EXPORT`` on the same server. Everything the copier says to it travels as NBD
+requests on the URIs the user gave, with the export name swapped, so an NBD proxy between the
+sites that forwards export names (nbdkit's nbd plugin with ``dynamic-export=true``, a TLS
+tunnel) carries it unchanged:
+
+* READ of block 0: the receiver's state, ``MAGIC_STATE`` and JSON (session id, committed
+  cycle, its RP time), padded with NULs to ``META_SIZE``.
+* WRITE of block 0: a commit record, ``MAGIC_COMMIT`` and JSON (session id, cycle, RP time),
+  padded likewise, then FLUSH. The receiver answers the write only once the commit is durable:
+  every write it received on any data export since its last commit becomes the recovery point
+  ``cycle`` of all its exports at once.
+
+A plain NBD export must stay a valid replica, and ``nbdkit file`` serves any export name as
+the same file, so the copier writes a commit record only to an export that first read back
+as a receiver's state (the magic, and exactly ``META_SIZE`` bytes); it never writes to
+anything else.
+"""
+import json
+import logging
+from urllib.parse import urlsplit
+
+import nbd
+
+from copier.nbdclient import connect
+from copier.replica import ReplicaError
+
+log = logging.getLogger("nbdrep")
+
+# Not a valid export NAME (those start with a letter or digit), so never a user's export.
+META_EXPORT = ".nbdrep"
+META_SIZE = 4096
+MAGIC_STATE = b"nbdrep-receiver/1\n"
+MAGIC_COMMIT = b"nbdrep-commit/1\n"
+
+
+class ProtocolError(ValueError):
+    """A metadata block that is not what the protocol says."""
+
+
+def meta_uri(data_uri):
+    """The metadata export's URI on the server of ``data_uri``: the same URI, export swapped."""
+    parts = urlsplit(data_uri)
+    # Not urlunsplit: it drops the '//' of an empty authority (nbd+unix:///...).
+    return f"{parts.scheme}://{parts.netloc}/{META_EXPORT}" + (f"?{parts.query}" if parts.query else "")
+
+
+def encode(magic, obj):
+    """A metadata block: ``magic``, compact JSON, NUL padding to META_SIZE."""
+    body = magic + json.dumps(obj, separators=(",", ":")).encode()
+    if len(body) > META_SIZE:
+        raise ProtocolError(f"metadata record of {len(body)} bytes is over {META_SIZE}")
+    return body + bytes(META_SIZE - len(body))
+
+
+def decode(magic, block):
+    """The JSON object of a metadata block starting with ``magic``; ProtocolError otherwise."""
+    block = bytes(block)
+    if not block.startswith(magic):
+        raise ProtocolError("not an nbdrep metadata block")
+    try:
+        obj = json.loads(block[len(magic):].rstrip(b"\0"))
+    except ValueError as e:
+        raise ProtocolError(f"bad metadata record: {e}") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError("bad metadata record: not a JSON object")
+    return obj
+
+
+def probe(data_uri, timeout=10.0):
+    """The receiver state behind ``data_uri``'s server, or None for a plain NBD export (or a
+    server that has no such export). Reads only. Raises ReplicaError if the server is down."""
+    h = _open(data_uri, timeout)
+    if h is None:
+        return None
+    try:
+        return _read_state(h)
+    finally:
+        _close(h)
+
+
+def _open(data_uri, timeout=10.0):
+    """A connection to the metadata export of ``data_uri``'s server; None if that server is
+    up but has no such export; ReplicaError if it is down."""
+    try:
+        return connect(meta_uri(data_uri), timeout=timeout, what="receiver metadata")
+    except ReplicaError:
+        # Both a refused export name and a missing socket are ENOENT: ask the data export.
+        _close(connect(data_uri, timeout=timeout))
+        return None
+
+
+def _close(h):
+    """Disconnect politely; a connection that already failed just goes."""
+    try:
+        h.shutdown()
+    except nbd.Error:
+        pass
+
+
+def _read_state(h):
+    try:
+        if h.get_size() != META_SIZE:
+            return None
+        return decode(MAGIC_STATE, h.pread(META_SIZE, 0))
+    except ProtocolError:
+        return None
+    except nbd.Error as e:
+        raise ReplicaError(f"reading receiver metadata: {e}", e.errnum) from None
+
+
+class Link:
+    """Commits to the receivers among a session's replicas: {data URI} -> one metadata
+    connection per receiver, opened lazily and re-probed after any failure."""
+
+    def __init__(self, data_uris):
+        self._uris = sorted({meta_uri(u): u for u in data_uris}.items())
+        self._handles = {}   # meta URI -> nbd handle of a receiver; None: a plain export
+
+    def commit(self, session_id, cycle, rp_time):
+        """Make ``cycle`` the recovery point on every receiver; returns how many took it.
+
+        Never raises: a receiver that does not take a commit loses nothing (it keeps what it
+        received, invisible, and the next commit covers it), so the failure is logged and the
+        cycle stays committed on the source's side."""
+        block = encode(MAGIC_COMMIT, {"session_id": session_id, "cycle": cycle, "rp_time": rp_time})
+        done = 0
+        for meta, data_uri in self._uris:
+            for attempt in (1, 2):   # a kept connection may be to a receiver since restarted
+                try:
+                    h = self._handle(meta, data_uri)
+                    if h is not None:
+                        h.pwrite(block, 0)
+                        h.flush()
+                        done += 1
+                    break
+                except (ReplicaError, nbd.Error) as e:
+                    self._drop(meta)
+                    if attempt == 2:
+                        log.warning("receiver %s did not take the commit of cycle %d (%s); the "
+                                    "next commit covers it", meta, cycle, e)
+        return done
+
+    def states(self):
+        """{meta URI: receiver state or None (plain export)}, read now."""
+        out = {}
+        for meta, data_uri in self._uris:
+            h = self._handle(meta, data_uri)
+            try:
+                out[meta] = None if h is None else _read_state(h)
+            except ReplicaError:
+                self._drop(meta)
+                raise
+        return out
+
+    def _handle(self, meta, data_uri):
+        if meta not in self._handles:
+            h = _open(data_uri)
+            if h is not None and _read_state(h) is None:
+                _close(h)
+                h = None
+            self._handles[meta] = h
+        return self._handles[meta]
+
+    def _drop(self, meta):
+        h = self._handles.pop(meta, None)
+        if h is not None:
+            _close(h)
+
+    def close(self):
+        for meta in list(self._handles):
+            self._drop(meta)

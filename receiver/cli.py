@@ -1,0 +1,211 @@
+"""The receiver's subcommands: ``nbdrep receive``, ``nbdrep rps``, ``nbdrep restore``.
+
+``receive`` runs nbdkit in the foreground with ``receiver/plugin.py``, as ``serve`` does with
+the source's plugin (same command-line builder, environment and socket handling).
+"""
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+
+from copier.sizes import format_size
+from nbd_plugin import cli as base, control
+from nbd_plugin.backend import BackendError
+from nbd_plugin.params import ParamError
+from receiver import config as receiver_config, control as receiver_control, store as stores
+
+PLUGIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "plugin.py")
+
+
+class ReceiveError(ValueError):
+    """A user-facing failure: one line, exit status 2. A ValueError, which ``nbdrep``'s main
+    catches even when nbd_plugin.cli runs as ``__main__`` (then its CLIError is another class
+    than the one this module sees)."""
+
+
+def add_parsers(sub):
+    """Register receive, rps and restore on the ``nbdrep`` parser's subcommands."""
+    p = sub.add_parser("receive", help="serve replica targets that show only committed recovery points")
+    p.add_argument("--target", action="append", required=True, metavar="[NAME=]PATH",
+                   help="file or block device to receive into; NAME= as the source's export names")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--socket", metavar="PATH", help="listen on this unix socket")
+    where.add_argument("--port", type=int, metavar="N", help="listen on this TCP port")
+    p.add_argument("--bind", default="127.0.0.1", help="TCP address with --port (default: %(default)s)")
+    p.add_argument("--state", default=os.path.join(base.default_state_dir(), "receiver"), metavar="DIR",
+                   help="journals and the commit record (default: %(default)s)")
+    p.add_argument("--control", metavar="PATH", help="control socket (default: STATE/control.sock)")
+    p.add_argument("--keep", default=receiver_config.DEFAULT_KEEP, metavar="COUNT|DURATION",
+                   help="RPs to retain: a count (100) or a duration (90s, 10m, 2h, 30d); older ones "
+                        "are folded into the targets (default: %(default)s)")
+    p.add_argument("--journal-max", default=receiver_config.DEFAULT_JOURNAL_MAX, metavar="SIZE",
+                   help="bytes the retained RPs' journals may hold; past it the oldest are folded "
+                        "early and the copier waits for that (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=base.DEFAULT_THREADS,
+                   help="nbdkit worker threads (default: %(default)s)")
+    p.add_argument("--verbose", action="store_true", help="nbdkit -v")
+    # What serve's nbdkit_command reads that receive does not offer (yet): no TLS of its own.
+    p.set_defaults(func=_receive, readonly=False, tls=None, tls_psk=None, tls_certificates=None,
+                   tls_verify_peer=False)
+
+    p = sub.add_parser("rps", help="list a receiver's retained recovery points")
+    p.add_argument("--json", action="store_true", help="machine-readable")
+    _where(p)
+    p.set_defaults(func=_rps)
+
+    p = sub.add_parser("restore", help="write a retained recovery point into a file or device")
+    p.add_argument("--to", type=int, required=True, metavar="CYCLE", help="the RP's cycle (see nbdrep rps)")
+    p.add_argument("--export", default="", metavar="NAME", help="which target (default: the unnamed one)")
+    p.add_argument("--target", action="append", default=[], metavar="[NAME=]PATH",
+                   help="with no receiver running: the targets, as given to receive")
+    p.add_argument("output", metavar="OUTPUT", help="file or block device to write the RP into")
+    _where(p)
+    p.set_defaults(func=_restore)
+
+
+def _where(p):
+    p.add_argument("--state", default=os.path.join(base.default_state_dir(), "receiver"), metavar="DIR",
+                   help="the receiver's state directory (default: %(default)s)")
+    p.add_argument("--control", metavar="PATH", help="its control socket (default: STATE/control.sock)")
+
+
+def _control(args):
+    return args.control or os.path.join(args.state, "control.sock")
+
+
+def receive_config(args):
+    params = [("target", t) for t in args.target]
+    params += [("state", args.state), ("control", _control(args)), ("keep", args.keep),
+               ("journal-max", args.journal_max)]
+    cfg = receiver_config.Config()
+    try:
+        for key, value in params:
+            cfg.add(key, value)
+        cfg.complete()
+    except ParamError as e:
+        raise ReceiveError(str(e)) from None
+    return cfg, params
+
+
+def preflight(cfg):
+    """The plugin's start-up checks, read-only, so a failure is one line and changes nothing."""
+    sizes, opened = {}, []
+    try:
+        for name, path in cfg.targets:
+            backend = stores.Backend(path)
+            opened.append(backend)
+            sizes[name] = backend.size
+        record = stores.load(cfg.state, cfg.targets, sizes)
+    except (BackendError, stores.StoreError) as e:
+        raise ReceiveError(str(e)) from None
+    finally:
+        for backend in opened:
+            backend.close()
+    if record["promoted"] is not None:
+        raise ReceiveError(f"the targets in {cfg.state} were promoted at cycle {record['promoted']} "
+                            "and receive no more; move the state directory away to receive again")
+
+
+def _receive(args):
+    if args.threads < 1:
+        raise ReceiveError("--threads must be at least 1")
+    if args.port is not None and not 0 < args.port < 65536:
+        raise ReceiveError(f"--port {args.port} is not a TCP port")
+    cfg, params = receive_config(args)
+    preflight(cfg)
+    try:
+        for path in ([args.socket] if args.socket else []) + [_control(args)]:
+            base._claim_socket(path)
+        command = base.nbdkit_command(args, params, plugin=PLUGIN)
+    except base.CLIError as e:
+        raise ReceiveError(str(e)) from None
+    os.makedirs(args.state, exist_ok=True)
+    proc = subprocess.Popen(command, env=base.nbdkit_env())
+    forward = lambda signum, frame: proc.send_signal(signum)  # noqa: E731
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, forward)
+    if base._wait_listening(proc, args):
+        print(_attach_help(args, cfg), flush=True)
+    return proc.wait()
+
+
+def _attach_help(args, cfg):
+    if args.socket:
+        uri = lambda name: f"nbd+unix:///{name}?socket={args.socket}"  # noqa: E731
+    else:
+        uri = lambda name: f"nbd://{args.bind}:{args.port}/{name}"  # noqa: E731
+    lines = [f"nbdrep: receiving into {', '.join(args.target)}"]
+    lines += [f"  replicate to it:  --replica {name + '=' if name else ''}'{uri(name)}'"
+              for name, _ in cfg.targets]
+    lines += [f"  a recovery point: {uri((cfg.targets[0][0]) + '@CYCLE')}   (read-only; see nbdrep rps)",
+              f"  control: nbdrep rps --control {_control(args)}"]
+    return "\n".join(lines)
+
+
+def _ask(args, message, timeout=10.0):
+    path = _control(args)
+    try:
+        reply = control.request(path, message, timeout)
+    except (FileNotFoundError, ConnectionRefusedError):
+        raise ReceiveError(f"no nbdrep receiver at control socket {path}") from None
+    except TimeoutError:
+        raise ReceiveError(f"control socket {path} did not answer in {timeout:.0f} s") from None
+    if "error" in reply:
+        raise ReceiveError(reply["error"])
+    return reply
+
+
+def _rps(args):
+    status = _ask(args, {"cmd": "status"})
+    if args.json:
+        print(json.dumps(status["rps"], indent=2))
+        return 0
+    print(format_rps(status))
+    return 0
+
+
+def format_rps(status):
+    lag = "-" if status["lag"] is None else f"{status['lag']:.2f} s"
+    head = [f"committed: {status['committed_cycle'] or '-'}   lag: {lag}   base: "
+            f"{status['base_cycle'] or '-'}   journals: {format_size(status['journal_bytes'])} of "
+            f"{format_size(status['journal_max'])}" + ("   (throttled)" if status["throttled"] else "")]
+    rows = [("cycle", "rp_time", "commit_time", "bytes", "exports")]
+    for rp in status["rps"]:
+        rows.append((str(rp["cycle"]), _clock(rp["rp_time"]), _clock(rp["commit_time"]),
+                     format_size(rp["bytes"]), ",".join(n or "(default)" for n in rp["exports"]) or "-"))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    return "\n".join(head + [""] + ["  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in rows])
+
+
+def _clock(t):
+    return time.strftime("%H:%M:%S", time.localtime(t)) + f".{int(t * 1000) % 1000:03d}"
+
+
+def _restore(args):
+    control = _control(args)
+    if os.path.exists(control) and base._answers(socket.AF_UNIX, control):
+        reply = _ask(args, {"cmd": "restore", "export": args.export, "cycle": args.to,
+                            "output": os.path.abspath(args.output)}, timeout=3600)
+        return 0 if reply.get("restored") else 1
+    # No receiver running: read the state directory ourselves (its lock keeps one from starting).
+    cfg = receiver_config.Config()
+    try:
+        for t in args.target:
+            cfg.add("target", t)
+        cfg.add("state", args.state)
+        cfg.complete()
+    except ParamError as e:
+        raise ReceiveError(f"no receiver answers at {control}; {e}") from None
+    try:
+        store = stores.Store(cfg.state, cfg.targets, readonly=True)
+    except (BackendError, stores.StoreError) as e:
+        raise ReceiveError(str(e)) from None
+    try:
+        reply = receiver_control.restore(store, args.export, args.to, os.path.abspath(args.output))
+    finally:
+        store.close()
+    if "error" in reply:
+        raise ReceiveError(reply["error"])
+    return 0

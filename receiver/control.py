@@ -1,0 +1,62 @@
+"""The receiver's control socket: ``nbdrep status``, ``rps`` and ``restore`` talk to it.
+
+The same protocol as ``nbd_plugin.control`` (one JSON line each way), with the receiver's
+commands:
+
+    {"cmd": "status"}   -> the store's status dict (role "receiver")
+    {"cmd": "metrics"}  -> {"text": Prometheus exposition text}
+    {"cmd": "restore", "export": NAME, "cycle": N, "output": PATH}
+                        -> {"restored": bool}: RP N of NAME written into PATH
+"""
+import os
+
+from nbd_plugin.control import ControlServer
+
+
+class ReceiverControl(ControlServer):
+    def handle(self, request):
+        cmd = request.get("cmd")
+        if cmd == "status":
+            return self.session.status()
+        if cmd == "metrics":
+            return {"text": prometheus(self.session.status())}
+        if cmd == "restore":
+            return restore(self.session, request.get("export"), request.get("cycle"),
+                           request.get("output"))
+        return {"error": f"unknown command {cmd!r} (this is a receiver)"}
+
+
+def restore(store, name, cycle, output):
+    """Write RP ``cycle`` of export ``name`` into the file or device ``output``."""
+    if name not in store.sizes:
+        return {"error": f"no export named {name!r}"}
+    if not isinstance(cycle, int):
+        return {"error": f"cycle {cycle!r} is not a cycle id"}
+    if not store.retained(cycle):
+        return {"error": f"RP {cycle} is not retained (see nbdrep rps)"}
+    try:
+        fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except (OSError, TypeError) as e:
+        return {"error": f"cannot open {output!r}: {getattr(e, 'strerror', None) or e}"}
+    try:
+        if not store.materialise(name, cycle, fd):
+            return {"error": f"RP {cycle} was folded away meanwhile"}
+    finally:
+        os.close(fd)
+    return {"restored": True}
+
+
+def prometheus(status):
+    """The receiver's figures in Prometheus text format 0.0.4."""
+    figures = [
+        ("nbdrep_receiver_committed_cycle", "Newest committed cycle.", status["committed_cycle"] or 0),
+        ("nbdrep_receiver_lag_seconds", "Now minus the RP time of the newest committed cycle.",
+         -1 if status["lag"] is None else round(status["lag"], 3)),
+        ("nbdrep_receiver_journal_bytes", "Bytes held by the journals of retained RPs.",
+         status["journal_bytes"]),
+        ("nbdrep_receiver_journal_max_bytes", "The --journal-max bound.", status["journal_max"]),
+        ("nbdrep_receiver_retained_rps", "Recovery points retained.", len(status["rps"])),
+        ("nbdrep_receiver_throttled", "1 while the copier's writes wait for folding.",
+         int(status["throttled"])),
+    ]
+    return "".join(f"# HELP {n} {h}\n# TYPE {n} gauge\n{n} {v}\n" for n, h, v in figures)

@@ -1,0 +1,532 @@
+"""The receiver's storage: base images, per-cycle journals, the commit record. All its I/O.
+
+Theory of operation
+-------------------
+Each target (a file or block device, served as export NAME) is a *base image* plus the
+journals of the retained RPs, newest on top. Writes from the copier never touch either: they
+go to the export's *pending* journal, which no read sees. A journal is a sparse file of the
+target's size, written at the same offsets as the target (its bytes hold the data, its holes
+the zeroed ranges), and a log of the (offset, length) of every write appended after the
+write returns, so a kill -9 leaves a log that names only writes that completed (a torn last
+entry is cut off). A FLUSH makes both durable.
+
+A commit (a commit record written to the metadata export, ``copier.receiver``) turns every
+export's pending journal into RP ``cycle`` at once: new empty pending journals are made and
+the *record* (``receiver.json``, written as replication/record.py's ``write_json`` writes:
+temporary file, fsync, rename, fsync of the directory) now lists the old ones under RP
+``cycle`` and the new ones as pending. That rename is the commit point for every export
+together. After a crash at any instant the record is the old one (the writes stay pending,
+invisible, and the next commit covers them: nothing the copier sent is lost) or the new one.
+Journal files that neither the record's RPs nor its pending entries name are leftovers of a
+crash and are deleted at start.
+
+RP ``N`` of an export reads, per byte, from the newest journal of an RP <= N that holds it,
+else from the base image. Retention folds the oldest RP into the base image: copy its
+journal's ranges there, fsync, then a record without it; a crash in between redoes the copy,
+and no reader sees the base change there, since every RP retained reads those ranges from
+that journal or a newer one. An RP attached as an export (``NAME@N``) pins every RP newer
+than it, so the base under it never changes.
+"""
+import array
+import contextlib
+import errno
+import fcntl
+import json
+import logging
+import os
+import struct
+import threading
+import time
+
+from copier.receiver import MAGIC_COMMIT, MAGIC_STATE, META_SIZE, decode, encode
+from nbd_plugin.backend import Backend, BackendError
+from receiver import journal as policy
+from reporter.report import clip, merge
+from replication.record import write_json
+
+log = logging.getLogger("nbdrep")
+
+RECORD = "receiver.json"
+LOCK = "receiver.lock"
+JOURNALS = "journal"
+VERSION = 1
+ENTRY = struct.Struct("<QQ")
+COPY_CHUNK = 4 << 20
+
+
+class StoreError(Exception):
+    """The state directory or a target cannot be used as asked; the message says why."""
+
+
+class Journal:
+    """One export's writes of one cycle (or the pending ones): the sparse data file and the
+    log of written ranges. Closed when the last reference goes (a reader of an RP that is
+    being folded keeps it open until its read ends)."""
+
+    def __init__(self, folder, seq, size, create=False, readonly=False):
+        self.seq = seq
+        self.data_path = os.path.join(folder, f"{seq}.data")
+        self.log_path = os.path.join(folder, f"{seq}.log")
+        if create:
+            with open(self.data_path, "wb") as f:
+                f.truncate(size)
+            open(self.log_path, "wb").close()
+        self.data = Backend(self.data_path, readonly=readonly)
+        self.log_fd = os.open(self.log_path, (os.O_RDONLY if readonly else os.O_RDWR | os.O_APPEND)
+                              | os.O_CLOEXEC)
+        if not readonly:
+            # A kill -9 mid-append leaves a torn last entry; appends must start whole.
+            logged = os.fstat(self.log_fd).st_size
+            os.ftruncate(self.log_fd, logged - logged % ENTRY.size)
+        self.pairs = None   # the merged extents, once the journal is committed
+        self.bytes = 0
+
+    def __del__(self):
+        with contextlib.suppress(Exception):
+            os.close(self.log_fd)
+            self.data.close()
+
+    def note(self, offset, length):
+        """Log a write that completed. One 16-byte append: atomic with O_APPEND."""
+        os.write(self.log_fd, ENTRY.pack(offset, length))
+
+    def sync(self):
+        """Make the data and the log durable. Two fdatasyncs."""
+        self.data.flush()
+        os.fdatasync(self.log_fd)
+
+    def extents(self, size):
+        """The union of the logged writes, as merged flat pairs; a torn last entry (a crash
+        mid-append) is cut off. O(n log n)."""
+        with open(self.log_path, "rb") as f:
+            raw = f.read()
+        whole = len(raw) - len(raw) % ENTRY.size
+        flat = [v for entry in ENTRY.iter_unpack(raw[:whole]) for v in entry]
+        return clip(merge(array.array("Q", flat)), size)
+
+    def unlink(self):
+        for path in (self.data_path, self.log_path):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+
+
+class Store:
+    """The targets, their journals and the record in ``state_dir``.
+
+    ``targets``: [(name, path)]. Holds an exclusive lock on the state directory for its life.
+    Thread-safe: nbdkit's threads write pending journals and read RPs concurrently; commits,
+    folds and pins are serialised by ``_fold_lock`` (folding) and ``_record_lock`` (the record).
+    """
+
+    def __init__(self, state_dir, targets, keep=(None, 600.0), journal_max=1 << 30,
+                 clock=time.time, readonly=False):
+        self.state_dir = state_dir
+        self.folder = os.path.join(state_dir, JOURNALS)
+        self.keep_count, self.keep_seconds = keep
+        self.journal_max = journal_max
+        self.clock = clock
+        self.readonly = readonly
+        self.bases = {}
+        self.journals = {}   # seq -> Journal of a retained RP
+        self.pending = {}    # name -> Journal
+        self.latest = {}     # name -> ExtentMap of the newest RP
+        self._cond = threading.Condition()
+        self._writers = 0
+        self.pending_bytes = 0   # written since the last commit (a restart counts afresh)
+        self._committing = False
+        self._throttled = False
+        self._stopping = False
+        self._pins = {}      # cycle -> open RP exports
+        self._fold_lock = threading.Lock()
+        self._record_lock = threading.Lock()
+        self._fold_thread = None
+        self._lock_fd = None
+        try:
+            if not readonly:
+                os.makedirs(self.folder, exist_ok=True)
+            self._lock_fd = _lock(state_dir)
+            for name, path in targets:
+                self.bases[name] = Backend(path, readonly=readonly)
+            self.sizes = {n: b.size for n, b in self.bases.items()}
+            self.record = load(state_dir, targets, self.sizes)
+            self._recover()
+        except BaseException:
+            self.close()
+            raise
+
+    # -- start -------------------------------------------------------------------------------
+
+    def _recover(self):
+        """Open what the record names, delete what it does not (a crash's leftovers), build
+        each export's newest RP map. O(retained extents)."""
+        named = {seq for rp in self.record["rps"] for seq in rp["journals"].values()}
+        named |= set(self.record["pending"].values())
+        if not self.readonly:
+            for entry in os.listdir(self.folder):
+                seq = entry.split(".", 1)[0]
+                if not (seq.isdigit() and int(seq) in named):
+                    os.unlink(os.path.join(self.folder, entry))
+        for name in self.bases:
+            self.latest[name] = policy.ExtentMap()
+        for rp in self.record["rps"]:
+            for name, seq in rp["journals"].items():
+                j = Journal(self.folder, seq, self.sizes[name], readonly=self.readonly)
+                j.pairs = j.extents(self.sizes[name])
+                self.journals[seq] = j
+                self.latest[name].overlay(j.pairs, j)
+        if self.readonly:
+            return
+        if self.record["promoted"] is not None:
+            raise StoreError(f"the targets in {self.state_dir} were promoted at cycle "
+                             f"{self.record['promoted']} and receive no more; move the state "
+                             "directory away to receive into them again")
+        for name in self.bases:
+            seq = self.record["pending"].get(name)
+            self.pending[name] = (Journal(self.folder, seq, self.sizes[name]) if seq is not None
+                                  else self._new_journal(name))
+        self._write_record(dict(self.record, pending={n: j.seq for n, j in self.pending.items()}))
+
+    def _new_journal(self, name):
+        seq = self.record["next_seq"]
+        self.record = dict(self.record, next_seq=seq + 1)
+        return Journal(self.folder, seq, self.sizes[name], create=True)
+
+    def _write_record(self, record):
+        """Replace the record crash-safely (the journal directory first, so that the files it
+        names are there after a crash too)."""
+        _fsync_dir(self.folder)
+        write_json(os.path.join(self.state_dir, RECORD), record)
+        self.record = record
+
+    def start(self):
+        """Start the fold thread (after nbdkit's fork)."""
+        self._fold_thread = threading.Thread(target=self._fold_loop, name="nbdrep-fold", daemon=True)
+        self._fold_thread.start()
+        self._wake()
+
+    def close(self):
+        """Stop the fold thread and close the targets (a fold in progress finishes first)."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._fold_thread is not None:
+            self._fold_thread.join()
+        for base in self.bases.values():
+            base.close()
+        self.bases = {}
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    # -- the copier's writes -----------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _writing(self, name, length=0):
+        with self._cond:
+            while self._committing or self._throttled:
+                self._cond.wait()
+            if self.record["promoted"] is not None:
+                raise OSError(errno.EROFS, "the targets were promoted: this receiver receives no more")
+            self._writers += 1
+            self.pending_bytes += length
+            j = self.pending[name]
+        try:
+            yield j
+        finally:
+            with self._cond:
+                self._writers -= 1
+                if not self._writers:
+                    self._cond.notify_all()
+
+    def write(self, name, buf, offset):
+        with self._writing(name, len(buf)) as j:
+            j.data.pwrite(buf, offset)
+            j.note(offset, len(buf))
+
+    def zero(self, name, offset, length):
+        with self._writing(name, length) as j:
+            j.data.zero(offset, length, True, False)
+            j.note(offset, length)
+
+    def flush(self, name):
+        with self._writing(name) as j:
+            j.sync()
+
+    # -- reads --------------------------------------------------------------------------------
+
+    def read(self, name, extents, buf, offset):
+        """Fill ``buf`` from ``offset`` of the RP whose map is ``extents``. O(pieces)."""
+        view = memoryview(buf).cast("B")
+        base = self.bases[name]
+        for off, length, owner in extents.lookup(offset, len(view)):
+            at = off - offset
+            (owner.data if owner is not None else base).pread(view[at:at + length], off)
+
+    def attach(self, name, cycle):
+        """The map of RP ``cycle`` of export ``name``, pinned until ``detach(cycle)``: no RP
+        newer than it is folded meanwhile, so the base image it reads from does not change
+        under it. None if that RP is not retained. O(retained extents)."""
+        with self._fold_lock:
+            if not self.retained(cycle):
+                return None
+            rps = self.record["rps"]
+            out = policy.ExtentMap()
+            for rp in rps:
+                if rp["cycle"] > cycle:
+                    break
+                seq = rp["journals"].get(name)
+                if seq is not None:
+                    out.overlay(self.journals[seq].pairs, self.journals[seq])
+            self._pins[cycle] = self._pins.get(cycle, 0) + 1
+            return out
+
+    def retained(self, cycle):
+        """True if RP ``cycle`` can be read: a retained one, or the one the base images hold."""
+        r = self.record
+        return any(rp["cycle"] == cycle for rp in r["rps"]) or (cycle is not None and cycle == r["base_cycle"])
+
+    def detach(self, cycle):
+        with self._fold_lock:
+            self._pins[cycle] -= 1
+            if not self._pins[cycle]:
+                del self._pins[cycle]
+        self._wake()
+
+    def materialise(self, name, cycle, out_fd):
+        """Write RP ``cycle`` of export ``name`` into ``out_fd`` from offset 0. False if that
+        RP is not retained. O(size)."""
+        extents = self.attach(name, cycle)
+        if extents is None:
+            return False
+        try:
+            buf = bytearray(COPY_CHUNK)
+            size = self.sizes[name]
+            for off in range(0, size, COPY_CHUNK):
+                view = memoryview(buf)[:min(COPY_CHUNK, size - off)]
+                self.read(name, extents, view, off)
+                done = 0
+                while done < len(view):
+                    done += os.pwrite(out_fd, view[done:], off + done)
+            os.fsync(out_fd)
+        finally:
+            self.detach(cycle)
+        return True
+
+    # -- commit -------------------------------------------------------------------------------
+
+    def state_block(self):
+        """The metadata export's contents: what the copier reads on (re)connect."""
+        r = self.record
+        return encode(MAGIC_STATE, {"session_id": r["session_id"], "committed_cycle": r["committed_cycle"],
+                                    "rp_time": r["rp_time"]})
+
+    def commit_block(self, block):
+        """Handle a commit record written to the metadata export."""
+        req = decode(MAGIC_COMMIT, block)
+        try:
+            session, cycle, rp_time = str(req["session_id"]), int(req["cycle"]), float(req["rp_time"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise OSError(errno.EINVAL, f"bad commit record: {e!r}") from None
+        self.commit(session, cycle, rp_time)
+
+    def commit(self, session_id, cycle, rp_time):
+        """Make every export's pending writes RP ``cycle``, durably and at once. A repeat of
+        the last commit is a no-op (a copier retrying a commit whose reply it lost)."""
+        r = self.record
+        if r["promoted"] is not None:
+            raise OSError(errno.EROFS, "the targets were promoted: this receiver receives no more")
+        if r["session_id"] == session_id and r["committed_cycle"] == cycle:
+            return
+        with self._fold_lock:
+            if self.record["rps"] and cycle <= self.record["rps"][-1]["cycle"]:
+                # A new session numbers its cycles afresh: RP names must stay unique.
+                log.info("cycle %d after cycle %d (session %s): the retained RPs go into the base",
+                         cycle, self.record["rps"][-1]["cycle"], session_id)
+                while self.record["rps"]:
+                    self._fold_one()
+            with self._cond:
+                self._committing = True
+                self._cond.wait_for(lambda: not self._writers)
+            try:
+                self._commit(session_id, cycle, rp_time)
+            finally:
+                with self._cond:
+                    self._committing = False
+                    self._cond.notify_all()
+        self._wake()
+
+    def _commit(self, session_id, cycle, rp_time):
+        now = self.clock()
+        journals, fresh = {}, {}
+        total = 0
+        try:
+            for name, j in self.pending.items():
+                j.sync()
+                pairs = j.extents(self.sizes[name])
+                if pairs:
+                    j.pairs, j.bytes = pairs, sum(pairs[1::2])
+                    total += j.bytes
+                    journals[name] = j
+                    fresh[name] = self._new_journal(name)
+            rp = {"cycle": cycle, "rp_time": rp_time, "commit_time": now, "bytes": total,
+                  "journals": {n: j.seq for n, j in journals.items()}}
+            with self._record_lock:
+                self._write_record(dict(
+                    self.record, session_id=session_id, committed_cycle=cycle, rp_time=rp_time,
+                    commit_time=now, rps=self.record["rps"] + [rp],
+                    pending={n: fresh.get(n, self.pending[n]).seq for n in self.pending}))
+        except BaseException:
+            for j in fresh.values():
+                j.unlink()
+            raise
+        for name, j in journals.items():
+            self.journals[j.seq] = j
+            latest = self.latest[name].copy()
+            latest.overlay(j.pairs, j)
+            self.latest[name] = latest
+            self.pending[name] = fresh[name]
+        self.pending_bytes = 0
+
+    # -- retention ----------------------------------------------------------------------------
+
+    def _wake(self):
+        with self._cond:
+            self._cond.notify_all()
+
+    def _due(self):
+        pinned = min(self._pins) if self._pins else None
+        return policy.to_fold(self.record["rps"], self.clock(), self.keep_count, self.keep_seconds,
+                              self.journal_max, pinned)
+
+    def _fold_loop(self):
+        while True:
+            with self._cond:
+                self._throttled = False
+                self._cond.notify_all()
+                self._cond.wait_for(lambda: self._stopping or self._due(), timeout=1.0)
+                if self._stopping:
+                    return
+            with self._fold_lock:
+                n = self._due()
+                over = self.retained_bytes() > self.journal_max
+                if over:
+                    # The copier outpaces folding: hold its writes until the journals fit.
+                    with self._cond:
+                        self._throttled = True
+                for _ in range(n):
+                    try:
+                        self._fold_one()
+                    except OSError as e:
+                        log.error("cannot fold RP %d into the base images: %s",
+                                  self.record["rps"][0]["cycle"], e)
+                        with self._cond:
+                            self._throttled = False
+                            self._cond.wait(1.0)
+                        break
+
+    def retained_bytes(self):
+        return sum(rp["bytes"] for rp in self.record["rps"])
+
+    def _fold_one(self):
+        """Copy the oldest retained RP's journals into the base images and forget it.
+        Caller holds ``_fold_lock``."""
+        rp = self.record["rps"][0]
+        folded = []
+        for name, seq in rp["journals"].items():
+            j = self.journals[seq]
+            base = self.bases[name]
+            for off, length in zip(j.pairs[0::2], j.pairs[1::2]):
+                _copy_range(j.data.fd, base.fd, off, length)
+            base.flush()
+            folded.append((name, j))
+        with self._record_lock:
+            self._write_record(dict(self.record, rps=self.record["rps"][1:], base_cycle=rp["cycle"]))
+        for name, j in folded:
+            latest = self.latest[name].copy()
+            latest.drop(j)
+            self.latest[name] = latest
+            del self.journals[j.seq]
+            j.unlink()
+
+    # -- status -------------------------------------------------------------------------------
+
+    def status(self):
+        r = self.record
+        now = self.clock()
+        return {
+            "role": "receiver",
+            "session_id": r["session_id"], "committed_cycle": r["committed_cycle"],
+            "rp_time": r["rp_time"], "commit_time": r["commit_time"],
+            "lag": None if r["rp_time"] is None else now - r["rp_time"],
+            "base_cycle": r["base_cycle"], "promoted": r["promoted"],
+            "journal_bytes": self.retained_bytes(), "journal_max": self.journal_max,
+            "pending_bytes": self.pending_bytes,
+            "throttled": self._throttled,
+            "keep": {"count": self.keep_count, "seconds": self.keep_seconds},
+            "pinned": sorted(self._pins),
+            "targets": [{"name": n, "path": b.path, "size": b.size} for n, b in self.bases.items()],
+            "rps": [{"cycle": rp["cycle"], "rp_time": rp["rp_time"], "commit_time": rp["commit_time"],
+                     "bytes": rp["bytes"], "exports": sorted(rp["journals"])} for rp in r["rps"]],
+        }
+
+
+def load(state_dir, targets, sizes):
+    """The record in ``state_dir`` for ``targets`` [(name, path)] of ``sizes`` {name: bytes},
+    or a new one; StoreError if it cannot be read or is another receiver's. Reads only."""
+    path = os.path.join(state_dir, RECORD)
+    expected = {n: {"path": os.path.realpath(p), "size": sizes[n]} for n, p in targets}
+    try:
+        with open(path, encoding="utf-8") as f:
+            record = json.load(f)
+    except FileNotFoundError:
+        return {"version": VERSION, "session_id": None, "committed_cycle": None, "rp_time": None,
+                "commit_time": None, "base_cycle": None, "next_seq": 1, "rps": [],
+                "pending": {}, "targets": expected, "promoted": None}
+    except (OSError, ValueError) as e:
+        raise StoreError(f"receiver record {path} cannot be read ({e}); move the state "
+                         "directory away to start afresh") from None
+    if not isinstance(record, dict) or record.get("version") != VERSION:
+        raise StoreError(f"receiver record {path} is not an nbdrep receiver record of version {VERSION}")
+    if record["targets"] != expected:
+        raise StoreError(f"state directory {state_dir} holds the journals of other "
+                         f"targets ({_describe(record['targets'])}); use another --state")
+    return record
+
+
+def _copy_range(src, dst, offset, length):
+    """Copy [offset, offset+length) from fd ``src`` to fd ``dst`` at the same offset, in the
+    kernel (copy_file_range), falling back to read and write across file systems."""
+    end = offset + length
+    while offset < end:
+        n = min(COPY_CHUNK, end - offset)
+        try:
+            done = os.copy_file_range(src, dst, n, offset, offset)
+        except OSError as e:
+            if e.errno not in (errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+            done = os.pwrite(dst, os.pread(src, n, offset), offset)
+        if done <= 0:
+            raise OSError(errno.EIO, f"short copy at {offset}")
+        offset += done
+
+
+def _fsync_dir(path):
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _lock(state_dir):
+    fd = os.open(os.path.join(state_dir, LOCK), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StoreError(f"another receiver uses the state directory {state_dir}") from None
+    return fd
+
+
+def _describe(targets):
+    return ", ".join(f"{n or '(default)'}={t['path']} ({t['size']} bytes)" for n, t in sorted(targets.items()))

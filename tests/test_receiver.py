@@ -1,0 +1,224 @@
+"""The receiver (``nbdrep receive``): atomic cycles, crash safety, RP exports, restore."""
+import os
+import random
+import signal
+import struct
+import subprocess
+import time
+
+import nbd
+import psutil
+import pytest
+
+from conftest import Server, make_image, nbdrep, nbdrep_cmd, uri, wait_until
+from copier import receiver as link
+from nbd_plugin import control
+from receiver.journal import ExtentMap, parse_keep, to_fold
+
+MiB = 1 << 20
+BLOCK = 4096
+
+
+class Receiver:
+    """An ``nbdrep receive`` under test; ``sock`` and ``control`` may be chosen per start."""
+
+    def __init__(self, procs, tmp, targets, extra=(), sock=None, control_path=None):
+        self.procs = procs
+        self.sock = sock or os.path.join(tmp, "receiver.sock")
+        self.control = control_path or os.path.join(tmp, "receiver-control.sock")
+        self.state = os.path.join(tmp, "receiver-state")
+        args = ["receive", "--socket", self.sock, "--control", self.control, "--state", self.state]
+        for t in targets:
+            args += ["--target", t]
+        unlink_stale(self.control)
+        self.proc = procs.start(nbdrep_cmd(*args, *extra), wait_for=self.control, timeout=60,
+                                stdout=subprocess.DEVNULL)
+
+    def uri(self, name=""):
+        return f"nbd+unix:///{name}?socket={self.sock}"
+
+    def status(self):
+        return control.request(self.control, {"cmd": "status"}, 10)
+
+    def wait_committed(self, cycle):
+        """The source's ``rp --wait`` returns at its commit; the receiver's commit record
+        follows it by one round trip."""
+        wait_until(lambda: (self.status()["committed_cycle"] or 0) >= cycle, 60,
+                   f"cycle {cycle} committed on the receiver")
+
+    def read(self, name="", size=None):
+        h = nbd.NBD()
+        h.connect_uri(self.uri(name))
+        try:
+            size = size or h.get_size()
+            return b"".join(h.pread(min(4 * MiB, size - off), off) for off in range(0, size, 4 * MiB))
+        finally:
+            h.shutdown()
+
+    def kill9(self):
+        """kill -9 the nbdkit process that holds the journals (not the CLI in front of it)."""
+        child = psutil.Process(self.proc.pid).children()[0]
+        os.kill(child.pid, signal.SIGKILL)
+        self.procs.wait(self.proc, 30)
+        self.procs.procs.remove(self.proc)
+
+    def stop(self):
+        self.procs.stop(self.proc)
+
+
+def unlink_stale(path):
+    """A process killed with kill -9 leaves its control socket: waiting for the file to
+    appear must wait for the new one."""
+    if os.path.exists(path):
+        os.unlink(path)
+
+
+def kill9_server(procs, server):
+    child = psutil.Process(server.proc.pid).children()[0]
+    os.kill(child.pid, signal.SIGKILL)
+    procs.wait(server.proc, 30)
+    procs.procs.remove(server.proc)
+
+
+def generation(g, size):
+    """Every 4 KiB block names its generation and its index, so a mix of two is visible."""
+    fill = bytes([g % 251 + 1]) * (BLOCK - 16)
+    return b"".join(struct.pack("<QQ", g, i) + fill for i in range(size // BLOCK))
+
+
+def generations_in(image):
+    return sorted({struct.unpack_from("<Q", image, off)[0] for off in range(0, len(image), BLOCK)})
+
+
+def write_image(sock, data):
+    h = nbd.NBD()
+    h.connect_uri(uri(sock))
+    for off in range(0, len(data), MiB):
+        h.pwrite(data[off:off + MiB], off)
+    h.flush()
+    h.shutdown()
+
+
+# -- pure logic ---------------------------------------------------------------------------------
+
+def test_extent_map_newest_owner_wins_and_drop_returns_to_base():
+    m = ExtentMap()
+    a, b = object(), object()
+    m.overlay([0, 100, 200, 100], a)
+    m.overlay([50, 200], b)
+    assert m.lookup(0, 400) == [(0, 50, a), (50, 200, b), (250, 50, a), (300, 100, None)]
+    m.drop(a)
+    assert m.lookup(0, 400) == [(0, 50, None), (50, 200, b), (250, 150, None)]
+
+
+def test_fold_policy_count_duration_bytes_and_pins():
+    rps = [{"cycle": c, "commit_time": 100.0 + c, "bytes": 10} for c in range(1, 6)]
+    assert to_fold(rps, 110, 3, None, 1000) == 2
+    assert to_fold(rps, 110, None, 6.5, 1000) == 3     # committed before 103.5
+    assert to_fold(rps, 9999, None, 6.5, 1000) == 4    # the newest stays, however old
+    assert to_fold(rps, 110, None, None, 25) == 3      # 50 bytes held, 25 allowed
+    assert to_fold(rps, 110, 3, None, 1000, pinned=1) == 1
+    assert parse_keep("100") == (100, None) and parse_keep("2h") == (None, 7200.0)
+
+
+# -- end to end ---------------------------------------------------------------------------------
+
+def test_writes_are_invisible_until_the_commit_record(procs, tmp_path):
+    target = make_image(str(tmp_path / "t.img"), 8 * MiB)
+    r = Receiver(procs, str(tmp_path), [target])
+    h = nbd.NBD()
+    h.connect_uri(r.uri())
+    h.pwrite(b"A" * 65536, 4096)
+    h.flush()
+    assert h.pread(8, 4096) == bytes(8), "a write before its commit is visible"
+    assert link.Link([r.uri()]).commit("s1", 7, time.time()) == 1
+    assert h.pread(8, 4096) == b"A" * 8
+    h.pwrite(b"B" * 4096, 4096)
+    h.zero(4096, 8192)
+    h.flush()
+    assert link.Link([r.uri()]).commit("s1", 8, time.time()) == 1
+    assert (h.pread(4, 4096), h.pread(4, 8192), h.pread(4, 12288)) == (b"BBBB", bytes(4), b"AAAA")
+    h.shutdown()
+    assert r.read("@7", 16384)[4096:] == b"A" * 12288
+    assert [rp["cycle"] for rp in r.status()["rps"]] == [7, 8]
+    # A plain nbdkit file export is never written by the link: it is not a receiver.
+    assert link.probe(uri(r.sock)) is not None
+    with open(target, "rb") as f:
+        assert f.read(16384) == bytes(16384), "the base image changed while RPs are retained"
+
+
+def test_rps_restore_and_rp_export_while_replicating(procs, tmp_path):
+    size = 4 * MiB
+    src = make_image(str(tmp_path / "source.img"), size)
+    target = make_image(str(tmp_path / "target.img"), size)
+    r = Receiver(procs, str(tmp_path), [target], extra=["--keep", "3"])
+    server = Server(procs, str(tmp_path), [src], [r.uri()], extra=["--cycle", "3600"])
+    server.rp()
+    cycles = []
+    for g in range(1, 6):
+        write_image(server.sock, generation(g, size))
+        cycles.append(server.rp())
+        r.wait_committed(cycles[-1])
+        assert r.read() == generation(g, size)
+    status = r.status()
+    assert [rp["cycle"] for rp in status["rps"]] == cycles[-3:], "--keep 3 keeps the newest three"
+    assert status["base_cycle"] == cycles[-4]
+    assert r.read(f"@{cycles[-3]}") == generation(3, size)
+    out = str(tmp_path / "restored.img")
+    nbdrep("restore", "--control", r.control, "--state", r.state, "--to", str(cycles[-2]), out)
+    with open(out, "rb") as f:
+        assert f.read() == generation(4, size)
+    bad = nbdrep("restore", "--control", r.control, "--to", str(cycles[0]), out + ".x", check=False)
+    assert bad.returncode == 2 and "not retained" in bad.stderr and "Traceback" not in bad.stderr
+    assert not os.path.exists(out + ".x")
+    listing = nbdrep("rps", "--control", r.control).stdout
+    assert all(str(c) in listing for c in cycles[-3:])
+
+
+def test_kill9_receiver_or_source_20_rounds_never_torn_never_lost(procs, tmp_path):
+    """Each round writes a new generation over the whole source and takes an RP, then kills
+    the receiver's nbdkit (or, every fourth round, the source's) with kill -9 at a random
+    moment of the copy. The receiver is restarted on another socket, where the source cannot
+    reach it, and must serve exactly one generation: the last committed one or the new one,
+    never a mix, never an older one. Then it rejoins and the new generation commits."""
+    size = 32 * MiB
+    rng = random.Random(10)
+    src = make_image(str(tmp_path / "source.img"), size)
+    target = make_image(str(tmp_path / "target.img"), size)
+    tmp = str(tmp_path)
+    r = Receiver(procs, tmp, [target])
+    server = Server(procs, tmp, [src], [r.uri()], extra=["--cycle", "3600"])
+    write_image(server.sock, generation(0, size))
+    last = server.rp()
+    r.wait_committed(last)
+    assert r.read() == generation(0, size)
+    seen_new = seen_old = 0
+    for g in range(1, 21):
+        write_image(server.sock, generation(g, size))
+        nbdrep("rp", "--control", server.control)
+        if g % 2:
+            time.sleep(rng.uniform(0.0, 0.3))
+        else:   # in the middle of the copy, unless it commits first
+            wait_until(lambda: r.status()["pending_bytes"] or r.status()["committed_cycle"] > last,
+                       60, "the copy under way", poll=0.002)
+        kill_source = g % 4 == 0
+        if kill_source:
+            kill9_server(procs, server)
+        r.kill9()
+        check = Receiver(procs, tmp, [target], sock=str(tmp_path / "check.sock"),
+                         control_path=str(tmp_path / "check-control.sock"))
+        image = check.read()
+        held = generations_in(image)
+        assert held in ([g - 1], [g]), f"round {g}: the receiver serves generations {held}"
+        assert image == generation(held[0], size)
+        seen_new += held == [g]
+        seen_old += held == [g - 1]
+        check.stop()
+        r = Receiver(procs, tmp, [target])
+        if kill_source:
+            unlink_stale(server.control)
+            server = Server(procs, tmp, [src], [r.uri()], extra=["--cycle", "3600"])
+        last = server.rp()
+        r.wait_committed(last)
+        assert r.read() == generation(g, size), f"round {g}: generation {g} lost after its commit"
+    assert seen_new and seen_old, "the kills all fell on the same side of the commit"
