@@ -273,7 +273,7 @@ def _serve(args):
     preflight(cfg)
     for path in ([args.socket] if args.socket else []) + [control_path(args)]:
         _claim_socket(path)
-    stamp = not _on_the_journal()
+    stamp = not startup.on_the_journal()
     proc = subprocess.Popen(nbdkit_command(args, params), env=nbdkit_env(),
                             stderr=subprocess.PIPE if stamp else None)
     forward = lambda signum, frame: proc.send_signal(signum)  # noqa: E731
@@ -290,13 +290,6 @@ def _serve(args):
     if relay is not None:
         relay.join(RELAY_TIMEOUT)   # nbdkit's last lines (how the stop went)
     return status
-
-
-def _on_the_journal():
-    """True if stderr is systemd's journal, which stamps each line itself (JOURNAL_STREAM names
-    the stream's device and inode, systemd.exec(5))."""
-    st = os.fstat(sys.stderr.fileno())
-    return os.environ.get("JOURNAL_STREAM") == f"{st.st_dev}:{st.st_ino}"
 
 
 def _stamp_lines(source, sink):

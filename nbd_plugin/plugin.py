@@ -57,7 +57,7 @@ def config(key, value):
 
 def config_complete():
     config_.complete()
-    logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="nbdrep: %(message)s")
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO, format=startup.log_format())
 
 
 def get_ready():

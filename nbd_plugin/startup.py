@@ -5,6 +5,7 @@ checks first and prints one clean line; the plugin runs them again because nbdki
 started by hand. Nothing here writes to a source or a replica.
 """
 import os
+import sys
 
 from copier.replica import Replica, ReplicaError
 from nbd_plugin import state
@@ -12,6 +13,19 @@ from nbd_plugin.backend import Backend, BackendError
 from replication import record
 
 ERRORS = (BackendError, ReplicaError, state.StateError, record.RecordError, ValueError)
+
+
+def on_the_journal():
+    """True if stderr is systemd's journal (JOURNAL_STREAM names the stream's device and inode,
+    systemd.exec(5)), which stamps each line with the time and the unit's name itself."""
+    st = os.fstat(sys.stderr.fileno())
+    return os.environ.get("JOURNAL_STREAM") == f"{st.st_dev}:{st.st_ino}"
+
+
+def log_format():
+    """The plugin's log lines: named, unless the journal names them already (it would show
+    "nbdrep[pid]: nbdrep: cycle 15 failed")."""
+    return "%(message)s" if on_the_journal() else "nbdrep: %(message)s"
 
 
 def open_sources(cfg):

@@ -223,3 +223,22 @@ def test_every_log_line_is_stamped_once_and_a_replica_back_is_told(procs, nbdkit
     assert not any("nbdrep: nbdrep:" in line or "Traceback" in line for line in lines), lines
     assert any(re.search(r"replica back: cycle \d+ committed after \d+\.\d s of failures", line)
                for line in lines), lines
+
+
+def test_on_the_journal_lines_are_neither_stamped_nor_named_twice(procs, nbdkit, tmp_path, source):
+    """systemd's journal stamps and names every line itself (JOURNAL_STREAM says stderr is it)."""
+    rsock, _ = nbdkit("file", make_image(str(tmp_path / "replica.img"), 8 * MiB))
+    control = str(tmp_path / "control.sock")
+    log_path = tmp_path / "journal.log"
+    with open(log_path, "wb") as log:
+        st = os.fstat(log.fileno())
+        env = {**os.environ, "JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"}
+        server = procs.start(nbdrep_cmd(*serve_args(tmp_path, source, "--socket",
+                                                    str(tmp_path / "s.sock"), "--control", control,
+                                                    "--replica", uri(rsock))),
+                             wait_for=control, stdout=subprocess.DEVNULL, stderr=log, env=env)
+    nbdrep("rp", "--wait", "--control", control)
+    assert procs.stop(server) == 0
+    lines = log_path.read_text().splitlines()
+    assert any(line.startswith("session ") for line in lines), lines
+    assert not any(STAMPED.match(line) or line.startswith("nbdrep: ") for line in lines), lines
