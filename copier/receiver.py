@@ -111,6 +111,47 @@ def _read_state(h):
         raise ReplicaError(f"reading receiver metadata: {e}", e.errnum) from None
 
 
+def mismatch(state, session_id, committed_cycle):
+    """Why a receiver in ``state`` cannot resume a session at ``committed_cycle``, or None.
+
+    Behind by some cycles is fine: it keeps what it received after its last commit (flushed
+    before the source counted those cycles committed) and the next commit covers it."""
+    if state.get("session_id") != session_id:
+        return (f"the receiver holds session {state.get('session_id')}, not {session_id}"
+                if state.get("session_id") else "the receiver has no commit of this session")
+    if (state.get("committed_cycle") or 0) > (committed_cycle or 0):
+        return (f"the receiver committed cycle {state['committed_cycle']}, after this source's "
+                f"last commit {committed_cycle}: another history")
+    return None
+
+
+def handshake(plan, devices):
+    """The resume handshake: every source that ``plan`` (replication.record.Plan) resumes and
+    whose replica is a receiver is resynced in full instead if the receiver's session or
+    committed cycle says it holds another history (``mismatch``), with the reason logged and
+    in ``plan.how``. Receivers that agree resume with no resync. Plain exports are left to the
+    plan's sampled-block check. O(devices) connections."""
+    for d in devices:
+        if d.dev not in plan.resume:
+            continue
+        try:
+            state = probe(d.replica_uri)
+        except ReplicaError:
+            continue   # reachable at the start-up check a moment ago; the first cycle will say
+        if state is None:
+            continue
+        why = mismatch(state, plan.session_id, plan.committed_cycle)
+        label = repr(d.name or "(default)")
+        if why is None:
+            log.info("%s: the receiver is at cycle %s of session %s: resuming without a resync",
+                     label, state.get("committed_cycle"), plan.session_id)
+            continue
+        log.info("%s: full resync: %s", label, why)
+        del plan.resume[d.dev]
+        plan.full[d.dev] = why
+        plan.how += f"; {label}: full resync ({why})"
+
+
 class Link:
     """Commits to the receivers among a session's replicas: {data URI} -> one metadata
     connection per receiver, opened lazily and re-probed after any failure."""

@@ -37,7 +37,7 @@ import threading
 import time
 
 from copier.keepaside import KeepAside
-from copier.receiver import Link as ReceiverLink
+from copier.receiver import Link as ReceiverLink, handshake as receiver_handshake
 from copier.replica import Replica, ReplicaError
 from copier.verify import sample_differs
 from replication import dirtylog, machine as m, record as records
@@ -149,6 +149,8 @@ class Session:
         self.dirty = None
         self.resync_bytes = 0   # what this run started by copying for a sync or a crash
         self.plan = self._plan(config.resync == "full") if self.replicated else None
+        if self.plan is not None:
+            receiver_handshake(self.plan, self.devices)
         self.tracker = Tracker(max_bytes=config.tracker_mem,
                                first_cycle=self.plan.first_cycle if self.plan else 1)
         self.keepaside = KeepAside({d.dev: d.backend for d in self.devices},

@@ -222,3 +222,29 @@ def test_kill9_receiver_or_source_20_rounds_never_torn_never_lost(procs, tmp_pat
         r.wait_committed(last)
         assert r.read() == generation(g, size), f"round {g}: generation {g} lost after its commit"
     assert seen_new and seen_old, "the kills all fell on the same side of the commit"
+
+
+def test_resume_handshake_trusts_an_agreeing_receiver_and_resyncs_another(procs, tmp_path):
+    size = 4 * MiB
+    tmp = str(tmp_path)
+    src = make_image(str(tmp_path / "source.img"), size)
+    target = make_image(str(tmp_path / "target.img"), size)
+    r = Receiver(procs, tmp, [target])
+    server = Server(procs, tmp, [src], [r.uri()], extra=["--cycle", "3600"])
+    write_image(server.sock, generation(1, size))
+    r.wait_committed(server.rp())
+    procs.stop(server.proc)
+    server = Server(procs, tmp, [src], [r.uri()], extra=["--cycle", "3600"])
+    assert server.status()["start"].startswith("resumed"), server.status()["start"]
+    procs.stop(server.proc)
+    # The same target behind a receiver with a fresh state: another history, even though it
+    # holds what the source holds (so the sampled blocks agree).
+    r.stop()
+    os.rename(r.state, r.state + ".old")
+    with open(src, "rb") as f, open(target, "r+b") as t:
+        t.write(f.read())
+    r = Receiver(procs, tmp, [target])
+    server = Server(procs, tmp, [src], [r.uri()], extra=["--cycle", "3600"])
+    assert "the receiver has no commit of this session" in server.status()["start"]
+    r.wait_committed(server.rp())
+    assert r.read() == generation(1, size)
