@@ -21,7 +21,7 @@ import time
 import nbd_plugin
 from copier import verify
 from copier.sizes import format_size
-from nbd_plugin import control, startup
+from nbd_plugin import control, metrics, startup
 from nbd_plugin.params import Config
 
 PLUGIN = os.path.join(os.path.dirname(os.path.abspath(nbd_plugin.__file__)), "plugin.py")
@@ -101,6 +101,11 @@ def _add_serve(sub):
                    help="NBD URI of the replica export (nbd://, nbd+unix://); one per source")
     p.add_argument("--cycle", default="1", metavar="SECONDS", help="RP interval (default: %(default)s)")
     p.add_argument("--control", metavar="PATH", help="control socket (default: STATE/control.sock)")
+    p.add_argument("--control-group", metavar="GROUP",
+                   help="share the control socket with this group (mode 0660; default: 0600, "
+                        "this user only)")
+    p.add_argument("--metrics", metavar="ADDR:PORT",
+                   help="serve Prometheus metrics over HTTP at http://ADDR:PORT/metrics")
     p.add_argument("--state", default=default_state_dir(), metavar="DIR",
                    help="state directory (default: %(default)s)")
     p.add_argument("--tracking", choices=("on", "off"), default="on",
@@ -175,6 +180,8 @@ def serve_config(args):
                ("keepaside-mem", args.keepaside_mem), ("keepaside-spill", args.keepaside_spill),
                ("tracker-mem", args.tracker_mem), ("stop-timeout", args.stop_timeout),
                ("resync", args.resync), ("accept-resize", "on" if args.accept_resize else "off")]
+    params += [(key, value) for key, value in (("control-group", args.control_group),
+                                               ("metrics", args.metrics)) if value is not None]
     cfg = Config()
     for key, value in params:
         cfg.add(key, value)
@@ -271,6 +278,8 @@ def _serve(args):
     cfg, params = serve_config(args)
     _check_places(args)
     preflight(cfg)
+    if cfg.metrics:
+        _check_metrics_port(cfg.metrics)
     for path in ([args.socket] if args.socket else []) + [control_path(args)]:
         _claim_socket(path)
     stamp = not startup.on_the_journal()
@@ -346,6 +355,14 @@ def _check_port(host, port):
                 if e.errno == errno.EADDRINUSE:
                     raise CLIError(f"port {port} on {host} is in use by another program") from None
                 raise CLIError(f"--bind {host} --port {port}: {e.strerror}") from None
+
+
+def _check_metrics_port(address):
+    """Bind the metrics server's port and let it go: a busy port fails here, in one line."""
+    try:
+        metrics.MetricsServer(*address, session=None).stop()
+    except OSError as e:
+        raise CLIError(f"--metrics {address[0]}:{address[1]}: {e.strerror or e}") from None
 
 
 def _wait_listening(proc, args):

@@ -4,6 +4,8 @@ Everything is validated before a single source is opened, so a bad parameter fai
 start-up with one clear message and touches no data.
 """
 import dataclasses
+import grp
+import ipaddress
 import math
 import re
 
@@ -13,7 +15,7 @@ from copier.uri import parse_uri
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 KEYS = ("source", "replica", "tracking", "readonly", "cycle", "control", "state", "keepaside-mem", "keepaside-spill",
-        "tracker-mem", "stop-timeout", "resync", "accept-resize")
+        "tracker-mem", "stop-timeout", "resync", "accept-resize", "control-group", "metrics")
 
 
 class ParamError(ValueError):
@@ -43,6 +45,8 @@ class Config:
     stop_timeout: float = 30.0
     resync: str = "auto"
     accept_resize: bool = False
+    control_group: int | None = None
+    metrics: tuple | None = None
 
     def add(self, key, value):
         """Take one ``key=value`` from nbdkit's command line. O(1) (O(sources) for source names)."""
@@ -64,6 +68,8 @@ class Config:
             raise ParamError(f"every source of a replication session needs a replica; missing for {missing}")
         if self.replicas and not self.tracking:
             raise ParamError("replication needs tracking: drop tracking=off or the replicas")
+        if self.metrics and not self.tracking:
+            raise ParamError("metrics need tracking: drop tracking=off or metrics=")
         if self.readonly and self.replicas:
             raise ParamError("a read-only source never changes: replicate it once with nbdcopy instead")
 
@@ -111,6 +117,27 @@ def parse_seconds(text, what):
     if not (math.isfinite(seconds) and 0 < seconds <= 86400):
         raise ParamError(f"{what}={text!r} must be > 0 and at most 86400 seconds")
     return seconds
+
+
+def _set_control_group(cfg, value):
+    try:
+        cfg.control_group = int(value) if value.isdigit() else grp.getgrnam(value).gr_gid
+    except KeyError:
+        raise ParamError(f"control-group={value!r}: no such group") from None
+
+
+def _set_metrics(cfg, value):
+    """'ADDR:PORT' ('[ADDR]:PORT' for IPv6) -> (address, port); an IP address, not a name."""
+    host, sep, port = value.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    try:
+        ipaddress.ip_address(host)
+        if not (sep and port.isdigit() and 0 < int(port) < 65536):
+            raise ValueError
+    except ValueError:
+        raise ParamError(f"metrics={value!r} is not IP:PORT (e.g. 127.0.0.1:9100)") from None
+    cfg.metrics = (host, int(port))
 
 
 def _set_resync(cfg, value):
@@ -167,4 +194,6 @@ _SETTERS = {
     "keepaside-mem": lambda cfg, v: setattr(cfg, "keepaside_mem", parse_size(v, "keepaside-mem")),
     "keepaside-spill": lambda cfg, v: setattr(cfg, "keepaside_spill", parse_size(v, "keepaside-spill")),
     "tracker-mem": _set_tracker_mem,
+    "control-group": _set_control_group,
+    "metrics": _set_metrics,
 }

@@ -26,6 +26,7 @@ from replication.driver import Session
 from nbd_plugin import startup
 from nbd_plugin._io.lib import keep_thread_state
 from nbd_plugin.control import ControlServer
+from nbd_plugin.metrics import MetricsServer
 from nbd_plugin.params import Config
 from replication import record
 from tracker import KIND_DATA, KIND_TRIM, KIND_ZERO
@@ -37,6 +38,7 @@ backends = {}
 session = None
 hook = None
 control = None
+metrics = None
 
 
 class Handle:
@@ -61,12 +63,15 @@ def config_complete():
 
 
 def get_ready():
-    global session, hook
+    global session, hook, metrics
     backends.update(startup.open_sources(config_))
     replica_sizes = startup.check(config_, backends)
     if config_.tracking:
         session = Session(config_, backends, replica_sizes)
         hook = session.hook
+    if config_.metrics:
+        # Bound here, where a busy port still reaches the user; served after the fork.
+        metrics = MetricsServer(*config_.metrics, session)
 
 
 def after_fork():
@@ -81,8 +86,10 @@ def after_fork():
         return
     session.start()
     if config_.control:
-        control = ControlServer(config_.control, session)
+        control = ControlServer(config_.control, session, config_.control_group)
         control.start()
+    if metrics is not None:
+        metrics.start()
 
 
 def cleanup():
@@ -92,6 +99,8 @@ def cleanup():
     stopped = session is None or session.stop(config_.stop_timeout)
     if control is not None:
         control.stop()
+    if metrics is not None:
+        metrics.stop()
     if not stopped:
         return
     for backend in backends.values():

@@ -1,0 +1,135 @@
+"""Prometheus metrics: the controller's totals and lag, /metrics over HTTP, status --prometheus."""
+import array
+import os
+import socket
+import subprocess
+import urllib.request
+
+import nbd
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import Server, make_image, nbdrep, uri
+from procs import nbdrep_cmd
+from replication import machine as m
+from reporter import report as reports
+
+MiB = 1 << 20
+
+
+class _Closed:
+    """A closed cycle as the machine reads it."""
+
+    def __init__(self, cycle, count=0, bytes_written=0):
+        self.cycle, self.count, self.bytes_written = cycle, count, bytes_written
+
+
+def test_totals_count_commits_failures_and_resyncs_and_lag_grows_during_the_first_sync():
+    """Before: lag was None (-1 in Prometheus) until the first commit, however long the sync."""
+    sync = reports.Report({0: array.array("Q", [0, 4096]), 1: array.array("Q", [8192, 4096])},
+                          {1: array.array("Q", [0, 8192])})
+    c = m.Controller(sizes={0: MiB, 1: MiB}, replicated=True, cycle_seconds=1, now=100, carry=sync)
+    assert c.status(100)["lag"] == 0
+    cycle = c.handle(m.Timer(), 100)[1].cycle
+    c.handle(m.Drained(_Closed(cycle, count=3, bytes_written=5000)), 100)
+    c.handle(m.Reported(sync), 100)
+    assert c.handle(m.Failed("EIO"), 101)
+    assert c.status(130)["lag"] == 30, "a first sync that fails and retries still lags from the start"
+    cycle = c.handle(m.Timer(), c.wake_at)[1].cycle
+    c.handle(m.Drained(_Closed(cycle)), c.wake_at)
+    c.handle(m.Reported(c.carry), c.wake_at)
+    c.handle(m.Copied(), 140)
+    c.handle(m.Flushed(), 141)
+    status = c.status(145)
+    assert status["lag"] == 145 - c.committed_rp_time
+    assert status["totals"] == {"writes": 3, "bytes_written": 5000, "cycles_failed": 1,
+                                "cycles_committed": 1, "resyncs": 1}
+    assert status["device_totals"] == {
+        0: {"extents": 1, "bytes_copied": 4096, "bytes_zeroed": 0},
+        1: {"extents": 2, "bytes_copied": 4096, "bytes_zeroed": 8192}}
+    tracking = m.Controller(sizes={0: MiB}, replicated=False, cycle_seconds=1, now=0)
+    assert tracking.status(10)["lag"] is None
+
+
+def free_port():
+    """A TCP port on 127.0.0.1 nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def scrape(port):
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as r:
+        return r.read().decode()
+
+
+def samples(text):
+    """{(name, frozenset(labels)): value} of a Prometheus text exposition."""
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def write(nbd_uri, offset, data):
+    h = nbd.NBD()
+    h.connect_uri(nbd_uri)
+    h.pwrite(data, offset)
+    h.flush()
+    h.shutdown()
+
+
+def test_metrics_over_http_count_what_reaches_the_replica_per_export(procs, nbdkit, tmp_path):
+    src = make_image(str(tmp_path / "src.img"), 16 * MiB, random_mib=1)
+    logs = make_image(str(tmp_path / "logs.img"), 4 * MiB)
+    rsock, _ = nbdkit("memory", "16M")
+    lsock, _ = nbdkit("memory", "4M")
+    port = free_port()
+    server = Server(procs, str(tmp_path), [src, f"logs={logs}"], [uri(rsock), f"logs={uri(lsock)}"],
+                    extra=["--cycle", "0.2", "--metrics", f"127.0.0.1:{port}"])
+    server.rp()
+    first = samples(scrape(port))
+    default, named = frozenset({("export", "(default)")}), frozenset({("export", "logs")})
+    assert first[("nbdrep_bytes_copied_total", default)] == MiB, "the sync copies the random MiB"
+    assert first[("nbdrep_bytes_zeroed_total", default)] == 15 * MiB
+    assert first[("nbdrep_resyncs_total", frozenset())] == 1
+    assert first[("nbdrep_replica_connected", named)] == 1
+    assert first[("nbdrep_state", frozenset({("state", "replicating")}))] == 1
+    assert 0 <= first[("nbdrep_lag_seconds", frozenset())] < 60
+
+    write(f"nbd+unix:///logs?socket={server.sock}", 64 * 1024, os.urandom(65536))
+    server.rp()
+    second = samples(scrape(port))
+    assert second[("nbdrep_bytes_copied_total", named)] - first[("nbdrep_bytes_copied_total", named)] == 65536
+    assert second[("nbdrep_bytes_copied_total", default)] == first[("nbdrep_bytes_copied_total", default)]
+    assert second[("nbdrep_extents_total", named)] - first[("nbdrep_extents_total", named)] == 1
+    for key, value in first.items():
+        if key[0].endswith("_total"):
+            assert second[key] >= value, f"counter {key} went down"
+    assert second[("nbdrep_cycles_committed_total", frozenset())] > first[("nbdrep_cycles_committed_total", frozenset())]
+
+    text = nbdrep("status", "--prometheus", "--control", server.control).stdout
+    assert {k for k in samples(text)} == set(second), "status --prometheus and /metrics differ"
+
+
+def test_a_busy_metrics_port_is_one_line_exit_2_and_nothing_written(tmp_path):
+    src = make_image(str(tmp_path / "src.img"), MiB)
+    state = tmp_path / "state"
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        run = subprocess.run(nbdrep_cmd("serve", "--source", src, "--socket", str(tmp_path / "s.sock"),
+                                        "--state", str(state), "--metrics", f"127.0.0.1:{port}"),
+                             capture_output=True, text=True, timeout=120)
+    assert (run.returncode, run.stdout) == (2, "")
+    assert run.stderr == f"nbdrep: --metrics 127.0.0.1:{port}: Address already in use\n"
+    assert not state.exists() and not (tmp_path / "s.sock").exists()
+
+
+def test_a_bad_metrics_address_is_one_line_exit_2(tmp_path):
+    src = make_image(str(tmp_path / "src.img"), MiB)
+    for value in ("localhost:9100", "127.0.0.1", "127.0.0.1:0", "127.0.0.1:http"):
+        run = subprocess.run(nbdrep_cmd("serve", "--source", src, "--socket", str(tmp_path / "s.sock"),
+                                        "--state", str(tmp_path / "state"), "--metrics", value),
+                             capture_output=True, text=True, timeout=120)
+        assert (run.returncode, run.stderr) == (
+            2, f"nbdrep: metrics={value!r} is not IP:PORT (e.g. 127.0.0.1:9100)\n"), run.stderr
+    assert not (tmp_path / "state").exists()
