@@ -54,6 +54,9 @@ def main(argv=None):
         # not complain about the pipe once more.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_PIPE
+    except KeyboardInterrupt:
+        # Ctrl-C in a client command (rp --wait) or before nbdkit starts: the user knows why.
+        return 128 + signal.SIGINT
     except (CLIError, *startup.ERRORS) as e:
         print(f"nbdrep: {e}", file=sys.stderr)
         return 2

@@ -242,3 +242,21 @@ def test_on_the_journal_lines_are_neither_stamped_nor_named_twice(procs, nbdkit,
     lines = log_path.read_text().splitlines()
     assert any(line.startswith("session ") for line in lines), lines
     assert not any(STAMPED.match(line) or line.startswith("nbdrep: ") for line in lines), lines
+
+
+def test_ctrl_c_in_a_client_command_is_quiet(procs, tmp_path):
+    path = str(tmp_path / "silent.sock")
+    with socket.socket(socket.AF_UNIX) as silent:   # a server that never answers
+        silent.bind(path)
+        silent.listen()
+        silent.settimeout(60)
+        asking = procs.start(nbdrep_cmd("status", "--control", path), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE)
+        conn, _ = silent.accept()
+        with conn:
+            conn.settimeout(60)
+            assert conn.recv(1 << 16).endswith(b"\n"), "the request was sent: now it waits"
+            asking.send_signal(signal.SIGINT)
+            out, err = asking.communicate(timeout=60)
+    procs.procs.remove(asking)
+    assert (asking.returncode, out, err) == (128 + signal.SIGINT, b"", b""), err
