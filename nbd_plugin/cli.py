@@ -18,11 +18,14 @@ import sys
 import threading
 import time
 
+from systemd import daemon
+
 import nbd_plugin
 from copier import verify
 from copier.sizes import format_size
-from nbd_plugin import control, metrics, startup
+from nbd_plugin import control, startup
 from nbd_plugin.params import Config
+from replication import record
 
 PLUGIN = os.path.join(os.path.dirname(os.path.abspath(nbd_plugin.__file__)), "plugin.py")
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(PLUGIN))
@@ -54,9 +57,6 @@ def main(argv=None):
         # not complain about the pipe once more.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_PIPE
-    except KeyboardInterrupt:
-        # Ctrl-C in a client command (rp --wait) or before nbdkit starts: the user knows why.
-        return 128 + signal.SIGINT
     except (CLIError, *startup.ERRORS) as e:
         print(f"nbdrep: {e}", file=sys.stderr)
         return 2
@@ -104,11 +104,6 @@ def _add_serve(sub):
                    help="NBD URI of the replica export (nbd://, nbd+unix://); one per source")
     p.add_argument("--cycle", default="1", metavar="SECONDS", help="RP interval (default: %(default)s)")
     p.add_argument("--control", metavar="PATH", help="control socket (default: STATE/control.sock)")
-    p.add_argument("--control-group", metavar="GROUP",
-                   help="share the control socket with this group (mode 0660; default: 0600, "
-                        "this user only)")
-    p.add_argument("--metrics", metavar="ADDR:PORT",
-                   help="serve Prometheus metrics over HTTP at http://ADDR:PORT/metrics")
     p.add_argument("--state", default=default_state_dir(), metavar="DIR",
                    help="state directory (default: %(default)s)")
     p.add_argument("--tracking", choices=("on", "off"), default="on",
@@ -140,6 +135,8 @@ def _add_serve(sub):
                      help="X.509: DIR holds ca-cert.pem, server-cert.pem and server-key.pem")
     tls.add_argument("--tls-verify-peer", action="store_true",
                      help="with --tls-certificates: clients must present a certificate the CA signed")
+    p.add_argument("--pidfile", metavar="FILE",
+                   help="write this process's pid here once serving (removed at exit)")
     p.add_argument("--verbose", action="store_true", help="nbdkit -v")
     p.set_defaults(func=_serve)
 
@@ -183,8 +180,6 @@ def serve_config(args):
                ("keepaside-mem", args.keepaside_mem), ("keepaside-spill", args.keepaside_spill),
                ("tracker-mem", args.tracker_mem), ("stop-timeout", args.stop_timeout),
                ("resync", args.resync), ("accept-resize", "on" if args.accept_resize else "off")]
-    params += [(key, value) for key, value in (("control-group", args.control_group),
-                                               ("metrics", args.metrics)) if value is not None]
     cfg = Config()
     for key, value in params:
         cfg.add(key, value)
@@ -280,12 +275,12 @@ def _serve(args):
     tls_options(args)
     cfg, params = serve_config(args)
     _check_places(args)
+    if args.pidfile:
+        _check_dir(os.path.dirname(os.path.abspath(args.pidfile)), f"--pidfile {args.pidfile}")
     preflight(cfg)
-    if cfg.metrics:
-        _check_metrics_port(cfg.metrics)
     for path in ([args.socket] if args.socket else []) + [control_path(args)]:
         _claim_socket(path)
-    stamp = not startup.on_the_journal()
+    stamp = not _on_the_journal()
     proc = subprocess.Popen(nbdkit_command(args, params), env=nbdkit_env(),
                             stderr=subprocess.PIPE if stamp else None)
     forward = lambda signum, frame: proc.send_signal(signum)  # noqa: E731
@@ -298,10 +293,19 @@ def _serve(args):
         relay.start()
     if _wait_listening(proc, args):
         print(attach_help(args), flush=True)
+        _announce_ready(proc, args)
     status = proc.wait()
+    _remove_pidfile(args)
     if relay is not None:
         relay.join(RELAY_TIMEOUT)   # nbdkit's last lines (how the stop went)
     return status
+
+
+def _on_the_journal():
+    """True if stderr is systemd's journal, which stamps each line itself (JOURNAL_STREAM names
+    the stream's device and inode, systemd.exec(5))."""
+    st = os.fstat(sys.stderr.fileno())
+    return os.environ.get("JOURNAL_STREAM") == f"{st.st_dev}:{st.st_ino}"
 
 
 def _stamp_lines(source, sink):
@@ -360,14 +364,6 @@ def _check_port(host, port):
                 raise CLIError(f"--bind {host} --port {port}: {e.strerror}") from None
 
 
-def _check_metrics_port(address):
-    """Bind the metrics server's port and let it go: a busy port fails here, in one line."""
-    try:
-        metrics.MetricsServer(*address, session=None).stop()
-    except OSError as e:
-        raise CLIError(f"--metrics {address[0]}:{address[1]}: {e.strerror or e}") from None
-
-
 def _wait_listening(proc, args):
     """True once nbdkit accepts connections; False if it exited first (its stderr says why)."""
     deadline = time.monotonic() + START_TIMEOUT
@@ -376,6 +372,41 @@ def _wait_listening(proc, args):
             return True
         time.sleep(0.05)
     return False
+
+
+def _announce_ready(proc, args):
+    """Once the session answers on its control socket (the plugin starts it after nbdkit
+    listens), write --pidfile and tell systemd READY=1 (sd_notify; nothing without
+    NOTIFY_SOCKET). Returns without either if nbdkit exits or START_TIMEOUT passes first."""
+    path = control_path(args)
+    deadline = time.monotonic() + START_TIMEOUT
+    while proc.poll() is None:
+        try:
+            status = control.request(path, {"cmd": "status"},
+                                     timeout=max(deadline - time.monotonic(), 0.1))
+            break
+        except (OSError, ValueError):   # not bound yet, or closed mid-reply while starting
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.05)
+    else:
+        return
+    if args.pidfile:
+        record.write_bytes(os.path.abspath(args.pidfile), f"{os.getpid()}\n".encode())
+    daemon.notify(f"READY=1\nSTATUS={status.get('state')}, cycle {status.get('cycle')}\n"
+                  f"MAINPID={os.getpid()}")
+
+
+def _remove_pidfile(args):
+    """Remove --pidfile if it still names this process."""
+    if not args.pidfile:
+        return
+    try:
+        with open(args.pidfile) as f:
+            if f.read().strip() == str(os.getpid()):
+                os.unlink(args.pidfile)
+    except FileNotFoundError:
+        pass
 
 
 def _listening(args):
