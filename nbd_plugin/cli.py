@@ -23,7 +23,7 @@ from systemd import daemon
 import nbd_plugin
 from copier import verify
 from copier.sizes import format_size
-from nbd_plugin import control, startup
+from nbd_plugin import control, metrics, startup
 from nbd_plugin.params import Config
 from replication import record
 
@@ -57,6 +57,9 @@ def main(argv=None):
         # not complain about the pipe once more.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_PIPE
+    except KeyboardInterrupt:
+        # Ctrl-C in a client command (rp --wait) or before nbdkit starts: the user knows why.
+        return 128 + signal.SIGINT
     except (CLIError, *startup.ERRORS) as e:
         print(f"nbdrep: {e}", file=sys.stderr)
         return 2
@@ -104,6 +107,11 @@ def _add_serve(sub):
                    help="NBD URI of the replica export (nbd://, nbd+unix://); one per source")
     p.add_argument("--cycle", default="1", metavar="SECONDS", help="RP interval (default: %(default)s)")
     p.add_argument("--control", metavar="PATH", help="control socket (default: STATE/control.sock)")
+    p.add_argument("--control-group", metavar="GROUP",
+                   help="share the control socket with this group (mode 0660; default: 0600, "
+                        "this user only)")
+    p.add_argument("--metrics", metavar="ADDR:PORT",
+                   help="serve Prometheus metrics over HTTP at http://ADDR:PORT/metrics")
     p.add_argument("--state", default=default_state_dir(), metavar="DIR",
                    help="state directory (default: %(default)s)")
     p.add_argument("--tracking", choices=("on", "off"), default="on",
@@ -180,6 +188,8 @@ def serve_config(args):
                ("keepaside-mem", args.keepaside_mem), ("keepaside-spill", args.keepaside_spill),
                ("tracker-mem", args.tracker_mem), ("stop-timeout", args.stop_timeout),
                ("resync", args.resync), ("accept-resize", "on" if args.accept_resize else "off")]
+    params += [(key, value) for key, value in (("control-group", args.control_group),
+                                               ("metrics", args.metrics)) if value is not None]
     cfg = Config()
     for key, value in params:
         cfg.add(key, value)
@@ -278,9 +288,11 @@ def _serve(args):
     if args.pidfile:
         _check_dir(os.path.dirname(os.path.abspath(args.pidfile)), f"--pidfile {args.pidfile}")
     preflight(cfg)
+    if cfg.metrics:
+        _check_metrics_port(cfg.metrics)
     for path in ([args.socket] if args.socket else []) + [control_path(args)]:
         _claim_socket(path)
-    stamp = not _on_the_journal()
+    stamp = not startup.on_the_journal()
     proc = subprocess.Popen(nbdkit_command(args, params), env=nbdkit_env(),
                             stderr=subprocess.PIPE if stamp else None)
     forward = lambda signum, frame: proc.send_signal(signum)  # noqa: E731
@@ -299,13 +311,6 @@ def _serve(args):
     if relay is not None:
         relay.join(RELAY_TIMEOUT)   # nbdkit's last lines (how the stop went)
     return status
-
-
-def _on_the_journal():
-    """True if stderr is systemd's journal, which stamps each line itself (JOURNAL_STREAM names
-    the stream's device and inode, systemd.exec(5))."""
-    st = os.fstat(sys.stderr.fileno())
-    return os.environ.get("JOURNAL_STREAM") == f"{st.st_dev}:{st.st_ino}"
 
 
 def _stamp_lines(source, sink):
@@ -362,6 +367,14 @@ def _check_port(host, port):
                 if e.errno == errno.EADDRINUSE:
                     raise CLIError(f"port {port} on {host} is in use by another program") from None
                 raise CLIError(f"--bind {host} --port {port}: {e.strerror}") from None
+
+
+def _check_metrics_port(address):
+    """Bind the metrics server's port and let it go: a busy port fails here, in one line."""
+    try:
+        metrics.MetricsServer(*address, session=None).stop()
+    except OSError as e:
+        raise CLIError(f"--metrics {address[0]}:{address[1]}: {e.strerror or e}") from None
 
 
 def _wait_listening(proc, args):
