@@ -4,13 +4,14 @@ import random
 import signal
 import struct
 import subprocess
+import threading
 import time
 
 import nbd
 import psutil
 import pytest
 
-from conftest import Server, make_image, nbdrep, nbdrep_cmd, uri, wait_until
+from conftest import Server, file_digests, make_image, mounted, nbdrep, nbdrep_cmd, run, uri, wait_until
 from copier import receiver as link
 from nbd_plugin import control
 from receiver.journal import ExtentMap, parse_keep, to_fold
@@ -248,3 +249,92 @@ def test_resume_handshake_trusts_an_agreeing_receiver_and_resyncs_another(procs,
     assert "the receiver has no commit of this session" in server.status()["start"]
     r.wait_committed(server.rp())
     assert r.read() == generation(1, size)
+
+
+def test_journal_max_holds_under_a_burst_bigger_than_it(procs, tmp_path):
+    """Cycles of 6 MiB each into a receiver allowed 2 MiB of journals: the oldest RPs (even
+    the newest, past the bound) fold into the target, the journals end within the bound, the
+    journal directory holds at most that plus one cycle, and nothing is lost."""
+    size = 16 * MiB
+    tmp = str(tmp_path)
+    src = make_image(str(tmp_path / "source.img"), size)
+    target = make_image(str(tmp_path / "target.img"), size)
+    r = Receiver(procs, tmp, [target], extra=["--journal-max", "2M", "--keep", "1000"])
+    server = Server(procs, tmp, [src], [r.uri()], extra=["--cycle", "3600"])
+    server.rp()
+    rng = random.Random(4)
+    h = nbd.NBD()
+    h.connect_uri(server.uri)
+    for _ in range(6):
+        off = rng.randrange(0, size - 6 * MiB, BLOCK)
+        h.pwrite(os.urandom(6 * MiB), off)
+        r.wait_committed(server.rp())
+    h.shutdown()
+    wait_until(lambda: r.status()["journal_bytes"] <= 2 * MiB, 60, "journals folded within --journal-max")
+    with open(src, "rb") as f:
+        assert r.read() == f.read(), "a fold lost or reordered a write"
+    journal = os.path.join(r.state, "journal")
+    used = sum(os.stat(os.path.join(journal, n)).st_blocks * 512 for n in os.listdir(journal))
+    assert used <= 2 * MiB + 6 * MiB + MiB, f"journal directory holds {used} bytes"
+    assert r.status()["base_cycle"] is not None
+
+
+def test_rp_export_mounts_and_fscks_clean_while_replication_goes_on(procs, tmp_path):
+    size = 64 * MiB
+    tmp = str(tmp_path)
+    files = tmp_path / "files"
+    files.mkdir()
+    for i in range(20):
+        (files / f"f{i}").write_bytes(os.urandom(rng_size(i)))
+    src = str(tmp_path / "source.img")
+    run("mkfs.ext4", "-q", "-F", "-d", str(files), src, str(size // 1024))
+    target = make_image(str(tmp_path / "target.img"), size)
+    r = Receiver(procs, tmp, [target], extra=["--keep", "3"])
+    server = Server(procs, tmp, [src], [r.uri()], extra=["--cycle", "0.2"])
+    # Once the initial sync is folded into the target, an RP reads its blocks from there:
+    # the case where folding a newer RP would change the mounted one under it.
+    wait_until(lambda: r.status()["base_cycle"] is not None, 60, "the initial sync folded")
+    rp = server.rp()
+    r.wait_committed(rp)
+    # The file system stops here; the source keeps changing under it (raw writes past it
+    # would not do: they must land where the RP's blocks are, to show they stay out of it).
+    stop = threading.Event()
+
+    def scribble():
+        h = nbd.NBD()
+        h.connect_uri(server.uri)
+        rng = random.Random(1)
+        while not stop.is_set():
+            h.pwrite(os.urandom(64 << 10), rng.randrange(0, size - (64 << 10), BLOCK))
+        h.shutdown()
+
+    writer = threading.Thread(target=scribble)
+    writer.start()
+    try:
+        mnt = tmp_path / "fuse"
+        mnt.mkdir()
+        disk = str(mnt / "disk")
+        fuse = procs.start(["nbdfuse", "-r", disk, r.uri(f"@{rp}")], wait_for=disk)
+        loop = run("losetup", "-r", "-f", "--show", disk).stdout.strip()
+        try:
+            run("e2fsck", "-fn", loop)
+            with mounted(loop, str(tmp_path / "m"), "-o", "ro,noload"):
+                # New cycles commit while it is mounted (and fold less: the mount pins them).
+                wait_until(lambda: r.status()["committed_cycle"] > rp + 5, 60, "cycles committed")
+                held = file_digests(str(tmp_path / "m"))
+                assert {k: held.get(k) for k in file_digests(str(files))} == file_digests(str(files))
+                assert len(r.status()["rps"]) > 3, "RPs newer than a mounted one were folded"
+            subprocess.run(["sh", "-c", "echo 3 > /proc/sys/vm/drop_caches"], timeout=60)
+            run("e2fsck", "-fn", loop)
+        finally:
+            subprocess.run(["losetup", "-d", loop], timeout=60)
+            subprocess.run(["fusermount3", "-u", str(mnt)], timeout=60)
+            procs.stop(fuse)
+    finally:
+        stop.set()
+        writer.join(60)
+    wait_until(lambda: len(r.status()["rps"]) <= 3, 60, "the RPs pinned by the mount folded after it")
+
+
+def rng_size(i):
+    return 4096 * (1 + (i * 37) % 50)
