@@ -54,6 +54,8 @@ import collections
 import dataclasses
 import enum
 
+from copier.sizes import format_size
+
 HISTORY = 64
 BACKOFF_FIRST, BACKOFF_MAX = 0.5, 30.0
 STUCK_AFTER = 5
@@ -363,7 +365,7 @@ class Controller:
             return []
         rate = done / max(now - record.rp_time, 1e-6)
         return [Log("info", f"sync (cycle {record.cycle}): {100 * done // total}% of "
-                            f"{total / 2**20:.1f} MiB, {rate / 2**20:.1f} MiB/s, "
+                            f"{format_size(total)}, {format_size(int(rate))}/s, "
                             f"ETA {(total - done) / rate:.0f} s")]
 
     def _copied(self, event, now):
