@@ -16,8 +16,10 @@ from prometheus_client import CollectorRegistry, generate_latest, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import ThreadingWSGIServer
 
-# A scrape that does not arrive whole in this time is dropped, so idle connections end.
+# A scrape that does not arrive whole in this time is dropped, so idle connections end; past
+# MAX_SCRAPES at once a connection is closed unanswered (Prometheus scrapes one at a time).
 HTTP_TIMEOUT = 10.0
+MAX_SCRAPES = 4
 
 # (status["totals"] key, metric name without _total, help)
 SESSION_COUNTERS = (
@@ -114,15 +116,41 @@ class _Handler(WSGIRequestHandler):
         """Scrapes every few seconds would flood the server's log."""
 
 
+class _BoundedServer(ThreadingWSGIServer):
+    """A thread per scrape, at most MAX_SCRAPES at once. (socketserver's loop already
+    survives a failing accept, EMFILE included: it tries again at the next poll.)"""
+
+    def __init__(self, *args, **kwargs):
+        self._slots = threading.BoundedSemaphore(MAX_SCRAPES)
+        super().__init__(*args, **kwargs)
+
+    def process_request(self, request, client_address):
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:   # no thread started: nothing will release the slot
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
 class MetricsServer:
     """/metrics over HTTP for one session: bound at construction (before nbdkit forks, so a
     failure reaches the user), served from ``start`` (after the fork) in daemon threads."""
 
     def __init__(self, address, port, session):
-        class Server(ThreadingWSGIServer):
+        class Server(_BoundedServer):
             address_family = _family(address)
         self._httpd = make_server(address, port, make_wsgi_app(registry(session)), Server,
                                   handler_class=_Handler)
+        self.address = self._httpd.server_address   # the port chosen, if given 0
         self._thread = None
 
     def start(self):

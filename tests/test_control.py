@@ -272,3 +272,17 @@ def test_the_server_survives_running_out_of_descriptors_and_recovers(procs, tmp_
     h.connect_uri(uri(sock))
     assert h.get_size() == 1 << 20
     h.shutdown()
+
+
+def test_serve_control_group_shares_the_socket_and_an_unknown_group_is_one_line(procs, tmp_path):
+    src = make_image(str(tmp_path / "src.img"), 1 << 20)
+    ctl, state = str(tmp_path / "control.sock"), tmp_path / "state"
+    args = ["serve", "--source", src, "--socket", str(tmp_path / "s.sock"), "--control", ctl,
+            "--state", str(state)]
+    run = subprocess.run(nbdrep_cmd(*args, "--control-group", "no-such-group"), capture_output=True,
+                         text=True, timeout=120)
+    assert (run.returncode, run.stderr) == (2, "nbdrep: control-group='no-such-group': no such group\n")
+    assert not state.exists()
+    procs.start(nbdrep_cmd(*args, "--control-group", "nogroup"), wait_for=ctl, stdout=subprocess.DEVNULL)
+    st = os.stat(ctl)
+    assert (stat.S_IMODE(st.st_mode), st.st_gid) == (0o660, NOBODY)

@@ -1,14 +1,17 @@
 """Prometheus metrics: the controller's totals and lag, /metrics over HTTP, status --prometheus."""
 import array
+import contextlib
 import os
 import socket
 import subprocess
+import urllib.error
 import urllib.request
 
 import nbd
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import Server, make_image, nbdrep, uri
+from conftest import Server, make_image, nbdrep, uri, wait_until
+from nbd_plugin import control, metrics
 from procs import nbdrep_cmd
 from replication import machine as m
 from reporter import report as reports
@@ -133,3 +136,66 @@ def test_a_bad_metrics_address_is_one_line_exit_2(tmp_path):
         assert (run.returncode, run.stderr) == (
             2, f"nbdrep: metrics={value!r} is not IP:PORT (e.g. 127.0.0.1:9100)\n"), run.stderr
     assert not (tmp_path / "state").exists()
+
+
+STATUS = {
+    "state": "replicating", "cycle": 9, "committed_cycle": 8, "lag": 1.5, "replicated": True,
+    "failures": 0, "stuck": None, "requests_retried": 2,
+    "totals": {"writes": 10, "cycles_committed": 8},
+    "devices": [{"name": "", "replica": "nbd://r/", "replica_connected": True,
+                 "totals": {"bytes_copied": 4096}}],
+    "keepaside": {"mem_bytes": 0, "spill_bytes": 0},
+    "tracker": {"memory_bytes": 1 << 20, "entries": 3},
+}
+
+
+class Fixed:
+    def status(self):
+        return STATUS
+
+
+def test_idle_http_connections_are_bounded_and_scrapes_still_work(monkeypatch):
+    """A thread per scrape, but at most MAX_SCRAPES at once: further connections are closed
+    unanswered instead of each holding a thread until its timeout (here longer than the test)."""
+    monkeypatch.setattr(metrics._Handler, "timeout", 300)
+    server = metrics.MetricsServer("127.0.0.1", 0, Fixed())
+    server.start()
+    port = server.address[1]
+    try:
+        with contextlib.ExitStack() as stack:
+            idle = [stack.enter_context(socket.create_connection(("127.0.0.1", port), timeout=30))
+                    for _ in range(metrics.MAX_SCRAPES + 3)]
+            assert [s.recv(1) for s in idle[metrics.MAX_SCRAPES:]] == [b""] * 3
+        got = {}
+        wait_until(lambda: got.update(text=_try_scrape(port)) or got["text"], what="a scrape answered")
+        assert samples(got["text"])[("nbdrep_bytes_copied_total", frozenset({("export", "(default)")}))] == 4096
+    finally:
+        server.stop()
+
+
+def _try_scrape(port):
+    """The scrape's text, or None while the idle connections' slots are still being freed."""
+    try:
+        return scrape(port)
+    except (ConnectionError, urllib.error.URLError):
+        return None
+
+
+def test_lag_is_meaningful_during_the_initial_sync(replicated):
+    """Before: -1 (status: None) until the first commit, however long the first sync took."""
+    server = replicated(16 * MiB, cycle=3600, random_mib=16, filters=["--filter=delay"],
+                        params=["delay-write=2000ms"]).server
+    seen = []
+
+    def syncing():
+        text = control.request(server.control, {"cmd": "metrics"}, timeout=30)["text"]
+        seen.append(samples(text))
+        return seen[-1].get(("nbdrep_state", frozenset({("state", "initial-sync")}))) == 1
+    wait_until(syncing, what="the initial sync")
+    lag = seen[-1][("nbdrep_lag_seconds", frozenset())]
+    assert lag > 0
+    wait_until(lambda: syncing() and seen[-1][("nbdrep_lag_seconds", frozenset())] > lag,
+               what="the lag growing during the sync")
+    server.rp()
+    assert samples(control.request(server.control, {"cmd": "metrics"}, timeout=30)["text"])[
+        ("nbdrep_resyncs_total", frozenset())] == 1
