@@ -264,7 +264,10 @@ def request(path, message, timeout):
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"{path}: backlog full") from None
                 time.sleep(0.01)
-        sock.sendall(json.dumps(message).encode() + b"\n")
+        try:
+            sock.sendall(json.dumps(message).encode() + b"\n")
+        except (BrokenPipeError, ConnectionResetError):
+            pass   # a busy server answers and closes at once: its answer is still to be read
         data = b""
         while not data.endswith(b"\n"):
             chunk = sock.recv(1 << 16)
