@@ -5,8 +5,9 @@
 
 Two equal images of --size random bytes (nothing for block status to skip), each served by
 `nbdkit file` on a unix socket; the two commands alternate, each timed as a whole process (start,
-connect, read both exports, exit) with the images in the page cache. Prints a table and the
-ratio of the medians (qemu-img's time / nbdrep's: >= 1 means nbdrep is as fast).
+connect, read both exports, exit) with the images in the page cache. A third command runs the
+same comparison without the rest of the CLI, to show what its imports cost. Prints a table and
+the ratio of the medians (qemu-img's time / nbdrep's: >= 1 means nbdrep is as fast).
 """
 import argparse
 import os
@@ -23,6 +24,9 @@ from benchlib import format_table  # noqa: E402
 from procs import Procs, nbdrep_cmd  # noqa: E402
 
 from nbd_plugin.params import parse_size  # noqa: E402
+
+
+VERIFY_ALONE = "import sys; from copier.verify import main; sys.exit(main(sys.argv[1:]))"
 
 
 def main():
@@ -45,6 +49,8 @@ def main():
             uris.append(f"nbd+unix:///?socket={sock}")
         commands = {
             "nbdrep verify": nbdrep_cmd("verify", *uris, "--quiet"),
+            # The same comparison without importing the rest of the CLI (the server's modules).
+            "copier.verify alone": [sys.executable, "-c", VERIFY_ALONE, *uris, "--quiet"],
             "qemu-img compare": ["qemu-img", "compare", "-f", "raw", "-F", "raw", *uris],
         }
         times = {name: [] for name in commands}
@@ -57,8 +63,11 @@ def main():
                        [[name, f"{min(t):.2f}", f"{statistics.median(t):.2f}",
                          f"{2 * size / statistics.median(t) / 1e6:,.0f}", " ".join(f"{x:.2f}" for x in t)]
                         for name, t in times.items()]))
-    ratio = statistics.median(times["qemu-img compare"]) / statistics.median(times["nbdrep verify"])
-    print(f"\nnbdrep verify speed / qemu-img compare speed (medians): {ratio:.2f}x")
+    qemu = statistics.median(times["qemu-img compare"])
+    for name in ("nbdrep verify", "copier.verify alone"):
+        print(f"\n{name} speed / qemu-img compare speed (medians): "
+              f"{qemu / statistics.median(times[name]):.2f}x", end="")
+    print()
 
 
 def _write_random(path, size):
