@@ -4,74 +4,82 @@ No I/O here (the rest of the project keeps its logic sans-I/O the same way): ``E
 answers "where is this range of RP N", ``to_fold`` decides how many of the oldest retained
 RPs go into the base image, ``parse_keep`` reads ``--keep``.
 """
-import bisect
 import re
+
+import numpy as np
 
 from nbd_plugin.params import ParamError, parse_size
 
 _DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([smhd])\s*")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_EMPTY = np.zeros(0, dtype=np.uint64)
+_NO_KEYS = np.zeros(0, dtype=np.int64)
 
 
 class ExtentMap:
     """Sorted, disjoint byte ranges, each owned by the journal that holds its newest bytes;
     a range in none is read from the base image.
 
-    Copy-on-write for readers: the receiver builds a new map (``copy`` then ``overlay`` or
-    ``drop``) and swaps the reference, so a read in progress keeps the map it started with.
+    numpy arrays of starts, ends and owner keys (``id`` of the owner, which ``owners`` keeps
+    alive), so that a commit's overlay is one vectorised merge, O((n + k) log(n + k)): as
+    nested Python lists, the splices made it O(n k), 0.1 s a commit once an hour of 4 KiB
+    random writes was retained. Copy-on-write for readers: the receiver builds a new map
+    (``overlaid``, ``without``) and swaps the reference, so a read in progress keeps the map
+    (and the journals) it started with.
     """
 
-    __slots__ = ("starts", "ends", "owners")
+    __slots__ = ("starts", "ends", "keys", "owners")
 
-    def __init__(self):
-        self.starts, self.ends, self.owners = [], [], []
+    def __init__(self, starts=_EMPTY, ends=_EMPTY, keys=_NO_KEYS, owners=None):
+        self.starts, self.ends, self.keys = starts, ends, keys
+        self.owners = owners or {}
 
-    def copy(self):
-        """A new map with the same ranges. O(n)."""
-        out = ExtentMap()
-        out.starts, out.ends, out.owners = list(self.starts), list(self.ends), list(self.owners)
-        return out
+    def overlaid(self, pairs, owner):
+        """A new map where ``owner`` holds every range of ``pairs`` (flat offset, length,
+        ascending and disjoint), over older owners."""
+        flat = np.array(pairs, dtype=np.uint64)
+        if not len(flat):
+            return self
+        new_s, new_e = flat[0::2], flat[0::2] + flat[1::2]
+        # Both boundary lists are sorted runs already: a stable sort merges them in one pass.
+        points = np.sort(np.concatenate((np.column_stack((self.starts, self.ends)).ravel(), flat_ends(flat))),
+                         kind="stable")
+        points = points[np.concatenate(([True], points[1:] != points[:-1]))]
+        seg_s, seg_e = points[:-1], points[1:]
+        keys = np.full(len(seg_s), -1, dtype=np.int64)
+        old = _covering(self.starts, self.ends, seg_s)
+        keys[old >= 0] = self.keys[old[old >= 0]]
+        keys[_covering(new_s, new_e, seg_s) >= 0] = id(owner)
+        live = keys >= 0
+        seg_s, seg_e, keys = seg_s[live], seg_e[live], keys[live]
+        # Merge neighbours of one owner, so the map stays as small as the union allows.
+        first = np.ones(len(seg_s), dtype=bool)
+        first[1:] = (seg_s[1:] != seg_e[:-1]) | (keys[1:] != keys[:-1])
+        last = np.ones(len(seg_s), dtype=bool)
+        last[:-1] = first[1:]
+        owners = {k: o for k, o in self.owners.items()}
+        owners[id(owner)] = owner
+        return ExtentMap(seg_s[first], seg_e[last], keys[first], owners)
 
-    def overlay(self, pairs, owner):
-        """Give ``owner`` every range of ``pairs`` (flat offset, length), over older owners.
-        O(k (log n + n)) for k pairs; the splice is a memmove."""
-        for off, length in zip(pairs[0::2], pairs[1::2]):
-            if length:
-                self._put(off, off + length, owner)
-
-    def _put(self, start, end, owner):
-        i = bisect.bisect_right(self.ends, start)
-        j = bisect.bisect_left(self.starts, end, lo=i)
-        starts, ends, owners = [start], [end], [owner]
-        if i < j:
-            if self.starts[i] < start:
-                starts.insert(0, self.starts[i])
-                ends.insert(0, start)
-                owners.insert(0, self.owners[i])
-            if self.ends[j - 1] > end:
-                starts.append(end)
-                ends.append(self.ends[j - 1])
-                owners.append(self.owners[j - 1])
-        self.starts[i:j], self.ends[i:j], self.owners[i:j] = starts, ends, owners
-
-    def drop(self, owner):
-        """Forget ``owner``'s ranges (they are now in the base image). O(n)."""
-        keep = [k for k, o in enumerate(self.owners) if o is not owner]
-        self.starts = [self.starts[k] for k in keep]
-        self.ends = [self.ends[k] for k in keep]
-        self.owners = [self.owners[k] for k in keep]
+    def without(self, owner):
+        """A new map without ``owner``'s ranges (they are now in the base image). O(n)."""
+        keep = self.keys != id(owner)
+        owners = {k: o for k, o in self.owners.items() if o is not owner}
+        return ExtentMap(self.starts[keep], self.ends[keep], self.keys[keep], owners)
 
     def lookup(self, offset, length):
-        """[(offset, length, owner or None)] covering [offset, offset+length) in order. O(log n + k)."""
+        """[(offset, length, owner or None)] covering [offset, offset+length) in order.
+        O(log n + k)."""
         end = offset + length
         out = []
         at = offset
-        i = bisect.bisect_right(self.ends, offset)
-        while at < end and i < len(self.starts) and self.starts[i] < end:
-            s, e = max(self.starts[i], at), min(self.ends[i], end)
+        i = int(np.searchsorted(self.ends, np.uint64(offset), side="right"))
+        n = len(self.starts)
+        while at < end and i < n and int(self.starts[i]) < end:
+            s, e = max(int(self.starts[i]), at), min(int(self.ends[i]), end)
             if s > at:
                 out.append((at, s - at, None))
-            out.append((s, e - s, self.owners[i]))
+            out.append((s, e - s, self.owners[int(self.keys[i])]))
             at = e
             i += 1
         if at < end:
@@ -80,6 +88,21 @@ class ExtentMap:
 
     def __len__(self):
         return len(self.starts)
+
+
+def flat_ends(flat):
+    """Flat (offset, length) pairs -> flat (start, end) boundaries, in the same order."""
+    out = flat.copy()
+    out[1::2] += flat[0::2]
+    return out
+
+
+def _covering(starts, ends, points):
+    """For each of ``points``, the index of the range [starts, ends) holding it, or -1."""
+    i = np.searchsorted(starts, points, side="right").astype(np.int64) - 1
+    inside = i >= 0
+    inside[inside] = points[inside] < ends[i[inside]]
+    return np.where(inside, i, -1)
 
 
 def parse_keep(text):

@@ -173,7 +173,7 @@ class Store:
                 j = Journal(self.folder, seq, self.sizes[name], readonly=self.readonly)
                 j.pairs = j.extents(self.sizes[name])
                 self.journals[seq] = j
-                self.latest[name].overlay(j.pairs, j)
+                self.latest[name] = self.latest[name].overlaid(j.pairs, j)
         if self.readonly:
             return
         if self.record["promoted"] is not None:
@@ -276,7 +276,7 @@ class Store:
                     break
                 seq = rp["journals"].get(name)
                 if seq is not None:
-                    out.overlay(self.journals[seq].pairs, self.journals[seq])
+                    out = out.overlaid(self.journals[seq].pairs, self.journals[seq])
             self._pins[cycle] = self._pins.get(cycle, 0) + 1
             return out
 
@@ -381,9 +381,7 @@ class Store:
             raise
         for name, j in journals.items():
             self.journals[j.seq] = j
-            latest = self.latest[name].copy()
-            latest.overlay(j.pairs, j)
-            self.latest[name] = latest
+            self.latest[name] = self.latest[name].overlaid(j.pairs, j)
             self.pending[name] = fresh[name]
         self.pending_bytes = 0
 
@@ -442,9 +440,7 @@ class Store:
         with self._record_lock:
             self._write_record(dict(self.record, rps=self.record["rps"][1:], base_cycle=rp["cycle"]))
         for name, j in folded:
-            latest = self.latest[name].copy()
-            latest.drop(j)
-            self.latest[name] = latest
+            self.latest[name] = self.latest[name].without(j)
             del self.journals[j.seq]
             j.unlink()
 

@@ -102,14 +102,34 @@ def write_image(sock, data):
 
 # -- pure logic ---------------------------------------------------------------------------------
 
-def test_extent_map_newest_owner_wins_and_drop_returns_to_base():
-    m = ExtentMap()
+def test_extent_map_newest_owner_wins_and_without_returns_to_base():
     a, b = object(), object()
-    m.overlay([0, 100, 200, 100], a)
-    m.overlay([50, 200], b)
+    m = ExtentMap().overlaid([0, 100, 200, 100], a).overlaid([50, 200], b)
     assert m.lookup(0, 400) == [(0, 50, a), (50, 200, b), (250, 50, a), (300, 100, None)]
-    m.drop(a)
+    m = m.without(a)
     assert m.lookup(0, 400) == [(0, 50, None), (50, 200, b), (250, 150, None)]
+
+
+def test_extent_map_against_a_byte_model():
+    rng = random.Random(3)
+    owners = [object() for _ in range(6)]
+    m, model = ExtentMap(), [None] * 256
+    for step in range(300):
+        owner = rng.choice(owners)
+        if rng.random() < 0.2:
+            m = m.without(owner)
+            model = [None if o is owner else o for o in model]
+        else:
+            starts = sorted(rng.sample(range(256), rng.randrange(0, 8) * 2))
+            pairs = [v for s, e in zip(starts[0::2], starts[1::2]) for v in (s, e - s)]
+            m = m.overlaid(pairs, owner)
+            for s, n in zip(pairs[0::2], pairs[1::2]):
+                model[s:s + n] = [owner] * n
+        off = rng.randrange(256)
+        pieces = m.lookup(off, rng.randrange(1, 257 - off))
+        assert [o for s, n, o in pieces for _ in range(n)] == model[off:off + sum(n for _, n, _ in pieces)]
+        assert pieces[0][0] == off and all(p[0] + p[1] == q[0] for p, q in zip(pieces, pieces[1:]))
+        assert all(m.starts[1:] >= m.ends[:-1]), "ranges overlap"
 
 
 def test_fold_policy_count_duration_bytes_and_pins():

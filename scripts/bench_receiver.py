@@ -1,0 +1,199 @@
+"""Benchmark the receiver (``nbdrep receive``) side by side with a plain ``nbdkit file`` replica.
+
+1. Copy throughput: the initial sync of a source of random data (``--size``), timed from the
+   RP to the commit (for the receiver: to its commit record, which follows the source's by
+   one round trip), into ``nbdkit file`` and into the receiver, alternated, ``ROUNDS`` each
+   after an untimed warm-up; the replica image is overwritten in place before each run.
+2. Lag: fio 4k zipf random writes for ``--seconds`` with 1 s cycles, replicating into the
+   receiver; lag sampled every 0.1 s on the receiver's side (now minus the RP time of its
+   newest commit), p50/p99/max.
+3. Journal bytes of that run: what the receiver's journals hold (each cycle's merged union)
+   against what a journal of every write holds (the sum of the write lengths, as a per-write
+   journal such as Zerto's stores), over the same cycles, and per hour.
+
+    .venv/bin/python scripts/bench_receiver.py [--size 512M] [--seconds 30]
+"""
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(HERE))
+from benchlib import format_table  # noqa: E402
+from procs import Procs, nbdrep_cmd  # noqa: E402
+
+from copier.sizes import format_size  # noqa: E402
+from nbd_plugin import control  # noqa: E402
+from nbd_plugin.params import parse_size  # noqa: E402
+
+ROUNDS = 3
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", default="512M", help="source size for the throughput runs")
+    ap.add_argument("--seconds", type=int, default=30, help="fio run for lag and journal bytes")
+    ap.add_argument("--work", default=None, help="scratch directory (default: a temporary one)")
+    args = ap.parse_args()
+    work = args.work or tempfile.mkdtemp(prefix="bench-receiver-")
+    size = parse_size(args.size, "--size")
+    throughput = bench_throughput(work, size)
+    run = bench_lag(work, args.seconds)
+    print_tables(size, throughput, run)
+
+
+def progress(text):
+    print(f"[bench] {text}", file=sys.stderr, flush=True)
+
+
+def ask(path, message, timeout=30):
+    return control.request(path, message, timeout)
+
+
+def start_replica(procs, work, kind, dst, tag, extra=()):
+    """A replica of ``kind`` ("nbdkit file" or "receiver") of ``dst``; returns (URI, control or None)."""
+    sock = os.path.join(work, f"r-{tag}.sock")
+    if kind == "nbdkit file":
+        procs.start(["nbdkit", "-f", "--exit-with-parent", "-U", sock, "file", dst], wait_for=sock)
+        return f"nbd+unix:///?socket={sock}", None
+    ctl = os.path.join(work, f"rc-{tag}.sock")
+    procs.start(nbdrep_cmd("receive", "--target", dst, "--socket", sock, "--control", ctl,
+                           "--state", os.path.join(work, f"rstate-{tag}"), *extra),
+                wait_for=ctl, stdout=subprocess.DEVNULL)
+    return f"nbd+unix:///?socket={sock}", ctl
+
+
+def serve(procs, work, src, replica, tag, cycle):
+    sock, ctl = os.path.join(work, f"s-{tag}.sock"), os.path.join(work, f"c-{tag}.sock")
+    procs.start(nbdrep_cmd("serve", "--source", src, "--socket", sock, "--control", ctl,
+                           "--state", os.path.join(work, f"state-{tag}"), "--cycle", cycle,
+                           "--replica", replica), wait_for=ctl, stdout=subprocess.DEVNULL)
+    return f"nbd+unix:///?socket={sock}", ctl
+
+
+def wait_receiver(rctl, cycle, timeout=600):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = ask(rctl, {"cmd": "status"})
+        if (status["committed_cycle"] or 0) >= cycle:
+            return status
+        time.sleep(0.01)
+    raise RuntimeError(f"the receiver did not commit cycle {cycle} in {timeout} s")
+
+
+# -- 1. throughput ---------------------------------------------------------------------------------
+
+def bench_throughput(work, size):
+    src, dst = os.path.join(work, "src.img"), os.path.join(work, "dst.img")
+    progress(f"writing {size >> 20} MiB of random data")
+    with open(src, "wb") as f:
+        for _ in range(size >> 20):
+            f.write(os.urandom(1 << 20))
+    kinds = ("nbdkit file", "receiver")
+    plan = [("nbdkit file", False)] + [(k, True) for _ in range(ROUNDS) for k in kinds]
+    results = {k: [] for k in kinds}
+    for i, (kind, counted) in enumerate(plan):
+        overwrite(dst, size)
+        os.sync()
+        with Procs() as procs:
+            uri, rctl = start_replica(procs, work, kind, dst, f"t{i}")
+            _, ctl = serve(procs, work, src, uri, f"t{i}", "3600")
+            progress(f"throughput {i}/{len(plan) - 1}: {kind}{'' if counted else ' (warm-up)'}")
+            reply = ask(ctl, {"cmd": "rp", "wait": True, "timeout": 3600}, 3700)
+            first = ask(ctl, {"cmd": "status"})["cycles"][0]
+            end = first["commit_time"]
+            if rctl is not None:
+                end = wait_receiver(rctl, reply["cycle"])["commit_time"]
+            seconds = end - first["rp_time"]
+        same = subprocess.run(["cmp", "-s", src, dst]).returncode == 0 if rctl is None else None
+        if counted:
+            results[kind].append((seconds, same))
+    return results
+
+
+def overwrite(dst, size):
+    """The replica image overwritten in place with a byte no copy writes (see
+    bench_replication.py: fresh images made the replica's write time swing 4x on this VM)."""
+    block = b"\xaa" * (1 << 20)
+    with open(dst, "r+b" if os.path.exists(dst) else "wb") as f:
+        for _ in range(size >> 20):
+            f.write(block)
+        f.truncate(size)
+
+
+# -- 2 and 3. lag and journal bytes --------------------------------------------------------------
+
+def bench_lag(work, seconds, size=1 << 30):
+    src, dst = os.path.join(work, "lag-src.img"), os.path.join(work, "lag-dst.img")
+    for path in (src, dst):
+        if os.path.exists(path):
+            os.unlink(path)
+        with open(path, "wb") as f:
+            f.truncate(size)
+    with Procs() as procs:
+        uri, rctl = start_replica(procs, work, "receiver", dst, "lag", extra=["--keep", "1h",
+                                                                               "--journal-max", "8G"])
+        suri, ctl = serve(procs, work, src, uri, "lag", "1")
+        wait_receiver(rctl, ask(ctl, {"cmd": "rp", "wait": True, "timeout": 600}, 700)["cycle"])
+        first = ask(rctl, {"cmd": "status"})["committed_cycle"]
+        progress(f"fio 4k zipf random writes for {seconds} s, 1 s cycles, into the receiver")
+        fio = procs.start(["fio", "--name=bench", "--ioengine=nbd", f"--uri={suri}", "--rw=randwrite",
+                           "--bs=4k", "--iodepth=16", "--size=100%", "--random_distribution=zipf:1.1",
+                           "--norandommap", f"--runtime={seconds}", "--time_based",
+                           "--output=/dev/null"], cwd=work)
+        lags = []
+        started = time.monotonic()
+        while fio.poll() is None and time.monotonic() - started < seconds + 120:
+            lag = ask(rctl, {"cmd": "status"})["lag"]
+            if lag is not None:
+                lags.append(lag)
+            time.sleep(0.1)
+        last = ask(ctl, {"cmd": "rp", "wait": True, "timeout": 600}, 700)["cycle"]
+        rstatus = wait_receiver(rctl, last)
+        cycles = {c["cycle"]: c for c in ask(ctl, {"cmd": "status"})["cycles"]}
+    rps = [rp for rp in rstatus["rps"] if first < rp["cycle"] <= last and rp["cycle"] in cycles]
+    span = rps[-1]["rp_time"] - rps[0]["rp_time"] if len(rps) > 1 else float("nan")
+    return {"lags": lags, "rps": rps, "span": span,
+            "union": sum(rp["bytes"] for rp in rps),
+            "per_write": sum(cycles[rp["cycle"]]["bytes_written"] for rp in rps)}
+
+
+def percentile(values, q):
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))] if ordered else float("nan")
+
+
+def print_tables(size, throughput, run):
+    mb = size / 1e6
+    print(f"\nCopy throughput, initial sync of {size >> 20} MiB of random data, RP to commit "
+          f"({ROUNDS} alternated runs each)")
+    rows, best, median = [], {}, {}
+    for kind, runs in throughput.items():
+        times = [s for s, _ in runs]
+        best[kind], median[kind] = min(times), statistics.median(times)
+        rows.append((kind, f"{best[kind]:.2f}", f"{median[kind]:.2f}", f"{mb / best[kind]:.0f}",
+                     f"{mb / median[kind]:.0f}"))
+    print(format_table(("replica", "best (s)", "median (s)", "best MB/s", "median MB/s"), rows))
+    print(f"receiver / nbdkit file: {best['nbdkit file'] / best['receiver']:.2f}x best, "
+          f"{median['nbdkit file'] / median['receiver']:.2f}x median (goal >= 0.8x)")
+    lags = run["lags"]
+    print(f"\nLag on the receiver's side, fio 4k zipf randwrite, 1 s cycles: {len(lags)} samples, "
+          f"p50 {percentile(lags, 50):.2f} s, p99 {percentile(lags, 99):.2f} s, "
+          f"max {max(lags, default=float('nan')):.2f} s (goal p99 <= 1.5 s)")
+    hour = 3600 / run["span"]
+    print(f"\nJournal bytes over the same {len(run['rps'])} cycles ({run['span']:.0f} s):")
+    print(format_table(("journal", "bytes", "per hour", "vs nbdrep"), [
+        ("nbdrep: each cycle's merged union", format_size(run["union"]),
+         format_size(int(run["union"] * hour)), "1.00x"),
+        ("per write: the sum of write lengths", format_size(run["per_write"]),
+         format_size(int(run["per_write"] * hour)), f"{run['per_write'] / max(run['union'], 1):.2f}x"),
+    ]))
+
+
+if __name__ == "__main__":
+    main()
