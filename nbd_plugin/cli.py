@@ -508,6 +508,10 @@ def _status(args):
         print(_ask(args, {"cmd": "metrics"})["text"], end="")
         return 0
     status = _ask(args, {"cmd": "status"})
+    if status.get("role") == "receiver" and not args.json:   # nbdrep receive's control socket
+        from receiver.cli import format_rps
+        print(format_rps(status))
+        return 0
     print(json.dumps(status, indent=2) if args.json else format_status(status))
     return 0
 

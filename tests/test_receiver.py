@@ -194,6 +194,10 @@ def test_rps_restore_and_rp_export_while_replicating(procs, tmp_path):
     assert not os.path.exists(out + ".x")
     listing = nbdrep("rps", "--control", r.control).stdout
     assert all(str(c) in listing for c in cycles[-3:])
+    assert f"committed: {cycles[-1]}" in nbdrep("status", "--control", r.control).stdout
+    metrics = nbdrep("status", "--prometheus", "--control", r.control).stdout
+    assert f"nbdrep_receiver_committed_cycle {cycles[-1]}" in metrics
+    assert "nbdrep_receiver_retained_rps 3" in metrics
 
 
 def test_kill9_receiver_or_source_20_rounds_never_torn_never_lost(procs, tmp_path):
