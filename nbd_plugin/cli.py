@@ -127,6 +127,9 @@ def _add_serve(sub):
     p.add_argument("--stop-timeout", default="30", metavar="SECONDS",
                    help="on SIGTERM/SIGINT, time to copy and commit a final RP before recording "
                         "what is outstanding instead (default: %(default)s)")
+    p.add_argument("--dirty-region", default="1M", metavar="SIZE",
+                   help="region of the dirty-region log, which bounds the resync after a crash "
+                        "(default: %(default)s; 0: off, a crash resyncs in full)")
     p.add_argument("--resync", choices=("auto", "full"), default="auto",
                    help="full: copy every source in full at start, whatever the record in the "
                         "state directory says (a block device written while nbdrep was stopped)")
@@ -187,6 +190,7 @@ def serve_config(args):
                ("control", control_path(args)), ("readonly", "on" if args.readonly else "off"),
                ("keepaside-mem", args.keepaside_mem), ("keepaside-spill", args.keepaside_spill),
                ("tracker-mem", args.tracker_mem), ("stop-timeout", args.stop_timeout),
+               ("dirty-region", args.dirty_region),
                ("resync", args.resync), ("accept-resize", "on" if args.accept_resize else "off")]
     params += [(key, value) for key, value in (("control-group", args.control_group),
                                                ("metrics", args.metrics)) if value is not None]
@@ -323,6 +327,14 @@ def _stamp_lines(source, sink):
         sink.flush()
 
 
+def _check_metrics_port(address):
+    """Bind the metrics server's port and let it go: a busy port fails here, in one line."""
+    try:
+        metrics.MetricsServer(*address, session=None).stop()
+    except OSError as e:
+        raise CLIError(f"--metrics {address[0]}:{address[1]}: {e.strerror or e}") from None
+
+
 def _check_places(args):
     """Refuse, before nbdkit starts, the places it could not listen on or write to: a busy
     port, an address not of this host, a socket or state directory that cannot be made."""
@@ -367,14 +379,6 @@ def _check_port(host, port):
                 if e.errno == errno.EADDRINUSE:
                     raise CLIError(f"port {port} on {host} is in use by another program") from None
                 raise CLIError(f"--bind {host} --port {port}: {e.strerror}") from None
-
-
-def _check_metrics_port(address):
-    """Bind the metrics server's port and let it go: a busy port fails here, in one line."""
-    try:
-        metrics.MetricsServer(*address, session=None).stop()
-    except OSError as e:
-        raise CLIError(f"--metrics {address[0]}:{address[1]}: {e.strerror or e}") from None
 
 
 def _wait_listening(proc, args):

@@ -15,7 +15,7 @@ from copier.uri import parse_uri
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 KEYS = ("source", "replica", "tracking", "readonly", "cycle", "control", "state", "keepaside-mem", "keepaside-spill",
-        "tracker-mem", "stop-timeout", "resync", "accept-resize", "control-group", "metrics")
+        "tracker-mem", "stop-timeout", "resync", "accept-resize", "dirty-region", "control-group", "metrics")
 
 
 class ParamError(ValueError):
@@ -45,6 +45,7 @@ class Config:
     stop_timeout: float = 30.0
     resync: str = "auto"
     accept_resize: bool = False
+    dirty_region: int = 1 << 20
     control_group: int | None = None
     metrics: tuple | None = None
 
@@ -106,6 +107,15 @@ def parse_size(text, what, minimum=1):
 def _set_tracker_mem(cfg, value):
     # The tracker needs room for a few TEs per CPU; below that it could not start at all.
     cfg.tracker_mem = parse_size(value, "tracker-mem", minimum=tracker.min_bytes())
+
+
+def _set_dirty_region(cfg, value):
+    # Regions are whole pages (a mark per 4 KiB is already 1 bit per 32 Ki of data) and powers
+    # of two, so a write's regions are two shifts; 0 turns the log off.
+    region = parse_size(value, "dirty-region", minimum=0)
+    if region and (region < 4096 or region & (region - 1)):
+        raise ParamError(f"dirty-region={value!r} must be 0 (off) or a power of two of at least 4K")
+    cfg.dirty_region = region
 
 
 def parse_seconds(text, what):
@@ -194,6 +204,7 @@ _SETTERS = {
     "keepaside-mem": lambda cfg, v: setattr(cfg, "keepaside_mem", parse_size(v, "keepaside-mem")),
     "keepaside-spill": lambda cfg, v: setattr(cfg, "keepaside_spill", parse_size(v, "keepaside-spill")),
     "tracker-mem": _set_tracker_mem,
+    "dirty-region": _set_dirty_region,
     "control-group": _set_control_group,
     "metrics": _set_metrics,
 }

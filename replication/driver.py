@@ -148,6 +148,7 @@ class Session:
         self.dirty_region = config.dirty_region if self.replicated else 0
         self.dirty = None
         self.resync_bytes = 0   # what this run started by copying for a sync or a crash
+        self._recorded_upto = 0   # newest commit whose Commit action was performed
         self.plan = self._plan(config.resync == "full") if self.replicated else None
         if self.plan is not None:
             receiver_handshake(self.plan, self.devices)
@@ -208,6 +209,7 @@ class Session:
             for report in plan.resume.values():
                 carry = carry.merged_with(report, self.sizes)
             self.resync_bytes = carry.byte_count() if plan.full or plan.crashed else 0
+            self._recorded_upto = plan.committed_cycle
         if self.state_dir is not None:
             # Before the first write is served (nbdkit calls this after binding its sockets,
             # before accepting a client, so a start that fails earlier leaves the last record
@@ -274,11 +276,13 @@ class Session:
             return cycle
 
     def wait_for(self, cycle, timeout):
-        """Wait until ``cycle`` is committed (or, tracking only, reported). True if it was."""
+        """Wait until ``cycle`` is committed (or, tracking only, reported), and its commit is
+        recorded (the record, the receivers, the dirty-region log). True if it was."""
+        def done():
+            return self.controller.done_upto() >= cycle and \
+                (not self.replicated or self._recorded_upto >= cycle)
         with self._cond:
-            return self._cond.wait_for(
-                lambda: self.controller.done_upto() >= cycle or self._stopping, timeout) \
-                and self.controller.done_upto() >= cycle
+            return self._cond.wait_for(lambda: done() or self._stopping, timeout) and done()
 
     def status(self):
         """The session as a JSON-able dict (what ``nbdrep status --json`` prints). O(history)."""
@@ -454,8 +458,11 @@ class Session:
             if self.receivers is not None:   # receivers show the cycle only now
                 self.receivers.commit(self.plan.session_id, action.cycle,
                                       self.controller.committed_rp_time)
-        if self.dirty is not None:   # every write of a cycle <= action.cycle landed, flushed
-            self.dirty.commit(action.cycle)
+            if self.dirty is not None:   # every write of a cycle <= action.cycle is committed
+                self.dirty.commit(action.cycle)
+            with self._cond:
+                self._recorded_upto = action.cycle
+                self._cond.notify_all()
         if action.outage is not None:
             log.info("replica back: cycle %d committed after %.1f s of failures", action.cycle,
                      action.outage)

@@ -157,7 +157,7 @@ def test_a_second_server_on_the_same_state_directory_is_refused(procs, nbdkit, t
     log: the second is one line naming the first's pid, exit 2, and changes nothing."""
     site = Site(procs, nbdkit, tmp_path)
     server = site.serve()
-    server.rp()   # the initial sync's commit is recorded; with 1 h cycles nothing is written now
+    server.rp()   # returns once the commit is recorded; with 1 h cycles nothing is written now
     state = os.path.join(site.tmp, "state")
     before = {name: os.stat(os.path.join(state, name)).st_mtime_ns for name in os.listdir(state)}
     other = make_image(os.path.join(site.tmp, "other.img"), 16 * MiB)
@@ -214,9 +214,13 @@ def test_source_killed_at_random_moments_resyncs_only_marked_regions_and_converg
                            "--rw=randwrite", "--bs=4k", "--iodepth=8", "--offset=0",
                            "--size=8M", "--time_based", "--runtime=60", "--output=/dev/null"],
                           cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        # The last start's marks (the whole resync) cool down and clear; fio's stay.
-        wait_until(lambda: server.status()["dirty_log"]["marked_bytes"] <= 8 * MiB,
-                   what="marks outside fio's range cleared")
+        # fio is writing (this run's writes are all fio's), and the last start's marks (the
+        # whole resync) cooled down and cleared, while fio's stay.
+        def writing_within_range():
+            status = server.status()
+            return sum(c["writes"] for c in status["cycles"]) > 0 and \
+                status["dirty_log"]["marked_bytes"] <= 8 * MiB
+        wait_until(writing_within_range, what="fio writing, marks outside its range cleared")
         time.sleep(rng.uniform(0.0, 0.6))       # the random moment of the crash
         (nbdkit_proc,) = psutil.Process(server.proc.pid).children()
         nbdkit_proc.send_signal(signal.SIGKILL)

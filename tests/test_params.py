@@ -54,11 +54,20 @@ def test_replicas_attach_to_their_sources():
     ([("source", "/a"), ("stop-timeout", "0")], "stop-timeout='0' must be > 0 and at most 86400 seconds"),
     ([("source", "/a"), ("stop-timeout", "later")], "stop-timeout='later' is not a number of seconds"),
     ([("source", "/a"), ("resync", "maybe")], "resync='maybe': use auto or full"),
+    ([("source", "/a"), ("dirty-region", "3M")], "dirty-region='3M' must be 0 (off) or a power of two"),
+    ([("source", "/a"), ("dirty-region", "2K")], "dirty-region='2K' must be 0 (off) or a power of two"),
+    ([("source", "/a"), ("dirty-region", "big")], "dirty-region='big' is not a size"),
 ])
 def test_bad_parameters_are_refused_with_a_clear_message(pairs, message):
     with pytest.raises(ParamError) as e:
         config(*pairs)
     assert message in str(e.value)
+
+
+def test_dirty_region_takes_powers_of_two_from_4k_or_0_for_off():
+    assert config(("source", "/a")).dirty_region == 1 << 20
+    assert config(("source", "/a"), ("dirty-region", "4K")).dirty_region == 4096
+    assert config(("source", "/a"), ("dirty-region", "0")).dirty_region == 0
 
 
 def test_sizes_have_one_grammar():

@@ -217,9 +217,9 @@ def test_serve_reuses_a_stale_socket_but_never_a_live_one_or_a_file(procs, tmp_p
     src = make_image(str(tmp_path / "source.img"), MiB)
     sock = str(tmp_path / "s.sock")
 
-    def serve(control):
+    def serve(control):   # a state directory each: one is held by its server (a test of its own)
         return nbdrep_cmd("serve", "--source", src, "--socket", sock, "--control", str(tmp_path / control),
-                          "--state", str(tmp_path / "state"))
+                          "--state", str(tmp_path / f"state-{control}"))
     with open(sock, "w") as f:
         f.write("precious")
     run = subprocess.run(serve("c0"), capture_output=True, text=True, timeout=60)
