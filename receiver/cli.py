@@ -45,10 +45,10 @@ def add_parsers(sub):
                         "early and the copier waits for that (default: %(default)s)")
     p.add_argument("--threads", type=int, default=base.DEFAULT_THREADS,
                    help="nbdkit worker threads (default: %(default)s)")
+    base.add_tls_arguments(p)
     p.add_argument("--verbose", action="store_true", help="nbdkit -v")
-    # What serve's nbdkit_command reads that receive does not offer (yet): no TLS of its own.
-    p.set_defaults(func=_receive, readonly=False, tls=None, tls_psk=None, tls_certificates=None,
-                   tls_verify_peer=False)
+    # What serve's nbdkit_command reads that receive does not offer.
+    p.set_defaults(func=_receive, readonly=False)
 
     p = sub.add_parser("rps", help="list a receiver's retained recovery points")
     p.add_argument("--json", action="store_true", help="machine-readable")
@@ -98,7 +98,9 @@ def preflight(cfg):
             opened.append(backend)
             sizes[name] = backend.size
         record = stores.load(cfg.state, cfg.targets, sizes)
-    except (BackendError, stores.StoreError) as e:
+    except BackendError as e:   # the back end's words are a source's; here it is a target
+        raise ReceiveError(str(e).replace("source", "target", 1)) from None
+    except stores.StoreError as e:
         raise ReceiveError(str(e)) from None
     finally:
         for backend in opened:

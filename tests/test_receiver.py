@@ -1,4 +1,5 @@
 """The receiver (``nbdrep receive``): atomic cycles, crash safety, RP exports, restore."""
+import json
 import os
 import random
 import signal
@@ -362,3 +363,25 @@ def test_rp_export_mounts_and_fscks_clean_while_replication_goes_on(procs, tmp_p
 
 def rng_size(i):
     return 4096 * (1 + (i * 37) % 50)
+
+
+@pytest.mark.parametrize("case", ["missing target", "bad keep", "bad journal-max", "other targets"])
+def test_bad_receive_input_is_one_line_and_changes_nothing(tmp_path, case):
+    target = make_image(str(tmp_path / "t.img"), MiB)
+    state = tmp_path / "state"
+    args = ["receive", "--socket", str(tmp_path / "r.sock"), "--state", str(state)]
+    if case == "missing target":
+        args += ["--target", str(tmp_path / "nope.img")]
+    else:
+        args += ["--target", target]
+    args += {"bad keep": ["--keep", "soon"], "bad journal-max": ["--journal-max", "-1"]}.get(case, [])
+    if case == "other targets":
+        state.mkdir()
+        (state / "receiver.json").write_text(json.dumps(
+            {"version": 1, "targets": {"": {"path": "/elsewhere.img", "size": MiB}}}))
+    before = sorted(os.listdir(tmp_path)) + (sorted(os.listdir(state)) if state.exists() else [])
+    done = nbdrep(*args, check=False, timeout=60)
+    assert done.returncode == 2, done
+    assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr, done.stderr
+    assert "source" not in done.stderr, done.stderr
+    assert sorted(os.listdir(tmp_path)) + (sorted(os.listdir(state)) if state.exists() else []) == before
