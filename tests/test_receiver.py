@@ -43,8 +43,8 @@ class Receiver:
         return control.request(self.control, {"cmd": "status"}, 10)
 
     def wait_committed(self, cycle):
-        """The source's ``rp --wait`` returns at its commit; the receiver's commit record
-        follows it by one round trip."""
+        """Wait for the receiver's commit of ``cycle`` (after a restart of the receiver, the
+        source may commit a cycle before the receiver takes a record: the next one covers it)."""
         wait_until(lambda: (self.status()["committed_cycle"] or 0) >= cycle, 60,
                    f"cycle {cycle} committed on the receiver")
 
