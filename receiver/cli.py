@@ -64,6 +64,14 @@ def add_parsers(sub):
     _where(p)
     p.set_defaults(func=_restore)
 
+    p = sub.add_parser("promote", help="make a receiver's targets a retained RP, for real use; "
+                                       "they receive no more")
+    p.add_argument("--to", type=int, required=True, metavar="CYCLE", help="the RP's cycle (see nbdrep rps)")
+    p.add_argument("--target", action="append", default=[], metavar="[NAME=]PATH",
+                   help="with no receiver running: the targets, as given to receive")
+    _where(p)
+    p.set_defaults(func=_promote)
+
 
 def _where(p):
     p.add_argument("--state", default=os.path.join(base.default_state_dir(), "receiver"), metavar="DIR",
@@ -186,12 +194,27 @@ def _clock(t):
 
 
 def _restore(args):
-    control = _control(args)
-    if os.path.exists(control) and base._answers(socket.AF_UNIX, control):
-        reply = _ask(args, {"cmd": "restore", "export": args.export, "cycle": args.to,
-                            "output": os.path.abspath(args.output)}, timeout=3600)
-        return 0 if reply.get("restored") else 1
-    # No receiver running: read the state directory ourselves (its lock keeps one from starting).
+    request = {"cmd": "restore", "export": args.export, "cycle": args.to,
+               "output": os.path.abspath(args.output)}
+    _run(args, request, lambda store: receiver_control.restore(
+        store, args.export, args.to, os.path.abspath(args.output)), readonly=True)
+    return 0
+
+
+def _promote(args):
+    _run(args, {"cmd": "promote", "cycle": args.to},
+         lambda store: receiver_control.promote(store, args.to), readonly=False)
+    print(f"nbdrep: the targets are RP {args.to} now; this state directory receives no more")
+    return 0
+
+
+def _run(args, request, offline, readonly):
+    """Ask the running receiver; with none running, open the state directory here (its lock
+    keeps a receiver from starting meanwhile) and do it with ``offline(store)``."""
+    control_path = _control(args)
+    if os.path.exists(control_path) and base._answers(socket.AF_UNIX, control_path):
+        _ask(args, request, timeout=3600)
+        return
     cfg = receiver_config.Config()
     try:
         for t in args.target:
@@ -199,15 +222,16 @@ def _restore(args):
         cfg.add("state", args.state)
         cfg.complete()
     except ParamError as e:
-        raise ReceiveError(f"no receiver answers at {control}; {e}") from None
+        raise ReceiveError(f"no receiver answers at {control_path}; {e}") from None
     try:
-        store = stores.Store(cfg.state, cfg.targets, readonly=True)
-    except (BackendError, stores.StoreError) as e:
+        store = stores.Store(cfg.state, cfg.targets, readonly=readonly)
+    except BackendError as e:
+        raise ReceiveError(str(e).replace("source", "target", 1)) from None
+    except stores.StoreError as e:
         raise ReceiveError(str(e)) from None
     try:
-        reply = receiver_control.restore(store, args.export, args.to, os.path.abspath(args.output))
+        reply = offline(store)
     finally:
         store.close()
     if "error" in reply:
         raise ReceiveError(reply["error"])
-    return 0

@@ -7,6 +7,8 @@ commands:
     {"cmd": "metrics"}  -> {"text": Prometheus exposition text}
     {"cmd": "restore", "export": NAME, "cycle": N, "output": PATH}
                         -> {"restored": bool}: RP N of NAME written into PATH
+    {"cmd": "promote", "cycle": N}
+                        -> {"promoted": N}: the targets are RP N, and receive no more
 """
 import os
 
@@ -23,6 +25,8 @@ class ReceiverControl(ControlServer):
         if cmd == "restore":
             return restore(self.session, request.get("export"), request.get("cycle"),
                            request.get("output"))
+        if cmd == "promote":
+            return promote(self.session, request.get("cycle"))
         return {"error": f"unknown command {cmd!r} (this is a receiver)"}
 
 
@@ -44,6 +48,14 @@ def restore(store, name, cycle, output):
     finally:
         os.close(fd)
     return {"restored": True}
+
+
+def promote(store, cycle):
+    """Make the targets RP ``cycle`` for real use; the receiver takes no more writes."""
+    if not isinstance(cycle, int):
+        return {"error": f"cycle {cycle!r} is not a cycle id"}
+    error = store.promote(cycle)
+    return {"error": error} if error else {"promoted": cycle}
 
 
 def prometheus(status):

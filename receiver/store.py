@@ -385,6 +385,40 @@ class Store:
             self.pending[name] = fresh[name]
         self.pending_bytes = 0
 
+    def promote(self, cycle):
+        """Make the targets RP ``cycle`` for real use and stop receiving: fold every RP up to
+        it into the base images, drop the newer ones and the pending writes, and record the
+        promotion (a receiver never starts on promoted targets again). An error string if it
+        cannot, else None."""
+        with self._fold_lock:
+            if not self.retained(cycle):
+                return f"RP {cycle} is not retained (see nbdrep rps)"
+            if self._pins:
+                return f"RPs {sorted(self._pins)} are attached as exports; detach them first"
+            with self._cond:
+                self._committing = True
+                self._cond.wait_for(lambda: not self._writers)
+            try:
+                rp_time = next((rp["rp_time"] for rp in self.record["rps"] if rp["cycle"] == cycle),
+                               self.record["rp_time"] if cycle == self.record["committed_cycle"] else None)
+                while self.record["rps"] and self.record["rps"][0]["cycle"] <= cycle:
+                    self._fold_one()
+                dropped = list(self.journals.values()) + list(self.pending.values())
+                with self._record_lock:
+                    self._write_record(dict(self.record, rps=[], pending={}, promoted=cycle,
+                                            committed_cycle=cycle, rp_time=rp_time))
+                for name in self.latest:
+                    self.latest[name] = policy.ExtentMap()
+                self.journals = {}
+                for j in dropped:
+                    j.unlink()
+            finally:
+                with self._cond:
+                    self._committing = False
+                    self._cond.notify_all()
+        log.info("targets promoted at RP %d: receiving no more", cycle)
+        return None
+
     # -- retention ----------------------------------------------------------------------------
 
     def _wake(self):

@@ -385,3 +385,33 @@ def test_bad_receive_input_is_one_line_and_changes_nothing(tmp_path, case):
     assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr, done.stderr
     assert "source" not in done.stderr, done.stderr
     assert sorted(os.listdir(tmp_path)) + (sorted(os.listdir(state)) if state.exists() else []) == before
+
+
+def test_promote_makes_the_target_an_older_rp_and_ends_receiving(procs, tmp_path):
+    size = 4 * MiB
+    tmp = str(tmp_path)
+    src = make_image(str(tmp_path / "source.img"), size)
+    target = make_image(str(tmp_path / "target.img"), size)
+    r = Receiver(procs, tmp, [target])
+    server = Server(procs, tmp, [src], [r.uri()], extra=["--cycle", "3600"])
+    cycles = []
+    for g in (1, 2):
+        write_image(server.sock, generation(g, size))
+        cycles.append(server.rp())
+        r.wait_committed(cycles[-1])
+    procs.stop(server.proc)
+    nbdrep("promote", "--to", str(cycles[0]), "--control", r.control)
+    with open(target, "rb") as f:
+        assert f.read() == generation(1, size)
+    assert r.read() == generation(1, size)
+    assert r.status()["promoted"] == cycles[0] and not r.status()["rps"]
+    h = nbd.NBD()
+    h.connect_uri(r.uri())
+    with pytest.raises(nbd.Error):
+        h.pwrite(bytes(BLOCK), 0)
+    h.shutdown()
+    r.stop()
+    assert not os.listdir(os.path.join(r.state, "journal"))
+    again = nbdrep("receive", "--target", target, "--socket", r.sock, "--state", r.state,
+                   check=False, timeout=60)
+    assert again.returncode == 2 and "promoted" in again.stderr and len(again.stderr.splitlines()) == 1
