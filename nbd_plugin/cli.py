@@ -136,7 +136,16 @@ def _add_serve(sub):
     p.add_argument("--accept-resize", action="store_true",
                    help="serve a source whose size changed since the last run (it is then "
                         "resynced in full) instead of refusing to start")
-    tls = p.add_argument_group("TLS for hosts (nbdkit's own TLS)")
+    add_tls_arguments(p)
+    p.add_argument("--pidfile", metavar="FILE",
+                   help="write this process's pid here once serving (removed at exit)")
+    p.add_argument("--verbose", action="store_true", help="nbdkit -v")
+    p.set_defaults(func=_serve)
+
+
+def add_tls_arguments(p):
+    """nbdkit's TLS options, for ``serve`` and ``receive`` alike (see ``tls_options``)."""
+    tls = p.add_argument_group("TLS (nbdkit's own; clients connect with nbds:// URIs)")
     tls.add_argument("--tls", choices=("off", "on", "require"),
                      help="off: plain only; on: TLS offered; require: plain clients refused "
                           "(default: require when --tls-psk or --tls-certificates is given, else off)")
@@ -146,10 +155,6 @@ def _add_serve(sub):
                      help="X.509: DIR holds ca-cert.pem, server-cert.pem and server-key.pem")
     tls.add_argument("--tls-verify-peer", action="store_true",
                      help="with --tls-certificates: clients must present a certificate the CA signed")
-    p.add_argument("--pidfile", metavar="FILE",
-                   help="write this process's pid here once serving (removed at exit)")
-    p.add_argument("--verbose", action="store_true", help="nbdkit -v")
-    p.set_defaults(func=_serve)
 
 
 def _add_rp(sub):

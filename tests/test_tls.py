@@ -1,10 +1,12 @@
 """TLS: `nbdrep serve --tls ...` for hosts, `nbds://` URIs for the replica link (PSK, through libnbd)."""
 import os
+import subprocess
 
 import nbd
 import pytest
 
-from conftest import Server, make_image, nbdrep
+from conftest import Server, make_image, nbdrep, nbdrep_cmd, wait_until
+from nbd_plugin import control
 
 MiB = 1 << 20
 USER = "alice"
@@ -96,3 +98,26 @@ def test_bad_tls_options_are_one_line_and_write_nothing(tmp_path, argv, message)
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1 and message in done.stderr, done.stderr
     assert sorted(os.listdir(tmp_path)) == before
+
+
+def test_replication_to_a_receiver_over_tls(procs, tmp_path):
+    """`nbdrep receive --tls-psk` (the receiver's listener takes serve's TLS options): the
+    source replicates to it over nbds://, a plain client is refused, and the committed RP
+    read back over TLS equals the source."""
+    psk = psk_file(tmp_path / "keys.psk", "ab")
+    src = make_image(str(tmp_path / "source.img"), 4 * MiB, random_mib=4)
+    target = make_image(str(tmp_path / "target.img"), 4 * MiB)
+    rsock, rcontrol = str(tmp_path / "receiver.sock"), str(tmp_path / "receiver-control.sock")
+    procs.start(nbdrep_cmd("receive", "--target", target, "--socket", rsock, "--control", rcontrol,
+                           "--state", str(tmp_path / "receiver-state"), "--tls-psk", psk),
+                wait_for=rcontrol, stdout=subprocess.DEVNULL)
+    with pytest.raises(nbd.Error):
+        connect(f"nbd+unix:///?socket={rsock}")
+    server = Server(procs, str(tmp_path), [src], [tls_uri(rsock, psk)], extra=["--cycle", "3600"])
+    cycle = server.rp()
+    wait_until(lambda: (control.request(rcontrol, {"cmd": "status"}, 10)["committed_cycle"] or 0)
+               >= cycle, 60, f"cycle {cycle} committed on the receiver")
+    h = connect(tls_uri(rsock, psk))
+    with open(src, "rb") as f:
+        assert h.pread(4 * MiB, 0) == f.read()
+    h.shutdown()
