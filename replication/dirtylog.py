@@ -134,6 +134,10 @@ class DirtyLog:
         Returns how many were cleared. O(bitmap words + marked regions)."""
         return lib.dl_commit(self._handle, cycle)
 
+    def close(self):
+        """Unmap the file. No call may follow, nor be in progress. O(1)."""
+        ffi.release(self._handle)
+
     def describe(self):
         """What the replication record keeps of this log. O(devices)."""
         return {"file": self.file, "region": self.region, "layout": self.layout}

@@ -101,8 +101,8 @@ class WriteHook:
 
     def log_to(self, dirty):
         """Mark every write in the dirty-region log ``dirty`` before it reaches the back end
-        (from now on: call before the first write is served)."""
-        self._dirty, self._mark = dirty, dirty.marker()
+        (from now on: call before the first write is served); None: stop marking."""
+        self._dirty, self._mark = dirty, dirty and dirty.marker()
 
     def begin(self, dev, offset, length):
         """Start a write; returns the token to hand to ``end``. O(1) unless it keeps aside or
@@ -177,7 +177,7 @@ class Session:
         self._buffers = None
 
     def _plan(self, resync_full):
-        record = records.load(self.state_dir)
+        record = records.load(self.state_dir) if self.state_dir else None
         marks = None
         if record is not None and not record["clean"]:
             try:
@@ -262,7 +262,19 @@ class Session:
             for replica in list(self._replicas.values()):
                 replica.close()
             self._thread.join(reserve + STOP_GRACE)
-        return not self._thread.is_alive()
+        if self._thread.is_alive():
+            return False
+        self._close_dirty_log()
+        return True
+
+    def _close_dirty_log(self):
+        """Unmap the dirty-region log once the worker ended and no host is left: a mapped file
+        keeps its file system busy (a state directory on its own mount could not be unmounted)."""
+        with self._cond:   # status reads it under the lock
+            dirty, self.dirty = self.dirty, None
+        if dirty is not None:
+            self.hook.log_to(None)
+            dirty.close()
 
     def request_rp(self):
         """Ask for an RP now; returns the id of the cycle it will close (the open one). O(1).
@@ -297,6 +309,8 @@ class Session:
             device_totals, connected = out.pop("device_totals"), set(self._replicas)
             retried = self._retried_before + sum(
                 r.stats()["retried"] for r in list(self._replicas.values()))
+            out["dirty_log"] = None if self.dirty is None else \
+                {**self.dirty.stats(), "sync_error": self.dirty.sync_error}
         out.update({
             "cycle": self.tracker.cycle,
             "devices": [{"dev": d.dev, "name": d.name, "path": d.path, "size": d.size,
@@ -304,8 +318,6 @@ class Session:
                          "totals": device_totals[d.dev]} for d in self.devices],
             "tracker": self.tracker.stats(),
             "keepaside": self.keepaside.stats(),
-            "dirty_log": None if self.dirty is None else
-            {**self.dirty.stats(), "sync_error": self.dirty.sync_error},
             "requests_retried": retried,
         })
         return out
