@@ -17,6 +17,7 @@ the I/O. Threads start in ``after_fork`` (nbdkit forks after ``get_ready``).
 import errno
 import functools
 import logging
+import resource
 import sys
 
 import nbdkit
@@ -56,6 +57,9 @@ def config_complete():
 
 def get_ready():
     global store
+    # A descriptor per retained RP and export (600 for --keep 10m of 1 s cycles): past the
+    # usual soft limit of 1024, up to the hard one.
+    resource.setrlimit(resource.RLIMIT_NOFILE, (resource.getrlimit(resource.RLIMIT_NOFILE)[1],) * 2)
     store = Store(config_.state, config_.targets, keep=config_.keep, journal_max=config_.journal_max)
 
 

@@ -60,10 +60,11 @@ class StoreError(Exception):
 
 class Journal:
     """One export's writes of one cycle (or the pending ones): the sparse data file and the
-    log of written ranges. Closed when the last reference goes (a reader of an RP that is
-    being folded keeps it open until its read ends)."""
+    log of written ranges. A pending journal holds two descriptors, a committed one only its
+    data file's (retention keeps hundreds: one per RP and export). Closed when the last
+    reference goes (a reader of an RP that is being folded keeps it open until its read ends)."""
 
-    def __init__(self, folder, seq, size, create=False, readonly=False):
+    def __init__(self, folder, seq, size, create=False, pending=False):
         self.seq = seq
         self.data_path = os.path.join(folder, f"{seq}.data")
         self.log_path = os.path.join(folder, f"{seq}.log")
@@ -71,10 +72,10 @@ class Journal:
             with open(self.data_path, "wb") as f:
                 f.truncate(size)
             open(self.log_path, "wb").close()
-        self.data = Backend(self.data_path, readonly=readonly)
-        self.log_fd = os.open(self.log_path, (os.O_RDONLY if readonly else os.O_RDWR | os.O_APPEND)
-                              | os.O_CLOEXEC)
-        if not readonly:
+        self.data = Backend(self.data_path, readonly=not pending)
+        self.log_fd = None
+        if pending:
+            self.log_fd = os.open(self.log_path, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
             # A kill -9 mid-append leaves a torn last entry; appends must start whole.
             logged = os.fstat(self.log_fd).st_size
             os.ftruncate(self.log_fd, logged - logged % ENTRY.size)
@@ -83,8 +84,14 @@ class Journal:
 
     def __del__(self):
         with contextlib.suppress(Exception):
-            os.close(self.log_fd)
+            self.seal()
             self.data.close()
+
+    def seal(self):
+        """Committed: no more appends, so the log's descriptor goes."""
+        if self.log_fd is not None:
+            os.close(self.log_fd)
+            self.log_fd = None
 
     def note(self, offset, length):
         """Log a write that completed. One 16-byte append: atomic with O_APPEND."""
@@ -170,7 +177,7 @@ class Store:
             self.latest[name] = policy.ExtentMap()
         for rp in self.record["rps"]:
             for name, seq in rp["journals"].items():
-                j = Journal(self.folder, seq, self.sizes[name], readonly=self.readonly)
+                j = Journal(self.folder, seq, self.sizes[name])
                 j.pairs = j.extents(self.sizes[name])
                 self.journals[seq] = j
                 self.latest[name] = self.latest[name].overlaid(j.pairs, j)
@@ -182,14 +189,14 @@ class Store:
                              "directory away to receive into them again")
         for name in self.bases:
             seq = self.record["pending"].get(name)
-            self.pending[name] = (Journal(self.folder, seq, self.sizes[name]) if seq is not None
-                                  else self._new_journal(name))
+            self.pending[name] = (Journal(self.folder, seq, self.sizes[name], pending=True)
+                                  if seq is not None else self._new_journal(name))
         self._write_record(dict(self.record, pending={n: j.seq for n, j in self.pending.items()}))
 
     def _new_journal(self, name):
         seq = self.record["next_seq"]
         self.record = dict(self.record, next_seq=seq + 1)
-        return Journal(self.folder, seq, self.sizes[name], create=True)
+        return Journal(self.folder, seq, self.sizes[name], create=True, pending=True)
 
     def _write_record(self, record):
         """Replace the record crash-safely (the journal directory first, so that the files it
@@ -380,6 +387,7 @@ class Store:
                 j.unlink()
             raise
         for name, j in journals.items():
+            j.seal()
             self.journals[j.seq] = j
             self.latest[name] = self.latest[name].overlaid(j.pairs, j)
             self.pending[name] = fresh[name]
