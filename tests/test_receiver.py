@@ -415,3 +415,24 @@ def test_promote_makes_the_target_an_older_rp_and_ends_receiving(procs, tmp_path
     again = nbdrep("receive", "--target", target, "--socket", r.sock, "--state", r.state,
                    check=False, timeout=60)
     assert again.returncode == 2 and "promoted" in again.stderr and len(again.stderr.splitlines()) == 1
+
+
+def test_commit_travels_through_an_nbd_proxy(procs, nbdkit, tmp_path):
+    """nbdkit's nbd plugin with dynamic-export=true between the sites: the commit record and
+    the RP exports are ordinary NBD requests on forwarded export names."""
+    size = 4 * MiB
+    tmp = str(tmp_path)
+    src = make_image(str(tmp_path / "source.img"), size)
+    target = make_image(str(tmp_path / "target.img"), size)
+    r = Receiver(procs, tmp, [target])
+    psock, _ = nbdkit("nbd", f"socket={r.sock}", "dynamic-export=true")
+    server = Server(procs, tmp, [src], [uri(psock)], extra=["--cycle", "3600"])
+    server.rp()
+    write_image(server.sock, generation(1, size))
+    cycle = server.rp()
+    assert r.status()["committed_cycle"] == cycle, "rp --wait returned before the receiver committed"
+    assert r.read() == generation(1, size)
+    h = nbd.NBD()
+    h.connect_uri(f"nbd+unix:///@{cycle}?socket={psock}")
+    assert h.pread(BLOCK, 0) == generation(1, size)[:BLOCK]
+    h.shutdown()
