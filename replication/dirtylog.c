@@ -11,8 +11,9 @@
  * covers is issued: a write that sets a new mark waits for an msync that began after the bit
  * was set (group commit: one msync serves every writer that set a bit before it started).
  *
- * Beside the bitmap, each region has a word in memory: (last cycle written << 1) | marked.
- * The word is the truth the writers and the committer agree on; the bitmap shadows its marked
+ * Beside the bitmap, each region has a 32-bit word in memory: (last cycle written << 1) |
+ * marked, the cycle counted from this run's first (1 = the first; 2^31 cycles, 17 years of
+ * 0.25 s cycles, before it saturates, which only keeps a region marked).  The word is the truth the writers and the committer agree on; the bitmap shadows its marked
  * bit, with one invariant:
  *
  *     a word says marked  =>  its bit is set in the mapping.
@@ -55,8 +56,8 @@
  * call here holds the GIL while it may block: dl_mark never blocks, and the build script's
  * wrappers let go of the GIL around dl_mark_wait and dl_commit.
  *
- * Memory: 8 bytes per region in memory, 1 bit per region on disk (a 1 TiB device at 1 MiB
- * regions: 8 MiB and a 128 KiB file).
+ * Memory: 4 bytes per region in memory, 1 bit per region on disk (a 1 TiB device at 64 KiB
+ * regions: 64 MiB and a 2 MiB file).
  */
 #include <errno.h>
 #include <pthread.h>
@@ -68,6 +69,8 @@
 
 #include "dirtylog.h"
 
+#define REL_MAX UINT32_C(0x7fffffff)
+
 struct dirtylog {
     unsigned shift;
     int ndev;
@@ -75,7 +78,8 @@ struct dirtylog {
     uint64_t *count;         /* regions of each device */
     uint64_t regions;
     uint64_t hot;
-    _Atomic uint64_t *word;  /* per region: (last cycle << 1) | marked */
+    uint64_t first;          /* this run's first cycle: words count cycles from it */
+    _Atomic uint32_t *word;  /* per region: (last cycle - first + 1) << 1 | marked */
     _Atomic uint64_t *bits;  /* the mapping: bit r of the bitmap marks region r */
     size_t map_bytes;
 
@@ -108,6 +112,7 @@ struct dirtylog *dl_new(int fd, uint64_t map_bytes, unsigned region_shift, int n
     if (d == NULL)
         return NULL;
     d->shift = region_shift;
+    d->first = first_cycle;
     d->ndev = ndev;
     d->hot = hot_cycles;
     d->base = malloc(sizeof(uint64_t) * (size_t)(ndev ? ndev : 1));
@@ -135,7 +140,7 @@ struct dirtylog *dl_new(int fd, uint64_t map_bytes, unsigned region_shift, int n
      * they clear once it is committed and has cooled down, like any write of that cycle. */
     for (uint64_t r = 0; r < d->regions; r++)
         if (atomic_load(&d->bits[r / 64]) & (UINT64_C(1) << (r % 64))) {
-            atomic_store(&d->word[r], first_cycle << 1 | 1);
+            atomic_store(&d->word[r], UINT32_C(1) << 1 | 1);
             d->marked++;
         }
     pthread_mutex_init(&d->mu, NULL);
@@ -149,16 +154,24 @@ fail:
     return NULL;
 }
 
-/* Raise region r's cycle to at least `cycle`; false if it is not marked (nothing changed). */
-static int raise_marked(struct dirtylog *d, uint64_t r, uint64_t cycle)
+/* `cycle` as a word counts it: from this run's first cycle, saturating. */
+static uint32_t relative(struct dirtylog *d, uint64_t cycle)
 {
-    uint64_t w = atomic_load(&d->word[r]);
+    if (cycle < d->first)
+        return 1;
+    return cycle - d->first + 1 >= REL_MAX ? REL_MAX : (uint32_t)(cycle - d->first + 1);
+}
+
+/* Raise region r's cycle to at least `rel`; false if it is not marked (nothing changed). */
+static int raise_marked(struct dirtylog *d, uint64_t r, uint32_t rel)
+{
+    uint32_t w = atomic_load(&d->word[r]);
     for (;;) {
         if (!(w & 1))
             return 0;
-        if (w >> 1 >= cycle)
+        if (w >> 1 >= rel)
             return 1;
-        if (atomic_compare_exchange_weak(&d->word[r], &w, cycle << 1 | 1))
+        if (atomic_compare_exchange_weak(&d->word[r], &w, rel << 1 | 1))
             return 1;
     }
 }
@@ -169,8 +182,9 @@ int dl_mark(struct dirtylog *d, uint64_t cycle, int64_t dev, uint64_t offset, ui
     int rc = regions_of(d, dev, offset, length, &first, &last);
     if (rc != DL_OK)
         return rc;
+    uint32_t rel = relative(d, cycle);
     for (uint64_t r = first; r <= last; r++)
-        if (!raise_marked(d, r, cycle))
+        if (!raise_marked(d, r, rel))
             return DL_EWOULDBLOCK;
     /* Every region is marked; the write may go once those marks are on disk, which is sure
      * when no mark set so far is waiting for its msync. */
@@ -186,15 +200,16 @@ int dl_mark_wait(struct dirtylog *d, uint64_t cycle, int64_t dev, uint64_t offse
     int rc = regions_of(d, dev, offset, length, &first, &last);
     if (rc != DL_OK)
         return rc;
+    uint32_t rel = relative(d, cycle);
     pthread_mutex_lock(&d->mu);
     for (uint64_t r = first; r <= last; r++) {
-        if (raise_marked(d, r, cycle))
+        if (raise_marked(d, r, rel))
             continue;
         /* Unmarked, and only mu's holder changes an unmarked word: bit first, then word. */
         atomic_fetch_or(&d->bits[r / 64], UINT64_C(1) << (r % 64));
         atomic_fetch_add(&d->marks_seq, 1);
-        uint64_t w = atomic_load(&d->word[r]);
-        uint64_t c = w >> 1 > cycle ? w >> 1 : cycle;
+        uint32_t w = atomic_load(&d->word[r]);
+        uint32_t c = w >> 1 > rel ? w >> 1 : rel;
         atomic_store(&d->word[r], c << 1 | 1);
         d->marked++;
         d->marks++;
@@ -227,9 +242,10 @@ int dl_mark_wait(struct dirtylog *d, uint64_t cycle, int64_t dev, uint64_t offse
 
 uint64_t dl_commit(struct dirtylog *d, uint64_t committed)
 {
-    if (committed < d->hot)
+    /* Clear what was last written in a cycle <= committed - hot, counted as words count. */
+    if (committed < d->first || committed - d->first + 1 <= d->hot)
         return 0;
-    uint64_t upto = committed - d->hot, n = 0;
+    uint64_t upto = committed - d->first + 1 - d->hot, n = 0;
     pthread_mutex_lock(&d->mu);
     for (uint64_t k = 0; k < (d->regions + 63) / 64; k++) {
         uint64_t set = atomic_load(&d->bits[k]);
@@ -238,10 +254,10 @@ uint64_t dl_commit(struct dirtylog *d, uint64_t committed)
             set &= set - 1;
             if (r >= d->regions)
                 break;
-            uint64_t w = atomic_load(&d->word[r]);
+            uint32_t w = atomic_load(&d->word[r]);
             /* Word first: a writer that raised the cycle since the load makes the swap fail. */
             if ((w & 1) && w >> 1 <= upto &&
-                atomic_compare_exchange_strong(&d->word[r], &w, w & ~UINT64_C(1))) {
+                atomic_compare_exchange_strong(&d->word[r], &w, w & ~UINT32_C(1))) {
                 atomic_fetch_and(&d->bits[r / 64], ~(UINT64_C(1) << (r % 64)));
                 d->marked--;
                 n++;

@@ -15,8 +15,8 @@ its layout (``describe``); the record is written after the file is complete and 
 older files are removed only after that (``prune``), so after a crash at any instant the
 record names a file that exists and is whole.
 
-Cost: 8 bytes of memory per region and one bit on disk; a 1 TiB device at 1 MiB regions is
-8 MiB of memory and a 128 KiB file.
+Cost: 4 bytes of memory per region and one bit on disk; a 1 TiB device at the default 64 KiB
+regions is 64 MiB of memory and a 2 MiB file (at 1 MiB regions: 4 MiB and 128 KiB).
 """
 import array
 import bisect
@@ -28,7 +28,6 @@ import uuid
 from replication._dirtylog import ffi, lib
 from replication.record import write_bytes
 
-DEFAULT_REGION = 1 << 20
 MIN_REGION = 4096
 # Cycles a region stays marked after its last write was committed. Marking is cheap once a
 # region is marked, and a new mark costs an msync the writer waits for: a region written at

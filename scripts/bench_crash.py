@@ -4,7 +4,7 @@
     .venv/bin/python scripts/bench_crash.py [--dir /var/tmp] [--size 4G] [--seconds 10] [--rounds 3]
 
 1. Cost: 4k random-write IOPS (fio's nbd engine, QD16) on a replicating `nbdrep serve`, with the
-   dirty-region log (default 1 MiB regions) and without it (`--dirty-region 0`), in interleaved
+   dirty-region log (default 64 KiB regions) and without it (`--dirty-region 0`), in interleaved
    rounds. Prints the IOPS and their ratio.
 2. Saving: for each workload (4k random writes, zipf 1.2 and uniform) and region size, fio writes
    with 1 s cycles for --seconds, then the source's nbdkit is killed with kill -9 and `nbdrep serve`
@@ -43,13 +43,14 @@ def main():
     ap.add_argument("--size", default="4G", help="source size (default: %(default)s)")
     ap.add_argument("--seconds", type=int, default=10, help="fio time per run (default: %(default)s)")
     ap.add_argument("--rounds", type=int, default=3, help="IOPS rounds of each kind (default: %(default)s)")
-    ap.add_argument("--regions", default="1M,64K", help="region sizes to crash with (default: %(default)s)")
+    ap.add_argument("--regions", default="1M,64K,4K",
+                    help="region sizes to crash with, or none (default: %(default)s)")
     args = ap.parse_args()
     size = parse_size(args.size, "--size")
     with tempfile.TemporaryDirectory(dir=args.dir, prefix="nbdrep-bench-crash-") as work, Procs() as procs:
         site = Site(procs, work, size)
-        iops = {"dirty-region log on (1M)": [], "off (--dirty-region 0)": []}
-        kinds = [("dirty-region log on (1M)", "1M"), ("off (--dirty-region 0)", "0")]
+        iops = {"dirty-region log on (64K)": [], "off (--dirty-region 0)": []}
+        kinds = [("dirty-region log on (64K)", "64K"), ("off (--dirty-region 0)", "0")]
         for i in range(args.rounds):
             # Alternate which goes first: a run leaves dirty pages that slow the next one.
             for name, region in kinds[::1 if i % 2 == 0 else -1]:
@@ -59,7 +60,7 @@ def main():
                 site.stop(server)
         crashes = []
         for workload, extra in WORKLOADS.items():
-            for region in args.regions.split(","):
+            for region in [] if args.regions == "none" else args.regions.split(","):
                 print(f"[bench] crash: {workload}, {region} regions", file=sys.stderr, flush=True)
                 crashes.append([workload, region, *site.crash(region, args.seconds, extra)])
     on, off = iops.values()

@@ -65,7 +65,7 @@ def test_bad_parameters_are_refused_with_a_clear_message(pairs, message):
 
 
 def test_dirty_region_takes_powers_of_two_from_4k_or_0_for_off():
-    assert config(("source", "/a")).dirty_region == 1 << 20
+    assert config(("source", "/a")).dirty_region == 64 << 10
     assert config(("source", "/a"), ("dirty-region", "4K")).dirty_region == 4096
     assert config(("source", "/a"), ("dirty-region", "0")).dirty_region == 0
 
