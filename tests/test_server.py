@@ -21,11 +21,12 @@ import json
 import os
 import shutil
 import subprocess
+import time
 
 import nbd
 import numpy as np
 import pytest
-from conftest import Server, make_image, mounted, nbdrep
+from conftest import Server, make_image, mounted, nbdrep, uri
 
 BLOCK = 4096
 CHUNK = 8 << 20
@@ -399,3 +400,37 @@ def test_tracker_check_catches_a_write_behind_the_servers_back(serve):
         f.write(os.urandom(16))
     with pytest.raises(AssertionError, match="outside the report"):
         check_tracker(server, before, image)
+
+
+# -- 6. a slow request on one connection does not hold up the others ----------------------------
+
+SLOW = 4   # seconds each read and write of the slow source's own back end takes
+
+
+def test_a_cold_read_or_a_flush_on_one_connection_does_not_hold_up_another(procs, nbdkit, fuse, tmp_path):
+    # The slow source is a file on nbdfuse over nbdkit's delay filter: a read that misses the
+    # page cache, and a write (or the flush that pushes it out), waits SLOW seconds there. A
+    # worker that kept the GIL while it waited would stall every other connection that long.
+    slow_sock, _ = nbdkit("--filter=delay", "memory", "16M", f"rdelay={SLOW}", f"wdelay={SLOW}")
+    slow = fuse(uri(slow_sock))
+    fast = make_image(str(tmp_path / "fast.img"), 4 * MiB, random_mib=4)
+    server = Server(procs, str(tmp_path), [f"slow={slow}", f"fast={fast}"], extra=CYCLE)
+    hs = connect(server.uri.replace(":///", ":///slow"))
+    hf = connect(server.uri.replace(":///", ":///fast"))
+    data = hf.pread(4 * MiB, 0)   # the fast source is in the page cache now
+
+    started = time.monotonic()
+    cookies = [hs.aio_pread(nbd.Buffer(BLOCK), 0), hs.aio_pwrite(nbd.Buffer.from_bytearray(bytearray(BLOCK)), MiB),
+               hs.aio_flush()]
+    for i in range(200):
+        offset = i * 7919 % 1024 * BLOCK
+        assert hf.pread(BLOCK, offset) == data[offset:offset + BLOCK]
+    fast_done = time.monotonic() - started
+    for cookie in cookies:
+        while not hs.aio_command_completed(cookie):
+            hs.poll(-1)
+    slow_done = time.monotonic() - started
+    assert slow_done >= SLOW, "the slow source answered at once: the test proves nothing"
+    assert fast_done < SLOW / 2, f"200 cached reads took {fast_done:.1f} s beside a slow read, write and flush"
+    hs.shutdown()
+    hf.shutdown()
