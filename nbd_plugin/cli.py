@@ -17,14 +17,13 @@ import sys
 import threading
 import time
 
-from systemd import daemon
-
 import nbd_plugin
 from copier import verify
 from copier.sizes import format_size
-from nbd_plugin import control, metrics, startup
-from nbd_plugin.params import Config
-from replication import record
+
+# The server's modules (control and its Prometheus exporter, startup, params, the record,
+# systemd) are imported in the functions that use them: at the top they took 0.09 s of CPU
+# before every command, a tenth of what `nbdrep verify` of 1 GiB costs in all.
 
 PLUGIN = os.path.join(os.path.dirname(os.path.abspath(nbd_plugin.__file__)), "plugin.py")
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(PLUGIN))
@@ -60,7 +59,7 @@ def main(argv=None):
     except KeyboardInterrupt:
         # Ctrl-C in a client command (rp --wait) or before nbdkit starts: the user knows why.
         return 128 + signal.SIGINT
-    except (CLIError, *startup.ERRORS) as e:
+    except (CLIError, *_user_errors()) as e:   # evaluated only once something was raised
         print(f"nbdrep: {e}", file=sys.stderr)
         return 2
     except OSError as e:
@@ -73,6 +72,11 @@ def main(argv=None):
 
 class CLIError(Exception):
     """A user-facing failure with a clear message."""
+
+
+def _user_errors():
+    from nbd_plugin import startup
+    return startup.ERRORS
 
 
 def build_parser(command=None):
@@ -215,6 +219,7 @@ def serve_config(args):
                ("resync", args.resync), ("accept-resize", "on" if args.accept_resize else "off")]
     params += [(key, value) for key, value in (("control-group", args.control_group),
                                                ("metrics", args.metrics)) if value is not None]
+    from nbd_plugin.params import Config
     cfg = Config()
     for key, value in params:
         cfg.add(key, value)
@@ -224,6 +229,7 @@ def serve_config(args):
 
 def preflight(cfg):
     """The plugin's start-up checks, run here first so a failure is one clean line."""
+    from nbd_plugin import startup
     backends = startup.open_sources(cfg)
     try:
         startup.check(cfg, backends)
@@ -317,6 +323,7 @@ def _serve(args):
         _check_metrics_port(cfg.metrics)
     for path in ([args.socket] if args.socket else []) + [control_path(args)]:
         _claim_socket(path)
+    from nbd_plugin import startup
     stamp = not startup.on_the_journal()
     proc = subprocess.Popen(nbdkit_command(args, params), env=nbdkit_env(),
                             stderr=subprocess.PIPE if stamp else None)
@@ -351,6 +358,7 @@ def _stamp_lines(source, sink):
 def _check_metrics_port(address):
     """Bind the metrics server's port and let it go: a busy port fails here, in one line."""
     try:
+        from nbd_plugin import metrics
         metrics.MetricsServer(*address, session=None).stop()
     except OSError as e:
         raise CLIError(f"--metrics {address[0]}:{address[1]}: {e.strerror or e}") from None
@@ -416,6 +424,10 @@ def _announce_ready(proc, args):
     """Once the session answers on its control socket (the plugin starts it after nbdkit
     listens), write --pidfile and tell systemd READY=1 (sd_notify; nothing without
     NOTIFY_SOCKET). Returns without either if nbdkit exits or START_TIMEOUT passes first."""
+    from systemd import daemon
+
+    from nbd_plugin import control
+    from replication import record
     path = control_path(args)
     deadline = time.monotonic() + START_TIMEOUT
     while proc.poll() is None:
@@ -501,6 +513,7 @@ def attach_help(args):
 
 def _ask(args, message, timeout=10.0):
     try:
+        from nbd_plugin import control
         reply = control.request(args.control, message, timeout)
     except (FileNotFoundError, ConnectionRefusedError):
         raise CLIError(f"no nbdrep server at control socket {args.control}") from None
