@@ -39,6 +39,7 @@ session = None
 hook = None
 control = None
 metrics = None
+state_lock = []   # the state directory's lock (record.lock): its descriptor stays open
 
 
 class Handle:
@@ -66,6 +67,8 @@ def get_ready():
     global session, hook, metrics
     backends.update(startup.open_sources(config_))
     replica_sizes = startup.check(config_, backends)
+    if config_.state:
+        state_lock.append(record.lock(config_.state))   # held until the process exits
     if config_.tracking:
         session = Session(config_, backends, replica_sizes)
         hook = session.hook
