@@ -6,9 +6,9 @@ Each target (a file or block device, served as export NAME) is a *base image* pl
 journals of the retained RPs, newest on top. Writes from the copier never touch either: they
 go to the export's *pending* journal, which no read sees. A journal is a sparse file of the
 target's size, written at the same offsets as the target (its bytes hold the data, its holes
-the zeroed ranges), and a log of the (offset, length) of every write appended after the
-write returns, so a kill -9 leaves a log that names only writes that completed (a torn last
-entry is cut off). A FLUSH makes both durable.
+the zeroed ranges), and a log of the (offset, length) of every write, filled in after the
+write returns, so a kill -9 leaves a log that names only writes that completed (``Journal``
+says how). A FLUSH makes both durable.
 
 A commit (a commit record written to the metadata export, ``copier.receiver``) turns every
 export's pending journal into RP ``cycle`` at once: new empty pending journals are made and
