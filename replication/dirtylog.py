@@ -1,109 +1,133 @@
-"""The dirty-region log: marks of the regions that may hold writes not yet committed on the replica.
+"""The dirty-region log: marks of the parts of each source that may hold writes not yet committed
+on the replica.
 
 After a crash of the source (kill -9 of nbdkit, power loss) nothing in memory says which writes
-reached the source without reaching the replica. This log does, region by region, so the next
-start resyncs the marked regions instead of the whole disk. ``dirtylog.c`` holds the theory of
-operation: a region is marked (and the mark made durable, one msync per group of writers)
-before the first write to it reaches the back end, and cleared once a committed cycle covers
-all of its writes and it has not been written for ``HOT_CYCLES`` cycles.
+reached the source without reaching the replica. This log does, so the next start resyncs the
+marked parts instead of the whole disk. ``dirtylog.c`` holds the theory of operation: every
+write marks its fine regions (64 KiB by default: they survive kill -9) and its extents (1 MiB:
+made durable by an msync the write waits for, one per group of writers, so they survive power
+loss) before it reaches the back end; a mark is cleared once a committed cycle covers every write
+to it and it has not been written for ``HOT_CYCLES`` cycles. After a crash the boot id tells
+which level to trust: the same boot (the page cache survived) resyncs the fine regions, a new
+one the extents.
 
-Files. Each run maps a new file ``dirty-<first cycle>-<random>.map`` in the state directory: a bitmap,
-one bit per region, devices one after the other (``layout``). The run starts with the marks of
-what it must copy first (a sync, a resume's outstanding report, the last crash's marks), so a
-crash before that copy is committed loses nothing. The replication record names the file and
-its layout (``describe``); the record is written after the file is complete and synced, and
-older files are removed only after that (``prune``), so after a crash at any instant the
-record names a file that exists and is whole.
+Files. Each run maps a new file ``dirty-<first cycle>-<random>.map`` in the state directory:
+the extents' bitmap, then the regions' bitmap, one bit each, devices one after the other
+(``describe`` gives the layout). The run starts with the marks of what it must copy first (a
+sync, a resume's outstanding report, the last crash's marks), so a crash before that copy is
+committed loses nothing. The replication record names the file and its layout; the record is
+written after the file is complete and synced, and older files are removed only after that
+(``prune``), so after a crash at any instant the record names a file that exists and is whole.
 
-Cost: 4 bytes of memory per region and one bit on disk; a 1 TiB device at the default 64 KiB
-regions is 64 MiB of memory and a 2 MiB file (at 1 MiB regions: 4 MiB and 128 KiB).
+Cost: 4 bytes of memory per region and per extent, one bit each on disk: a 1 TiB source at
+64 KiB regions is 68 MiB of memory and a 2.1 MiB file.
 """
 import array
-import bisect
 import functools
 import glob
 import os
+import re
 import uuid
 
 from replication._dirtylog import ffi, lib
 from replication.record import write_bytes
 
-MIN_REGION = 4096
+MIN_REGION, MAX_REGION = 4096, 1 << 30
+EXTENT = 1 << 20   # the durable level; the region if that is larger
 # Cycles a region stays marked after its last write was committed. Marking is cheap once a
-# region is marked, and a new mark costs an msync the writer waits for: a region written at
-# least every few cycles stays marked. What it costs after a crash: the regions written in the
-# last HOT_CYCLES cycles before it, resynced though they may be equal.
+# region is marked, and a new extent mark costs an msync the writer waits for: a region written
+# at least every few cycles stays marked. What it costs after a crash: the regions written in
+# the last HOT_CYCLES cycles before it, resynced though they may be equal.
 HOT_CYCLES = 4
 PREFIX, SUFFIX = "dirty-", ".map"
+BOOT_ID = "/proc/sys/kernel/random/boot_id"
 
 
 class DirtyLogError(Exception):
     """The log cannot be used; the message says why."""
 
 
-def layout(devices, region):
-    """{name: [first region, regions]} for ``devices`` (each with ``name`` and ``size``), in
-    order. O(devices)."""
+def layout(devices, unit):
+    """{name: [first unit, units]} for ``devices`` (each with ``name`` and ``size``) cut into
+    ``unit``-byte units, one device after the other. O(devices)."""
     out, base = {}, 0
     for d in devices:
-        count = -(-d.size // region)
+        count = -(-d.size // unit)
         out[d.name] = [base, count]
         base += count
     return out
 
 
-def map_bytes(regions):
-    """Bytes of the bitmap file for ``regions`` regions: whole 64-bit words. O(1)."""
-    return -(-regions // 64) * 8
+def map_bytes(units):
+    """Bytes of a bitmap of ``units`` bits: whole 64-bit words. O(1)."""
+    return -(-units // 64) * 8
+
+
+def boot_id():
+    """This boot's id: a crash in the same boot kept the page cache, so the fine marks."""
+    with open(BOOT_ID, encoding="ascii") as f:
+        return f.read().strip()
 
 
 class DirtyLog:
     """The log of one run over ``devices`` (each with ``dev``, ``name``, ``size``), in a new file
     of ``state_dir``, starting with ``preset`` ({dev: flat (offset, length) pairs}) marked.
 
-    ``region`` is a power of two >= ``MIN_REGION``; device ids are 0, 1, ... in order (as the
-    plugin numbers its sources). The file is complete and synced when this returns.
+    ``region`` is a power of two in [``MIN_REGION``, ``MAX_REGION``]; device ids are 0, 1, ...
+    in order (as the plugin numbers its sources). ``on_sync_error()`` is called (from a writer's
+    thread) the first time an msync fails. The file is complete and synced when this returns.
     O(regions + preset extents).
     """
 
-    def __init__(self, state_dir, devices, region, first_cycle, preset=None, hot=HOT_CYCLES):
-        if region < MIN_REGION or region & (region - 1):
-            raise ValueError(f"dirty region must be a power of two >= {MIN_REGION}, got {region}")
+    def __init__(self, state_dir, devices, region, first_cycle, preset=None, hot=HOT_CYCLES,
+                 on_sync_error=None):
+        if not MIN_REGION <= region <= MAX_REGION or region & (region - 1):
+            raise ValueError(f"dirty region must be a power of two in {MIN_REGION}..{MAX_REGION}, "
+                             f"got {region}")
         if [d.dev for d in devices] != list(range(len(devices))):
             raise ValueError("device ids must be 0, 1, ... in order")
-        self.region = region
-        self.layout = layout(devices, region)
+        self.region, self.extent = region, max(region, EXTENT)
+        self.layout, self.extents = layout(devices, region), layout(devices, self.extent)
         # Never the name of a file an older record may still name: a crash before this run's
         # record is written must leave that one as it was.
         self.file = f"{PREFIX}{first_cycle}-{uuid.uuid4().hex[:8]}{SUFFIX}"
         self.path = os.path.join(state_dir, self.file)
-        regions = sum(count for _, count in self.layout.values())
-        bitmap = bytearray(map_bytes(regions))
+        self.boot_id = boot_id()
+        fine_at = map_bytes(_units(self.extents))   # the extents' bitmap first
+        bitmap = bytearray(fine_at + map_bytes(_units(self.layout)))
         for d in devices:
-            base, count = self.layout[d.name]
-            pairs = (preset or {}).get(d.dev, ())
-            for off, length in zip(pairs[0::2], pairs[1::2]):
+            for off, length in zip(*[iter((preset or {}).get(d.dev, ()))] * 2):
                 if length:
-                    for r in range(off // region, min(count, -(-(off + length) // region))):
-                        bitmap[(base + r) // 8] |= 1 << ((base + r) % 8)
+                    for lay, unit, at in ((self.extents, self.extent, 0),
+                                          (self.layout, region, fine_at * 8)):
+                        base, count = lay[d.name]
+                        _set_bits(bitmap, at + base + off // unit,
+                                  at + base + min(count, -(-(off + length) // unit)))
         write_bytes(self.path, bytes(bitmap))
+        keep = []   # what the specs point to, alive until dl_new copied it
+
+        def spec(lay, unit, offset):
+            bases, counts = [b for b, _ in lay.values()] or [0], [c for _, c in lay.values()] or [0]
+            keep.extend([ffi.new("uint64_t[]", bases), ffi.new("uint64_t[]", counts)])
+            return ffi.new("struct dl_level_spec *", {"shift": unit.bit_length() - 1,
+                                                      "offset": offset, "base": keep[-2],
+                                                      "count": keep[-1]})
         fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
         try:
-            ordered = list(self.layout.values())
-            handle = lib.dl_new(fd, len(bitmap), region.bit_length() - 1, len(ordered),
-                                [b for b, _ in ordered] or [0], [c for _, c in ordered] or [0],
-                                first_cycle, hot)
+            handle = lib.dl_new(fd, len(bitmap), len(devices), spec(self.layout, region, fine_at),
+                                spec(self.extents, self.extent, 0), first_cycle, hot)
         finally:
             os.close(fd)   # the mapping keeps the file
         if handle == ffi.NULL:
             raise OSError(f"cannot map the dirty-region log {self.path}")
         self._handle = ffi.gc(handle, lib.dl_free)
+        self._on_sync_error = on_sync_error
         self.sync_error = False
 
     def marker(self):
         """The per-write call, ``mark(cycle, dev, offset, length) -> rc``, with no Python frame
         of its own (it runs on every write). 0 is success; see ``check``. O(regions of the
-        write); it waits (without the GIL) only for a new mark's msync."""
+        write); it waits (without the GIL) only for a new extent mark's msync."""
         return functools.partial(lib.dl_mark, self._handle)
 
     def mark(self, cycle, dev, offset, length):
@@ -113,24 +137,26 @@ class DirtyLog:
             self.check(rc)
 
     def check(self, rc):
-        """Act on a non-zero ``marker`` result: an msync that failed leaves the mark in the
-        mapping (it survives kill -9, maybe not power loss) and is shown in status, never a
-        failed write; anything else is a bug of the caller (a write outside its device)."""
+        """Act on a non-zero ``marker`` result: an msync that failed leaves the marks in the
+        mapping (they survive kill -9, maybe not power loss): ``sync_error`` is set and
+        ``on_sync_error`` told, never a failed write; anything else is a bug of the caller (a
+        write outside its device)."""
         if rc == lib.DL_ESYNC:
-            self.sync_error = True
+            first, self.sync_error = not self.sync_error, True
+            if first and self._on_sync_error is not None:
+                self._on_sync_error()
             return
         raise ValueError(f"dirty-region log: bad mark (code {rc})")
 
     def mark_all(self, cycle):
-        """Mark every region as written in ``cycle`` (a full resync is under way).
-        O(regions)."""
+        """Mark everything as written in ``cycle`` (a full resync is under way). O(regions)."""
         for dev, (_, count) in enumerate(self.layout.values()):
             if count:
                 self.mark(cycle, dev, 0, count * self.region)
 
     def commit(self, cycle):
         """Cycle ``cycle`` is committed: clear the marks it covers that have cooled down.
-        Returns how many were cleared. O(bitmap words + marked regions)."""
+        Returns how many regions were cleared. O(bitmap words + marked units)."""
         return lib.dl_commit(self._handle, cycle)
 
     def close(self):
@@ -139,59 +165,100 @@ class DirtyLog:
 
     def describe(self):
         """What the replication record keeps of this log. O(devices)."""
-        return {"file": self.file, "region": self.region, "layout": self.layout}
+        return {"file": self.file, "boot_id": self.boot_id, "region": self.region,
+                "layout": self.layout, "extent": self.extent, "extents": self.extents}
 
     def stats(self):
         """Counters for status. O(1) (takes the log's lock)."""
         st = ffi.new("struct dl_stats *")
         lib.dl_stats(self._handle, st)
         return {"region": self.region, "regions": st.regions, "marked": st.marked,
-                "marked_bytes": st.marked * self.region, "marks": st.marks, "syncs": st.syncs,
-                "cleared": st.cleared, "sync_errors": st.sync_errors}
+                "marked_bytes": st.marked * self.region, "extent": self.extent,
+                "extents": st.extents, "extents_marked": st.extents_marked, "marks": st.marks,
+                "syncs": st.syncs, "cleared": st.cleared, "sync_errors": st.sync_errors}
 
 
-def read(state_dir, described):
-    """The marks a run left, as {name: flat (offset, length) pairs, region-aligned, adjacent
-    regions joined}, from the record's ``described`` log. Raises DirtyLogError saying why it
-    cannot be used. O(regions)."""
+def read(state_dir, described, current_boot=None):
+    """The marks a run left, as ({name: flat (offset, length) pairs, adjacent units joined},
+    what they are): its fine regions if the machine has not restarted since (``current_boot``,
+    default this boot's id), else its extents, the only marks that were synced. Raises
+    DirtyLogError saying why the log cannot be used. O(units), in C-speed runs of bytes."""
     if not described:
         raise DirtyLogError("no dirty-region log covers all of its writes (the log was off or "
                             "failed, or a run served the sources without replicating them)")
     path = os.path.join(state_dir, described["file"])
-    region, lay = described["region"], described["layout"]
     try:
         with open(path, "rb") as f:
             bitmap = f.read()
+        fine_at = map_bytes(_units(described["extents"]))
+        expected = fine_at + map_bytes(_units(described["layout"]))
     except OSError as e:
         raise DirtyLogError(f"the dirty-region log {path} is unreadable ({e.strerror})") from None
-    regions = sum(count for _, count in lay.values())
-    if len(bitmap) != map_bytes(regions):
+    except (KeyError, TypeError, ValueError):
+        raise DirtyLogError(f"the dirty-region log {path} is of another version") from None
+    if len(bitmap) != expected:
         raise DirtyLogError(f"the dirty-region log {path} has the wrong size")
-    out = {name: array.array("Q") for name in lay}
-    spans = sorted((base, base + count, name) for name, (base, count) in lay.items())
-    for i in (i for i, byte in enumerate(bitmap) if byte):
-        for bit in range(8):
-            if bitmap[i] >> bit & 1:
-                _add(out, spans, i * 8 + bit, region)
+    if described["boot_id"] == (current_boot or boot_id()):
+        lay, unit, at, what = described["layout"], described["region"], fine_at, "regions"
+    else:
+        lay, unit, at, what = described["extents"], described["extent"], 0, \
+            "extents (the machine restarted since: only they were synced)"
+    out = {}
+    for name, (base, count) in lay.items():
+        pairs = out[name] = array.array("Q")
+        for lo, hi in _runs(bitmap, at * 8 + base, at * 8 + base + count):
+            pairs.extend(((lo - at * 8 - base) * unit, (hi - lo) * unit))
+    return out, f"{_size(unit)} {what}"
+
+
+def _units(lay):
+    return sum(count for _, count in lay.values())
+
+
+def _size(n):
+    return f"{n >> 20} MiB" if n >= 1 << 20 else f"{n >> 10} KiB"
+
+
+def _set_bits(bitmap, lo, hi):
+    """Set bits [lo, hi) of ``bitmap`` (bit k is bit k % 8 of byte k // 8). O(hi - lo) / 8."""
+    while lo < hi and lo % 8:
+        bitmap[lo // 8] |= 1 << (lo % 8)
+        lo += 1
+    whole = (hi - lo) // 8
+    bitmap[lo // 8:lo // 8 + whole] = b"\xff" * whole
+    lo += 8 * whole
+    while lo < hi:
+        bitmap[lo // 8] |= 1 << (lo % 8)
+        lo += 1
+
+
+def _runs(bitmap, lo, hi):
+    """The runs of set bits within bits [lo, hi), as (start, end), joined. Whole bytes of ones
+    and zeros are skipped by the regular-expression engine, so a full or empty bitmap costs
+    O(bytes) in C, not in Python."""
+    out = []
+    for m in re.finditer(rb"\xff+|[^\x00\xff]", bitmap[lo // 8:-(-hi // 8)]):
+        start = (lo // 8 + m.start()) * 8
+        if m.group()[0] == 0xff:
+            bits = [(start, start + 8 * len(m.group()))]
+        else:
+            byte = m.group()[0]
+            bits = [(start + k, start + k + 1) for k in range(8) if byte >> k & 1]
+        for a, b in bits:
+            a, b = max(a, lo), min(b, hi)
+            if a >= b:
+                continue
+            if out and out[-1][1] == a:
+                out[-1] = (out[-1][0], b)
+            else:
+                out.append((a, b))
     return out
 
 
-def _add(out, spans, r, region):
-    """Add global region ``r`` to its device's pairs in ``out``, joining it to the last."""
-    k = bisect.bisect_right(spans, (r, float("inf"))) - 1
-    if k < 0 or r >= spans[k][1]:
-        return   # padding bits past the last device
-    base, _, name = spans[k]
-    pairs, at = out[name], (r - base) * region
-    if pairs and pairs[-2] + pairs[-1] == at:
-        pairs[-1] += region
-    else:
-        pairs.extend((at, region))
-
-
 def prune(state_dir, keep):
-    """Remove the log files of earlier runs but ``keep``. O(files)."""
-    for path in glob.glob(os.path.join(state_dir, PREFIX + "*" + SUFFIX)):
+    """Remove the log files of earlier runs but ``keep``, and any temporary file a crash left
+    while one was written. O(files)."""
+    for path in glob.glob(os.path.join(state_dir, PREFIX + "*" + SUFFIX + "*")):
         if os.path.basename(path) != keep:
             try:
                 os.unlink(path)

@@ -149,6 +149,7 @@ class Session:
         self.dirty = None
         self.resync_bytes = 0   # what this run started by copying for a sync or a crash
         self._recorded_upto = 0   # newest commit whose Commit action was performed
+        self._rerecord = False    # the record must be written now (the dirty-region log failed)
         self.plan = self._plan(config.resync == "full") if self.replicated else None
         if self.plan is not None:
             receiver_handshake(self.plan, self.devices)
@@ -178,13 +179,14 @@ class Session:
 
     def _plan(self, resync_full):
         record = records.load(self.state_dir) if self.state_dir else None
-        marks = None
+        marks, marked = None, None
         if record is not None and not record["clean"]:
             try:
-                marks = dirtylog.read(self.state_dir, record.get("dirty_log"))
+                marks, marked = dirtylog.read(self.state_dir, record.get("dirty_log"))
             except dirtylog.DirtyLogError as e:
                 marks = str(e)
-        return records.plan(record, self.devices, resync_full, sample=self._sample, marks=marks)
+        return records.plan(record, self.devices, resync_full, sample=self._sample, marks=marks,
+                            marked=marked)
 
     @staticmethod
     def _sample(d, offsets):
@@ -222,7 +224,7 @@ class Session:
                 self.dirty = dirtylog.DirtyLog(
                     self.state_dir, self.devices, self.dirty_region, plan.first_cycle,
                     {dev: reports.merge(carry.data_of(dev), carry.zero_of(dev))
-                     for dev in self.sizes})
+                     for dev in self.sizes}, on_sync_error=self._dirty_log_failed)
                 self.hook.log_to(self.dirty)
             self._write_record(False, None, plan.committed_cycle, plan.rp_time)
             dirtylog.prune(self.state_dir, self.dirty.file if self.dirty else None)
@@ -266,6 +268,15 @@ class Session:
             return False
         self._close_dirty_log()
         return True
+
+    def _dirty_log_failed(self):
+        """An msync of the dirty-region log failed (a writer's thread): its marks may not
+        survive power loss, so the worker drops it from the record at once (a crash then
+        resyncs in full) rather than at the next commit, which a replica that is down delays."""
+        log.error("dirty-region log: msync failed; until restart a crash resyncs in full")
+        with self._cond:
+            self._rerecord = True
+            self._cond.notify_all()
 
     def _close_dirty_log(self):
         """Unmap the dirty-region log once the worker ended and no host is left: a mapped file
@@ -385,6 +396,13 @@ class Session:
     def _next_event_locked(self):
         """Wait for a stop, an RP request or the machine's deadline; return that event."""
         while True:
+            if self._rerecord:   # not an event of the machine: the record, on its own
+                self._rerecord = False
+                self._cond.release()
+                try:
+                    self._save_record(clean=False)
+                finally:
+                    self._cond.acquire()
             if self._stopping:
                 return m.Stop()
             if self._request > self.controller.done_upto():

@@ -210,13 +210,13 @@ class Plan:
         self.crashed = crashed
 
 
-def plan(record, devices, resync_full=False, sample=None, marks=None):
+def plan(record, devices, resync_full=False, sample=None, marks=None, marked="regions"):
     """Decide how this run starts from ``record`` (or None) for ``devices`` (each with
     ``dev``, ``name``, ``size``, ``identity`` and ``replica_uri``/``replica_size``).
     ``sample(device, offsets)`` returns the first offset where the source and the replica
     differ, or None (not called when None). ``marks``, for a record of a run that did not stop
-    cleanly: the regions its dirty-region log marked, {name: flat pairs}, or why there are none
-    (a string). O(sources + outstanding extents), plus the samples."""
+    cleanly: the parts its dirty-region log marked, {name: flat pairs}, or why there are none
+    (a string); ``marked`` says what they are (``dirtylog.read``). O(sources + outstanding extents), plus the samples."""
     if record is None or resync_full:
         reason = "--resync full" if resync_full and record is not None else "first run: initial sync"
         return Plan(uuid.uuid4().hex, 1 if record is None else record["next_cycle"],
@@ -245,7 +245,7 @@ def plan(record, devices, resync_full=False, sample=None, marks=None):
     outstanding = sum(r.byte_count() for r in resume.values())
     if crashed:
         how = (f"resync after a crash: the last run did not stop cleanly, {outstanding} bytes "
-               "of regions its dirty-region log marked")
+               f"of the {marked} its dirty-region log marked")
     else:
         how = f"resumed after a clean stop ({outstanding} bytes outstanding)"
     if full:

@@ -1,6 +1,7 @@
 """The dirty-region log (replication/dirtylog.c) against a model: after any sequence of writes,
-RPs, commits and crashes, every region with a write not yet committed is marked in the file
-(what a restart would read), and a region stays marked only while it may differ or is hot."""
+RPs, commits and crashes, every region with a write not yet committed is marked in the file,
+at both levels (what a restart reads after kill -9: the regions; after power loss: the
+extents), and a region stays marked only while it may differ or is hot."""
 import os
 import random
 import tempfile
@@ -16,6 +17,7 @@ from tracker import KIND_DATA, Tracker
 
 REGION = 4096
 HOT = 2
+EXTENT = dirtylog.EXTENT
 
 
 def devices(*regions):
@@ -23,10 +25,12 @@ def devices(*regions):
             for i, n in enumerate(regions)]
 
 
-def on_disk(state, log):
-    """The marks a restart would read now, as {(name, region)}: the file, not the mapping's
-    owner (a kill -9 keeps exactly what the file's page cache holds)."""
-    return regions(dirtylog.read(state, log.describe()))
+def on_disk(state, log, power_lost=False):
+    """The marks a restart would read now, as {(name, unit)}: the file, not the mapping's
+    owner (a kill -9 keeps exactly what the file's page cache holds). After power loss (a new
+    boot id) the extents, in units of REGION too."""
+    marks, _ = dirtylog.read(state, log.describe(), "another boot" if power_lost else None)
+    return regions(marks)
 
 
 def regions(marks):
@@ -38,7 +42,7 @@ def regions(marks):
 class DirtyLogModel(RuleBasedStateMachine):
     """Model: per region, the cycle of its last write (or of the start that preset it)."""
 
-    @initialize(sizes=st.lists(st.integers(1, 24), min_size=1, max_size=3))
+    @initialize(sizes=st.lists(st.integers(1, 3 * EXTENT // REGION), min_size=1, max_size=3))
     def start(self, sizes):
         self.state = tempfile.mkdtemp(prefix="dirtylog-")
         self.devs = devices(*sizes)
@@ -77,15 +81,18 @@ class DirtyLogModel(RuleBasedStateMachine):
         self.log.commit(self.committed)
         self.cleared_upto = self.committed
 
-    @rule(skip=st.integers(1, 5))
-    def crash_and_restart(self, skip):
-        """kill -9: only the file is left. The next run starts with its marks preset, at a
+    @rule(skip=st.integers(1, 5), power_lost=st.booleans())
+    def crash_and_restart(self, skip, power_lost):
+        """kill -9 (the page cache kept the regions' marks) or power loss (only the extents'
+        were synced): only the file is left. The next run starts with those marks preset, at a
         fresh cycle id, and nothing committed since."""
-        marks = dirtylog.read(self.state, self.log.describe())
+        marks, _ = dirtylog.read(self.state, self.log.describe(),
+                                 "another boot" if power_lost else None)
         self.log = None
         first = self.cycle + skip
         preset = {d.dev: marks[d.name] for d in self.devs}
-        self.last = {key: first for key in regions(marks)}
+        units = {d.name: -(-d.size // REGION) for d in self.devs}
+        self.last = {(name, r): first for name, r in regions(marks) if r < units[name]}
         self.cleared_upto = None
         self.open_log(first, preset)
 
@@ -96,6 +103,17 @@ class DirtyLogModel(RuleBasedStateMachine):
         marked = on_disk(self.state, self.log)
         uncommitted = {key for key, c in self.last.items() if c > self.committed}
         assert uncommitted <= marked
+
+    @invariant()
+    def every_uncommitted_write_is_in_a_synced_extent(self):
+        """What survives power loss: the extents cover every region with a write not yet
+        committed (the extents are whole EXTENTs, so compare by extent)."""
+        if getattr(self, "log", None) is None:
+            return
+        per = EXTENT // REGION
+        extents = {(name, r // per) for name, r in on_disk(self.state, self.log, power_lost=True)}
+        uncommitted = {(name, r // per) for (name, r), c in self.last.items() if c > self.committed}
+        assert uncommitted <= extents
 
     @invariant()
     def marks_clear_once_committed_and_cool(self):
@@ -116,18 +134,20 @@ TestDirtyLogModel.settings = settings(max_examples=150, stateful_step_count=40, 
 def test_marks_race_commits_and_none_is_lost(tmp_path):
     """Writers on several threads (tagged by a real tracker) mark while the committer closes
     cycles and clears; a clear that raced a write of the open cycle must leave it marked."""
-    devs = devices(64)
+    devs = devices(3 * EXTENT // REGION)   # three extents: their marks race too
     log = dirtylog.DirtyLog(str(tmp_path), devs, REGION, 1, hot=0)
     tracker = Tracker(max_bytes=1 << 20, first_cycle=1)
     written = []               # (region, cycle) of every write
     stop = threading.Event()
+
+    len_regions = 3 * EXTENT // REGION
 
     def writer(seed):
         rng = random.Random(seed)
         for _ in range(20000):
             if stop.is_set():
                 return
-            r = rng.randrange(64)
+            r = rng.randrange(len_regions)
             c = tracker.begin()
             log.mark(c, 0, r * REGION, REGION)
             written.append((r, c))
@@ -146,8 +166,10 @@ def test_marks_race_commits_and_none_is_lost(tmp_path):
         for t in threads:
             t.join(60)
     marked = {r for _, r in on_disk(str(tmp_path), log)}
+    extents = {r for _, r in on_disk(str(tmp_path), log, power_lost=True)}
     missing = {r for r, c in written if c > committed} - marked
     assert not missing, f"regions written after cycle {committed} lost their marks: {missing}"
+    assert not {r for r, c in written if c > committed} - extents, "an extent lost its mark"
     assert log.stats()["cleared"] > 0, "the commits cleared nothing: the race was not exercised"
 
 
