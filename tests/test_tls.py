@@ -1,11 +1,12 @@
 """TLS: `nbdrep serve --tls ...` for hosts, `nbds://` URIs for the replica link (PSK, through libnbd)."""
 import os
+import shutil
 import subprocess
 
 import nbd
 import pytest
 
-from conftest import Server, make_image, nbdrep, nbdrep_cmd, wait_until
+from conftest import Server, make_image, nbdrep, nbdrep_cmd, run, wait_until
 from nbd_plugin import control
 
 MiB = 1 << 20
@@ -78,6 +79,52 @@ def test_replication_over_tls_equals_the_source(procs, nbdkit, tmp_path):
     done = nbdrep("verify", "--quiet", tls_uri(server.sock, psk), tls_uri(rsock, psk), check=False)
     assert done.returncode == 0, done.stderr
     h.shutdown()
+
+
+@pytest.fixture
+def certificates(tmp_path):
+    """An X.509 CA and what certtool (gnutls-bin) makes with it, as nbdkit and libnbd read them:
+    ``server/`` (ca-cert.pem, server-cert.pem, server-key.pem), ``client/`` (ca-cert.pem,
+    client-cert.pem, client-key.pem) and ``anonymous/`` (ca-cert.pem only)."""
+    root = tmp_path / "pki"
+    dirs = {name: root / name for name in ("server", "client", "anonymous")}
+    for d in dirs.values():
+        d.mkdir(parents=True)
+    templates = {
+        "ca": "cn = nbdrep test CA\nca\ncert_signing_key\nexpiration_days = 2\n",
+        "server": "cn = localhost\ndns_name = localhost\ntls_www_server\nencryption_key\n"
+                  "signing_key\nexpiration_days = 2\n",
+        "client": "cn = client\ntls_www_client\nencryption_key\nsigning_key\nexpiration_days = 2\n",
+    }
+    for name, text in templates.items():
+        (root / f"{name}.info").write_text(text)
+    ca_key, ca_cert = root / "ca-key.pem", dirs["server"] / "ca-cert.pem"
+    run("certtool", "--generate-privkey", "--outfile", str(ca_key))
+    run("certtool", "--generate-self-signed", "--load-privkey", str(ca_key),
+        "--template", str(root / "ca.info"), "--outfile", str(ca_cert))
+    for name in ("server", "client"):
+        key, cert = dirs[name] / f"{name}-key.pem", dirs[name] / f"{name}-cert.pem"
+        run("certtool", "--generate-privkey", "--outfile", str(key))
+        run("certtool", "--generate-certificate", "--load-privkey", str(key),
+            "--load-ca-certificate", str(ca_cert), "--load-ca-privkey", str(ca_key),
+            "--template", str(root / f"{name}.info"), "--outfile", str(cert))
+    for name in ("client", "anonymous"):
+        shutil.copy(ca_cert, dirs[name] / "ca-cert.pem")
+    return {name: str(d) for name, d in dirs.items()}
+
+
+def test_x509_with_verify_peer_needs_a_client_certificate(procs, tmp_path, certificates):
+    src = make_image(str(tmp_path / "source.img"), MiB, random_mib=1)
+    server = Server(procs, str(tmp_path), [src],
+                    extra=["--tls-certificates", certificates["server"], "--tls-verify-peer"])
+    x509 = lambda name: f"nbds+unix:///?socket={server.sock}&tls-certificates={certificates[name]}"  # noqa: E731
+    h = connect(x509("client"))
+    with open(src, "rb") as f:
+        assert h.pread(4096, 0) == f.read(4096)
+    h.shutdown()
+    for refused in (x509("anonymous"), server.uri):
+        with pytest.raises(nbd.Error):
+            connect(refused)
 
 
 @pytest.mark.parametrize("argv, message", [
