@@ -97,6 +97,13 @@ def receive_config(args):
     return cfg, params
 
 
+def _refusal(e):
+    """The one-line error for a target or state directory that cannot be used. The back
+    end's words are a source's; here it is a target."""
+    text = str(e)
+    return ReceiveError(text.replace("source", "target", 1) if isinstance(e, BackendError) else text)
+
+
 def preflight(cfg):
     """The plugin's start-up checks, read-only, so a failure is one line and changes nothing."""
     sizes, opened = {}, []
@@ -106,10 +113,8 @@ def preflight(cfg):
             opened.append(backend)
             sizes[name] = backend.size
         record = stores.load(cfg.state, cfg.targets, sizes)
-    except BackendError as e:   # the back end's words are a source's; here it is a target
-        raise ReceiveError(str(e).replace("source", "target", 1)) from None
-    except stores.StoreError as e:
-        raise ReceiveError(str(e)) from None
+    except (BackendError, stores.StoreError) as e:
+        raise _refusal(e) from None
     finally:
         for backend in opened:
             backend.close()
@@ -194,10 +199,9 @@ def _clock(t):
 
 
 def _restore(args):
-    request = {"cmd": "restore", "export": args.export, "cycle": args.to,
-               "output": os.path.abspath(args.output)}
-    _run(args, request, lambda store: receiver_control.restore(
-        store, args.export, args.to, os.path.abspath(args.output)), readonly=True)
+    output = os.path.abspath(args.output)
+    _run(args, {"cmd": "restore", "export": args.export, "cycle": args.to, "output": output},
+         lambda store: receiver_control.restore(store, args.export, args.to, output), readonly=True)
     return 0
 
 
@@ -225,10 +229,8 @@ def _run(args, request, offline, readonly):
         raise ReceiveError(f"no receiver answers at {control_path}; {e}") from None
     try:
         store = stores.Store(cfg.state, cfg.targets, readonly=readonly)
-    except BackendError as e:
-        raise ReceiveError(str(e).replace("source", "target", 1)) from None
-    except stores.StoreError as e:
-        raise ReceiveError(str(e)) from None
+    except (BackendError, stores.StoreError) as e:
+        raise _refusal(e) from None
     try:
         reply = offline(store)
     finally:

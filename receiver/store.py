@@ -42,8 +42,8 @@ import time
 
 import numpy as np
 
-from copier.receiver import MAGIC_COMMIT, MAGIC_STATE, META_SIZE, decode, encode
-from nbd_plugin.backend import Backend, BackendError
+from copier.receiver import MAGIC_COMMIT, MAGIC_STATE, decode, encode
+from nbd_plugin.backend import Backend
 from receiver import journal as policy
 from reporter.report import clip, merge
 from replication.record import write_json
