@@ -53,6 +53,7 @@ def test_the_unit_says_how_it_starts_and_stops():
     # systemd must wait longer than nbdrep's own clean stop (--stop-timeout, 30 s by default).
     assert int(service["TimeoutStopSec"]) > 30
     assert service["EnvironmentFile"] == "/etc/nbdrep/%i.conf"
+    assert service["RestartPreventExitStatus"] == "2"   # bad input: restarting cannot help
 
 
 def test_the_example_configuration_parses():
