@@ -39,7 +39,9 @@ from nbd_plugin import metrics
 MAX_REQUEST = 64 << 10
 MAX_CLIENTS = 8
 REQUEST_TIMEOUT = 5.0
-MUTATING = frozenset({"rp"})
+# Commands anyone who can connect may send; every other one (rp, and the receiver's restore and
+# promote) changes state and needs the server's user, root or the control group.
+READ_ONLY = frozenset({"status", "report", "metrics", "rps"})
 _BACKOFF_FIRST, _BACKOFF_MAX = 0.05, 1.0
 _PEERCRED = struct.Struct("3i")   # struct ucred: pid, uid, gid
 log = logging.getLogger("nbdrep")
@@ -132,13 +134,16 @@ class ControlServer:
     def _serve(self, conn):
         try:
             with conn:
-                conn.settimeout(self.request_timeout)
+                # One deadline for the whole request, not a timeout per recv: a client that
+                # trickles a byte at a time must not hold its slot for longer.
+                deadline = time.monotonic() + self.request_timeout
                 try:
-                    line = _read_line(conn)
+                    line = _read_line(conn, deadline)
                 except _RequestError as e:
                     reply = json.dumps({"error": str(e)}).encode()
                 else:
                     reply = self.answer(line, _peer(conn))
+                conn.settimeout(max(deadline - time.monotonic(), 0.1))
                 conn.sendall(reply + b"\n")
         except OSError:
             pass   # the client went away or stopped reading; nothing more to say
@@ -155,9 +160,9 @@ class ControlServer:
                 raise TypeError("a request is a JSON object")
         except (ValueError, TypeError) as e:
             return json.dumps({"error": f"bad request: {e}"}).encode()
-        if request.get("cmd") in MUTATING and not self.allowed(peer):
-            return json.dumps({"error": f"permission denied: {request['cmd']} needs the server's "
-                                        "user, root or the control group"}).encode()
+        if request.get("cmd") not in READ_ONLY and not self.allowed(peer):
+            return json.dumps({"error": f"permission denied: {request.get('cmd')!r} needs the "
+                                        "server's user, root or the control group"}).encode()
         try:
             return json.dumps(self.handle(request)).encode()
         except Exception as e:
@@ -202,17 +207,22 @@ class _RequestError(Exception):
     """A request that did not arrive whole; the message is the answer."""
 
 
-def _read_line(conn):
-    """The first line the client sends, without its newline. A client that closes its side
-    after part of a line sent that part. O(MAX_REQUEST)."""
+def _read_line(conn, deadline):
+    """The first line the client sends, without its newline, by ``deadline`` (monotonic). A
+    client that closes its side after part of a line sent that part. O(MAX_REQUEST)."""
     data = bytearray()
+    started = time.monotonic()
     while b"\n" not in data:
         if len(data) > MAX_REQUEST:
             raise _RequestError(f"request longer than {MAX_REQUEST} bytes")
         try:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError
+            conn.settimeout(left)
             chunk = conn.recv(4096)
         except TimeoutError:
-            raise _RequestError(f"no complete request within {conn.gettimeout():g} s") from None
+            raise _RequestError(f"no complete request within {deadline - started:.0f} s") from None
         if not chunk:
             break
         data += chunk

@@ -8,8 +8,12 @@ at 0, which Prometheus's rate() understands). Per export (label ``export``, "(de
 unnamed one): what committed cycles carried, the replica connection; the rest is per session
 (one consistency group: one lag, one state, one tracker).
 """
+import errno
+import logging
 import socket
+import sys
 import threading
+import time
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 from prometheus_client import CollectorRegistry, generate_latest, make_wsgi_app
@@ -20,6 +24,10 @@ from prometheus_client.exposition import ThreadingWSGIServer
 # MAX_SCRAPES at once a connection is closed unanswered (Prometheus scrapes one at a time).
 HTTP_TIMEOUT = 10.0
 MAX_SCRAPES = 4
+# Out of descriptors, accept() fails at once and the listening socket stays readable: wait a
+# little before the next try instead of spinning on a core.
+ACCEPT_BACKOFF = 0.1
+log = logging.getLogger("nbdrep")
 
 # (status["totals"] key, metric name without _total, help)
 SESSION_COUNTERS = (
@@ -110,7 +118,7 @@ def text(session):
 
 
 class _Handler(WSGIRequestHandler):
-    timeout = HTTP_TIMEOUT
+    timeout = HTTP_TIMEOUT   # per read; the server's watchdog bounds the whole request
 
     def log_message(self, format, *args):
         """Scrapes every few seconds would flood the server's log."""
@@ -135,10 +143,38 @@ class _BoundedServer(ThreadingWSGIServer):
             raise
 
     def process_request_thread(self, request, client_address):
+        # One deadline for the whole request: a client trickling a byte at a time would
+        # otherwise hold its slot for as long as it likes.
+        watchdog = threading.Timer(HTTP_TIMEOUT, _cut, args=(request,))
+        watchdog.daemon = True
+        watchdog.start()
         try:
             super().process_request_thread(request, client_address)
         finally:
+            watchdog.cancel()
             self._slots.release()
+
+    def get_request(self):
+        try:
+            return super().get_request()
+        except OSError as e:
+            if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                time.sleep(ACCEPT_BACKOFF)
+            raise
+
+    def handle_error(self, request, client_address):
+        """A client that timed out, was cut or went away is not news; anything else is one
+        line, never a traceback in the server's log."""
+        error = sys.exc_info()[1]
+        if not isinstance(error, OSError):
+            log.warning("metrics request failed: %r", error)
+
+
+def _cut(request):
+    try:
+        request.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
 
 
 class MetricsServer:

@@ -116,8 +116,8 @@ def _set_dirty_region(cfg, value):
     # Regions are whole pages (a mark per 4 KiB is already 1 bit per 32 Ki of data) and powers
     # of two, so a write's regions are two shifts; 0 turns the log off.
     region = parse_size(value, "dirty-region", minimum=0)
-    if region and (region < 4096 or region & (region - 1)):
-        raise ParamError(f"dirty-region={value!r} must be 0 (off) or a power of two of at least 4K")
+    if region and (not 4096 <= region <= 1 << 30 or region & (region - 1)):
+        raise ParamError(f"dirty-region={value!r} must be 0 (off) or a power of two from 4K to 1G")
     cfg.dirty_region = region
 
 

@@ -64,6 +64,7 @@ import stat  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import threading  # noqa: E402
+import time  # noqa: E402
 
 import nbd  # noqa: E402
 import psutil  # noqa: E402
@@ -156,7 +157,10 @@ def test_rp_needs_the_servers_user_root_or_the_control_group(open_dir):
         os.chmod(path, 0o666)
         assert as_nobody(path, {"cmd": "status"}) == {"state": "fake"}
         reply = as_nobody(path, {"cmd": "rp"})
-        assert reply["error"].startswith("permission denied: rp needs"), reply
+        assert reply["error"].startswith("permission denied: 'rp' needs"), reply
+        for cmd in ("promote", "restore", "anything new"):   # what is not read-only is checked
+            reply = as_nobody(path, {"cmd": cmd})
+            assert reply["error"].startswith(f"permission denied: {cmd!r} needs"), reply
         assert session.rps == 0
         assert ask(path, b'{"cmd": "rp"}\n') == {"cycle": 7, "committed": False}   # root
     with serving(path, session, group=NOBODY):
@@ -212,6 +216,28 @@ def test_huge_garbage_and_half_open_requests_are_answered_and_harm_nothing(tmp_p
             s.connect(path)
             s.sendall(b'{"cmd": "sta')
             assert json.loads(s.recv(4096)) == {"error": "no complete request within 1 s"}
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:   # a byte at a time
+            s.settimeout(30)
+            s.connect(path)
+            reply = b""
+            for byte in b'{"cmd": "status"}\n':   # 18 bytes at 0.2 s: 3.6 s if never cut
+                try:
+                    s.sendall(bytes([byte]))
+                except (BrokenPipeError, ConnectionResetError):
+                    break
+                time.sleep(0.2)
+                s.setblocking(False)
+                try:
+                    reply = s.recv(4096)
+                except BlockingIOError:
+                    pass
+                finally:
+                    s.settimeout(30)
+                if reply:
+                    break
+            reply = reply or s.recv(4096)
+            # Each byte came within 0.2 s, so a timeout per recv would never have fired.
+            assert json.loads(reply) == {"error": "no complete request within 1 s"}
         assert "bad request" in ask(path, os.urandom(4096).replace(b"\n", b"") + b"\n")["error"]
         assert ask(path, b'{"cmd": "status"}\n') == {"state": "fake"}
 

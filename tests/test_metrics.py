@@ -4,6 +4,7 @@ import contextlib
 import os
 import socket
 import subprocess
+import time
 import urllib.error
 import urllib.request
 
@@ -169,6 +170,33 @@ def test_idle_http_connections_are_bounded_and_scrapes_still_work(monkeypatch):
         got = {}
         wait_until(lambda: got.update(text=_try_scrape(port)) or got["text"], what="a scrape answered")
         assert samples(got["text"])[("nbdrep_bytes_copied_total", frozenset({("export", "(default)")}))] == 4096
+    finally:
+        server.stop()
+
+
+def test_a_trickling_scrape_is_cut_at_the_deadline_without_a_traceback(monkeypatch, capsys):
+    """The deadline is per request, not per read: a client sending a byte every 0.2 s (each
+    read within its timeout) is cut at HTTP_TIMEOUT, and the log gets no traceback for it."""
+    monkeypatch.setattr(metrics, "HTTP_TIMEOUT", 1.0)
+    monkeypatch.setattr(metrics._Handler, "timeout", 1.0)
+    server = metrics.MetricsServer("127.0.0.1", 0, Fixed())
+    server.start()
+    try:
+        with socket.create_connection(("127.0.0.1", server.address[1]), timeout=30) as s:
+            reply = b""
+            for byte in b"GET /metrics HTTP/1.0\r\n\r\n":   # 26 bytes: 5.2 s if never cut
+                try:
+                    s.sendall(bytes([byte]))
+                except (BrokenPipeError, ConnectionResetError):
+                    break
+                time.sleep(0.2)
+            try:
+                reply = s.recv(65536)
+            except ConnectionResetError:
+                pass
+            assert b"nbdrep_" not in reply, "a request that took 5 s was answered"
+        assert "Traceback" not in capsys.readouterr().err
+        assert scrape(server.address[1])   # the slot was given back
     finally:
         server.stop()
 

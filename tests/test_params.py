@@ -54,8 +54,9 @@ def test_replicas_attach_to_their_sources():
     ([("source", "/a"), ("stop-timeout", "0")], "stop-timeout='0' must be > 0 and at most 86400 seconds"),
     ([("source", "/a"), ("stop-timeout", "later")], "stop-timeout='later' is not a number of seconds"),
     ([("source", "/a"), ("resync", "maybe")], "resync='maybe': use auto or full"),
-    ([("source", "/a"), ("dirty-region", "3M")], "dirty-region='3M' must be 0 (off) or a power of two"),
+    ([("source", "/a"), ("dirty-region", "3M")], "dirty-region='3M' must be 0 (off) or a power of two from 4K to 1G"),
     ([("source", "/a"), ("dirty-region", "2K")], "dirty-region='2K' must be 0 (off) or a power of two"),
+    ([("source", "/a"), ("dirty-region", "2G")], "dirty-region='2G' must be 0 (off) or a power of two"),
     ([("source", "/a"), ("dirty-region", "big")], "dirty-region='big' is not a size"),
 ])
 def test_bad_parameters_are_refused_with_a_clear_message(pairs, message):
