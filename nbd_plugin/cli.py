@@ -351,8 +351,13 @@ def _stamp_lines(source, sink):
     for line in iter(source.readline, b""):
         now = time.time()
         stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now)) + f".{int(now * 1000) % 1000:03d} "
-        sink.write(stamp.encode() + line)
-        sink.flush()
+        try:
+            sink.write(stamp.encode() + line)
+            sink.flush()
+        except (OSError, ValueError):
+            # Our stderr is gone (a closed pipe, a lost terminal): keep draining nbdkit's, or
+            # its writes would block once the pipe fills, and the server with them.
+            sink = open(os.devnull, "wb")  # noqa: SIM115 (lives as long as the relay)
 
 
 def _check_metrics_port(address):

@@ -7,6 +7,7 @@ import dataclasses
 import grp
 import ipaddress
 import math
+import os
 import re
 
 import tracker
@@ -134,9 +135,14 @@ def parse_seconds(text, what):
 
 def _set_control_group(cfg, value):
     try:
-        cfg.control_group = int(value) if value.isdigit() else grp.getgrnam(value).gr_gid
+        gid = grp.getgrgid(int(value)).gr_gid if value.isdigit() else grp.getgrnam(value).gr_gid
     except KeyError:
         raise ParamError(f"control-group={value!r}: no such group") from None
+    # Giving the socket to a group takes root or membership; found out only after the fork,
+    # it would fail once serving had begun.
+    if os.geteuid() != 0 and gid not in (os.getegid(), *os.getgroups()):
+        raise ParamError(f"control-group={value!r}: this user is not in that group")
+    cfg.control_group = gid
 
 
 def _set_metrics(cfg, value):
