@@ -515,16 +515,19 @@ class Session:
                 left = reports.build(closed, self.sizes, KINDS, zeros_as_data=action.zeros_as_data)
                 outstanding = left if outstanding is None else left.merged_with(outstanding, self.sizes)
         if not self._save_record(clean, outstanding, exact=True):
-            log.error("stopped, but the record could not be written: the next start resyncs in full")
+            log.error("stopped, but the record could not be written: the next start resyncs "
+                      "what the dirty-region log marked (in full without the log)")
             return
         what = "nothing" if not outstanding else f"{outstanding.byte_count()} bytes"
         log.info("stopped %s; %s outstanding for the next start", "cleanly" if clean else
-                 "without a clean record (the next start resyncs in full)", what)
+                 "without a clean record (the next start resyncs what the dirty-region log "
+                 "marked, in full without the log)", what)
 
     def _save_record(self, clean, outstanding=None, exact=False):
         """Write the record; True if it was. One that cannot be written (a full state
         directory) is logged and shown in status, never a failed cycle: the record on disk then
-        is an older one of a run in progress, so the next start resyncs in full, which is safe."""
+        is an older one of a run in progress, so the next start resyncs what the dirty-region
+        log marked (in full without the log), which is safe."""
         if self.state_dir is None:
             return True
         try:
@@ -533,7 +536,8 @@ class Session:
         except OSError as e:
             if self.record_error is None:
                 log.error("cannot write the replication record in %s (%s); until it can be "
-                          "written, a restart resyncs in full", self.state_dir, e.strerror or e)
+                          "written, a restart resyncs what the dirty-region log marked (in full "
+                          "without the log)", self.state_dir, e.strerror or e)
             self.record_error = f"{e.strerror or e}"
             return False
         self.record_error = None
