@@ -96,6 +96,7 @@ class Site:
         self.ctl = os.path.join(work, "c.sock")
         self.log = open(os.path.join(work, "serve.log"), "ab")   # noqa: SIM115 (the site's life)
         self.sock = os.path.join(work, "s.sock")
+        self.crashes = 0
 
     def serve(self, region):
         """`nbdrep serve` with 1 s cycles, once its first cycle is committed."""
@@ -132,7 +133,8 @@ class Site:
         """(bytes fio wrote, bytes the restart resynced, DRBD AL bytes, bytes the restart after
         a clean stop copied) for a kill -9 after ``seconds`` of fio."""
         server = self.serve(region)
-        iolog = os.path.join(self.work, "writes.iolog")
+        self.crashes += 1
+        iolog = os.path.join(self.work, f"writes-{self.crashes}.iolog")   # fio appends to a log
         fio = self.fio(server, seconds + 60, extra, iolog, wait_for_end=False)
         time.sleep(seconds)
         (nbdkit_proc,) = psutil.Process(server.pid).children()
