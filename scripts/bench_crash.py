@@ -42,7 +42,7 @@ def main():
     ap.add_argument("--dir", default="/var/tmp", help="where the images go (default: %(default)s)")
     ap.add_argument("--size", default="4G", help="source size (default: %(default)s)")
     ap.add_argument("--seconds", type=int, default=10, help="fio time per run (default: %(default)s)")
-    ap.add_argument("--rounds", type=int, default=3, help="IOPS rounds of each kind (default: %(default)s)")
+    ap.add_argument("--rounds", type=int, default=3, help="IOPS rounds of each kind, 0 for none (default: %(default)s)")
     ap.add_argument("--regions", default="1M,64K,4K",
                     help="region sizes to crash with, or none (default: %(default)s)")
     args = ap.parse_args()
@@ -63,12 +63,14 @@ def main():
             for region in [] if args.regions == "none" else args.regions.split(","):
                 print(f"[bench] crash: {workload}, {region} regions", file=sys.stderr, flush=True)
                 crashes.append([workload, region, *site.crash(region, args.seconds, extra)])
-    on, off = iops.values()
-    print(f"\n4k random writes, QD16, replicating ({args.size} source, {args.seconds} s x {args.rounds} rounds)")
-    print(format_table(["server", "IOPS median", "IOPS each run"],
-                       [[name, f"{statistics.median(r):.0f}", ", ".join(f"{x:.0f}" for x in r)]
-                        for name, r in iops.items()]))
-    print(f"ratio on/off (median): {statistics.median(on) / statistics.median(off):.3f}")
+    if args.rounds:
+        on, off = iops.values()
+        print(f"\n4k random writes, QD16, replicating ({args.size} source, {args.seconds} s x "
+              f"{args.rounds} rounds)")
+        print(format_table(["server", "IOPS median", "IOPS each run"],
+                           [[name, f"{statistics.median(r):.0f}", ", ".join(f"{x:.0f}" for x in r)]
+                            for name, r in iops.items()]))
+        print(f"ratio on/off (median): {statistics.median(on) / statistics.median(off):.3f}")
     print(f"\nResync after kill -9 under fio ({args.size} source, 1 s cycles, {args.seconds} s of fio)")
     print(format_table(["workload", "region", "written MiB", "nbdrep resync MiB", "DRBD AL MiB",
                         "nbdrep / DRBD", "after a clean stop MiB"],
