@@ -30,9 +30,10 @@ PACKAGE_ROOT = os.path.dirname(os.path.dirname(PLUGIN))
 START_TIMEOUT = 60.0
 RELAY_TIMEOUT = 10.0
 PSK_LINE = re.compile(r"[^:\s]+:(?:[0-9A-Fa-f]{2})+")
-# nbdkit worker threads. The plugin's Python code runs under one GIL, so more threads mostly
-# add GIL hand-offs: 4k random writes measured 22k IOPS at 1 thread, 14.5k at 2, 13k at 4 and
-# 9.5k at 16 (scripts/bench_server.py). Two keep a slow flush or read from stalling everything.
+# nbdkit worker threads per connection. Since the workers keep their Python thread states
+# (nbd_plugin/_build.py), 4k random reads measured 26k IOPS at 1 thread, 51k at 2, 44k at 4 and
+# 37k at 16 (scripts/bench_server.py, medians of three interleaved rounds): two serve a cached
+# read while the other waits for a flush or the disk, and more add GIL hand-offs.
 DEFAULT_THREADS = 2
 
 
