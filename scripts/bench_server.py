@@ -1,9 +1,9 @@
 """Benchmark the NBD front end: fio against several servers side by side, in interleaved rounds.
 
 Usage: .venv/bin/python scripts/bench_server.py [--seconds S] [--rounds R] [--threads N,...]
-                                               [--workloads NAME,...] [--dir DIR] [--steps]
+                                               [--workloads NAME,...] [--size MIB] [--dir DIR] [--steps]
 
-Servers, all serving the same 1 GiB image of random data, each started once and kept running:
+Servers, all serving the same image of random data (1 GiB), each started once and kept running:
 
   C file      nbdkit's C ``file`` plugin: the ceiling for this machine
   minimal     nbdkit's Python plugin doing nothing but ``os.preadv``/``os.pwrite``, ``--threads 1``:
@@ -23,7 +23,8 @@ Then the stall check, on the tracked server and on the C plugin for comparison: 
 reader (QD16) alone, then while a second connection writes 4k blocks each followed by a flush (fio
 ``--fsync=1``), then alone again. A flush (or a read that misses the page cache) must not stall
 the other connections: the reader keeps at least half its IOPS (against the mean of the runs
-alone), and its slowest read shows whether any waited for a flush. Progress goes to stderr, the tables to stdout.
+alone), and its slowest read shows whether any waited for a flush. Progress goes to stderr, the
+tables to stdout.
 
 ``--steps`` prints instead what each step of a 4k request costs in this process, without
 nbdkit (timeit, best of five, less the cost of calling an empty lambda): where the plugin's part
@@ -190,7 +191,7 @@ def stall_check(server, seconds, size):
     progress(f"  {server.name}: stall check, a reader alone, beside a flushing writer, alone")
     reader = WORKLOADS["4k randread QD16"]
     alone = run_fio(server.uri, reader, seconds, size)
-    # The writer runs a second longer on each side, so it overlaps the whole reader run.
+    # The writer starts first and runs two seconds longer, so it overlaps the whole reader run.
     writer = subprocess.Popen(fio_command(server.uri, FLUSHING_WRITER, seconds + 2, size),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
