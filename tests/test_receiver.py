@@ -19,6 +19,8 @@ from receiver.journal import ExtentMap, parse_keep, to_fold
 
 MiB = 1 << 20
 BLOCK = 4096
+# Every commit folds: the journals may not hold even one 32 MiB generation.
+FOLD_ALL = ["--keep", "2", "--journal-max", "16M"]
 
 
 class Receiver:
@@ -206,13 +208,16 @@ def test_kill9_receiver_or_source_20_rounds_never_torn_never_lost(procs, tmp_pat
     the receiver's nbdkit (or, every fourth round, the source's) with kill -9 at a random
     moment of the copy. The receiver is restarted on another socket, where the source cannot
     reach it, and must serve exactly one generation: the last committed one or the new one,
-    never a mix, never an older one. Then it rejoins and the new generation commits."""
+    never a mix, never an older one. Then it rejoins and the new generation commits. Every
+    commit is folded into the target at once (a generation is over --journal-max), so the
+    image is read from the target itself, and every third round kills just after the commit,
+    in the middle of its fold."""
     size = 32 * MiB
     rng = random.Random(10)
     src = make_image(str(tmp_path / "source.img"), size)
     target = make_image(str(tmp_path / "target.img"), size)
     tmp = str(tmp_path)
-    r = Receiver(procs, tmp, [target])
+    r = Receiver(procs, tmp, [target], extra=FOLD_ALL)
     server = Server(procs, tmp, [src], [r.uri()], extra=["--cycle", "3600"])
     write_image(server.sock, generation(0, size))
     last = server.rp()
@@ -222,25 +227,28 @@ def test_kill9_receiver_or_source_20_rounds_never_torn_never_lost(procs, tmp_pat
     for g in range(1, 21):
         write_image(server.sock, generation(g, size))
         nbdrep("rp", "--control", server.control)
-        if g % 2:
+        if g % 3 == 0:
             time.sleep(rng.uniform(0.0, 0.3))
-        else:   # in the middle of the copy, unless it commits first
+        elif g % 3 == 1:   # in the middle of the copy, unless it commits first
             wait_until(lambda: r.status()["pending_bytes"] or r.status()["committed_cycle"] > last,
                        60, "the copy under way", poll=0.002)
+        else:   # just after the commit: in the middle of folding it into the target
+            wait_until(lambda: r.status()["committed_cycle"] > last, 60, "the commit", poll=0.002)
         kill_source = g % 4 == 0
         if kill_source:
             kill9_server(procs, server)
         r.kill9()
-        check = Receiver(procs, tmp, [target], sock=str(tmp_path / "check.sock"),
+        check = Receiver(procs, tmp, [target], extra=FOLD_ALL, sock=str(tmp_path / "check.sock"),
                          control_path=str(tmp_path / "check-control.sock"))
         image = check.read()
         held = generations_in(image)
         assert held in ([g - 1], [g]), f"round {g}: the receiver serves generations {held}"
+        assert g % 3 != 2 or held == [g], f"round {g}: generation {g} lost after its commit"
         assert image == generation(held[0], size)
         seen_new += held == [g]
         seen_old += held == [g - 1]
         check.stop()
-        r = Receiver(procs, tmp, [target])
+        r = Receiver(procs, tmp, [target], extra=FOLD_ALL)
         if kill_source:
             unlink_stale(server.control)
             server = Server(procs, tmp, [src], [r.uri()], extra=["--cycle", "3600"])
@@ -248,6 +256,7 @@ def test_kill9_receiver_or_source_20_rounds_never_torn_never_lost(procs, tmp_pat
         r.wait_committed(last)
         assert r.read() == generation(g, size), f"round {g}: generation {g} lost after its commit"
     assert seen_new and seen_old, "the kills all fell on the same side of the commit"
+    assert r.status()["base_cycle"] is not None, "nothing was folded"
 
 
 def test_resume_handshake_trusts_an_agreeing_receiver_and_resyncs_another(procs, tmp_path):
