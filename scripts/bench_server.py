@@ -234,7 +234,8 @@ def request_steps(image, calls=100_000):
         hook.end(cycle, 0, KIND_DATA, offset, 4096)
 
     steps = [
-        ("os.preadv 4k, page-cache hit (the minimal plugin's read)", lambda: os.preadv(backend.fd, [buf], offset)),
+        ("os.preadv 4k, page-cache hit (the minimal plugin's read)",
+         lambda: os.preadv(backend.fd, [buf], offset)),
         ("Backend.pread 4k, page-cache hit (C, keeps the GIL)", lambda: backend.pread(buf, offset)),
         ("os.pwrite 4k (the minimal plugin's write)", lambda: os.pwrite(backend.fd, block, offset)),
         ("Backend.pwrite 4k (C, without the GIL)", lambda: backend.pwrite(block, offset)),

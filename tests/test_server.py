@@ -420,8 +420,8 @@ def test_a_cold_read_or_a_flush_on_one_connection_does_not_hold_up_another(procs
     data = hf.pread(4 * MiB, 0)   # the fast source is in the page cache now
 
     started = time.monotonic()
-    cookies = [hs.aio_pread(nbd.Buffer(BLOCK), 0), hs.aio_pwrite(nbd.Buffer.from_bytearray(bytearray(BLOCK)), MiB),
-               hs.aio_flush()]
+    cookies = [hs.aio_pread(nbd.Buffer(BLOCK), 0),
+               hs.aio_pwrite(nbd.Buffer.from_bytearray(bytearray(BLOCK)), MiB), hs.aio_flush()]
     for i in range(200):
         offset = i * 7919 % 1024 * BLOCK
         assert hf.pread(BLOCK, offset) == data[offset:offset + BLOCK]
@@ -432,6 +432,7 @@ def test_a_cold_read_or_a_flush_on_one_connection_does_not_hold_up_another(procs
             hs.poll(1000)
     slow_done = time.monotonic() - started
     assert slow_done >= SLOW, "the slow source answered at once: the test proves nothing"
-    assert fast_done < SLOW / 2, f"200 cached reads took {fast_done:.1f} s beside a slow read, write and flush"
+    assert fast_done < SLOW / 2, \
+        f"200 cached reads took {fast_done:.1f} s beside a slow read, write and flush"
     hs.shutdown()
     hf.shutdown()
