@@ -445,3 +445,25 @@ def test_commit_travels_through_an_nbd_proxy(procs, nbdkit, tmp_path):
     h.connect_uri(f"nbd+unix:///@{cycle}?socket={psock}")
     assert h.pread(BLOCK, 0) == generation(1, size)[:BLOCK]
     h.shutdown()
+
+
+def test_commit_travels_over_tls(procs, tmp_path):
+    """A receiver with nbdkit's TLS (PSK): the source replicates to an nbds+unix:// URI and
+    the commit record, on the metadata export of the same URI, goes over TLS too."""
+    size = 4 * MiB
+    tmp = str(tmp_path)
+    psk = tmp_path / "keys.psk"
+    psk.write_text("alice:" + "ab" * 32 + "\n")
+    src = make_image(str(tmp_path / "source.img"), size)
+    target = make_image(str(tmp_path / "target.img"), size)
+    r = Receiver(procs, tmp, [target], extra=["--tls-psk", str(psk)])
+    tls = f"nbds+unix://alice@/?socket={r.sock}&tls-psk-file={psk}"
+    server = Server(procs, tmp, [src], [tls], extra=["--cycle", "3600"])
+    write_image(server.sock, generation(1, size))
+    cycle = server.rp()
+    assert r.status()["committed_cycle"] == cycle
+    h = nbd.NBD()
+    h.set_uri_allow_local_file(True)
+    h.connect_uri(tls)
+    assert h.pread(BLOCK, 0) == generation(1, size)[:BLOCK]
+    h.shutdown()
