@@ -40,10 +40,15 @@
  * then words, queues new extent marks for the next msync, and waits for it.  The msync's owner
  * sets SYNCED on the extents it covered.
  *
+ * A write whose extents are all marked and synced but that marks a new fine region needs only
+ * `mu`: dl_mark tries it, keeping the GIL (a try never blocks), and takes the waiting path only
+ * if it is held.
+ *
  * When cycle N is committed (every write of a cycle <= N is on the replica and flushed),
- * dl_commit clears, under `mu`, the units of both levels whose last write is of a cycle
- * <= N - hot_cycles and that are SYNCED: recently written ones stay marked ("hot", as in DRBD's
- * activity log), so a steady workload does not mark the same extents anew each cycle.  A clear
+ * dl_commit clears, under `mu`, the SYNCED extents whose last write is of a cycle
+ * <= N - hot_cycles, and the regions whose last write is of a cycle <= N: recently written
+ * extents stay marked ("hot", as in DRBD's activity log), so a steady workload does not wait
+ * for an msync each cycle for the same extents; regions cost no system call to mark again.  A clear
  * is a compare-and-swap of the word from exactly what was read to 0, then the bit.  It never
  * needs a sync: a lost clear costs a unit resynced for nothing.
  *
@@ -53,17 +58,18 @@
  * and takes the slow path, which sets the bit again (and syncs an extent) before its data
  * write.  Bits and words change only under `mu` when going unmarked -> marked (bit first) or
  * marked -> unmarked (word first), so the invariants hold at every instant, for every thread
- * and for the file after a kill -9.  Writers of the open cycle carry c > N >= N - hot_cycles,
- * so a word they raised is never cleared by the commit of N; an extent waiting for its msync
- * is not SYNCED, so it is not cleared either.
+ * and for the file after a kill -9.  Writers of the open cycle carry c > N, so a word they
+ * raised is never cleared by the commit of N; an extent waiting for its msync is not SYNCED,
+ * so it is not cleared either.
  *
  * Locks
  * -----
  * `mu` guards: marking and clearing (bits and words together), the queue of extents waiting for
  * an msync, `marks_seq` updates, `syncing`, `synced`, and the counters.  msync runs without
  * `mu` (`syncing` keeps it to one at a time); writers waiting for it sleep on `cv`.  The fast
- * path takes no lock.  No call holds the GIL while it may block: dl_mark never blocks, and the
- * build script's wrappers let go of the GIL around dl_mark_wait, dl_commit and dl_stats.
+ * path takes no lock but a try of `mu`.  No call holds the GIL while it may block: dl_mark never
+ * blocks, and the build script's wrappers let go of the GIL around dl_mark_wait, dl_commit and
+ * dl_stats.
  *
  * Memory: 4 bytes per region and per extent; on disk, 1 bit each.  A 1 TiB source at 64 KiB
  * regions and 1 MiB extents: 68 MiB of memory and a 2.1 MiB file.
@@ -223,11 +229,27 @@ static int raise_all(struct dirtylog *d, struct level *l, int64_t dev, uint64_t 
     return DL_OK;
 }
 
+static void mark_locked(struct dirtylog *d, struct level *l, uint64_t first, uint64_t last,
+                        uint32_t rel, int durable);
+
 int dl_mark(struct dirtylog *d, uint64_t cycle, int64_t dev, uint64_t offset, uint64_t length)
 {
     uint32_t rel = relative(d, cycle);
     int rc = raise_all(d, &d->coarse, dev, offset, length, rel);
-    return rc != DL_OK ? rc : raise_all(d, &d->fine, dev, offset, length, rel);
+    if (rc != DL_OK)
+        return rc;
+    rc = raise_all(d, &d->fine, dev, offset, length, rel);
+    if (rc != DL_EWOULDBLOCK)
+        return rc;
+    /* New fine marks need no msync, only mu: take it if it is free, without letting go of the
+     * GIL (a try never blocks); if it is held, the waiting path. */
+    if (pthread_mutex_trylock(&d->mu) != 0)
+        return DL_EWOULDBLOCK;
+    uint64_t first, last;
+    units_of(d, &d->fine, dev, offset, length, &first, &last);
+    mark_locked(d, &d->fine, first, last, rel, 0);
+    pthread_mutex_unlock(&d->mu);
+    return DL_OK;
 }
 
 static int enqueue(struct dirtylog *d, uint64_t u, uint64_t seq)
@@ -358,17 +380,25 @@ static uint64_t clear_locked(struct level *l, uint64_t upto)
     return n;
 }
 
+/* `committed` - `hot` as words count cycles (0: nothing to clear). */
+static uint64_t clear_upto(struct dirtylog *d, uint64_t committed, uint64_t hot)
+{
+    if (committed < d->first || committed - d->first + 1 <= hot)
+        return 0;
+    uint64_t upto = committed - d->first + 1 - hot;
+    return upto >= REL_MAX ? REL_MAX - 1 : upto;   /* saturated words may hold later writes */
+}
+
 uint64_t dl_commit(struct dirtylog *d, uint64_t committed)
 {
-    /* Clear what was last written in a cycle <= committed - hot, counted as words count. */
-    if (committed < d->first || committed - d->first + 1 <= d->hot)
-        return 0;
-    uint64_t upto = committed - d->first + 1 - d->hot;
-    if (upto >= REL_MAX)
-        upto = REL_MAX - 1;   /* saturated words may hold later writes */
+    /* Extents stay marked while hot (a new one costs an msync); fine regions cost nothing to
+     * mark again, so they clear as soon as their writes are committed: what a crash resyncs
+     * is then what was written since the last commit, at the regions' size. */
+    uint64_t coarse = clear_upto(d, committed, d->hot), fine = clear_upto(d, committed, 0);
     pthread_mutex_lock(&d->mu);
-    clear_locked(&d->coarse, upto);
-    uint64_t n = clear_locked(&d->fine, upto);
+    if (coarse)
+        clear_locked(&d->coarse, coarse);
+    uint64_t n = fine ? clear_locked(&d->fine, fine) : 0;
     d->cleared += n;
     pthread_mutex_unlock(&d->mu);
     return n;

@@ -6,8 +6,8 @@ reached the source without reaching the replica. This log does, so the next star
 marked parts instead of the whole disk. ``dirtylog.c`` holds the theory of operation: every
 write marks its fine regions (64 KiB by default: they survive kill -9) and its extents (1 MiB:
 made durable by an msync the write waits for, one per group of writers, so they survive power
-loss) before it reaches the back end; a mark is cleared once a committed cycle covers every write
-to it and it has not been written for ``HOT_CYCLES`` cycles. After a crash the boot id tells
+loss) before it reaches the back end; a region's mark is cleared once a committed cycle covers
+every write to it, an extent's once it has also not been written for ``HOT_CYCLES`` cycles. After a crash the boot id tells
 which level to trust: the same boot (the page cache survived) resyncs the fine regions, a new
 one the extents.
 
@@ -34,10 +34,10 @@ from replication.record import write_bytes
 
 MIN_REGION, MAX_REGION = 4096, 1 << 30
 EXTENT = 1 << 20   # the durable level; the region if that is larger
-# Cycles a region stays marked after its last write was committed. Marking is cheap once a
-# region is marked, and a new extent mark costs an msync the writer waits for: a region written
-# at least every few cycles stays marked. What it costs after a crash: the regions written in
-# the last HOT_CYCLES cycles before it, resynced though they may be equal.
+# Cycles an extent stays marked after its last write was committed: a new extent mark costs an
+# msync the writer waits for, so an extent written at least every few cycles stays marked. What
+# it costs after power loss: the extents written in the last HOT_CYCLES cycles, resynced though
+# they may be equal (after kill -9 the regions say more precisely).
 HOT_CYCLES = 4
 PREFIX, SUFFIX = "dirty-", ".map"
 BOOT_ID = "/proc/sys/kernel/random/boot_id"

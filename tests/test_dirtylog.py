@@ -122,8 +122,13 @@ class DirtyLogModel(RuleBasedStateMachine):
         marked = on_disk(self.state, self.log)
         assert marked <= set(self.last), "a region never written is marked"
         if self.cleared_upto is not None:
-            stale = {key for key in marked if self.last[key] <= self.cleared_upto - HOT}
-            assert not stale, "committed regions that cooled down stay marked"
+            stale = {key for key in marked if self.last[key] <= self.cleared_upto}
+            assert not stale, "committed regions stay marked"
+            per = EXTENT // REGION
+            extents = {(name, r // per) for name, r in on_disk(self.state, self.log, True)}
+            hot = {(name, r // per) for (name, r), c in self.last.items()
+                   if c > self.cleared_upto - HOT}
+            assert extents <= hot, "committed extents that cooled down stay marked"
         assert self.log.stats()["marked"] == len(marked)
 
 
