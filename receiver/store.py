@@ -18,7 +18,9 @@ temporary file, fsync, rename, fsync of the directory) now lists the old ones un
 together. After a crash at any instant the record is the old one (the writes stay pending,
 invisible, and the next commit covers them: nothing the copier sent is lost) or the new one.
 Journal files that neither the record's RPs nor its pending entries name are leftovers of a
-crash and are deleted at start.
+crash and are deleted at start. Before the first commit there is no RP to keep whole, and the
+writes (the initial sync) go straight into the targets; the first commit records an RP that
+lives in them.
 
 RP ``N`` of an export reads, per byte, from the newest journal of an RP <= N that holds it,
 else from the base image. Retention folds the oldest RP into the base image: copy its
@@ -199,6 +201,10 @@ class Store:
                 self.bases[name] = Backend(path, readonly=readonly)
             self.sizes = {n: b.size for n, b in self.bases.items()}
             self.record = load(state_dir, targets, self.sizes)
+            # Before the first commit the targets hold no RP to keep whole: the initial sync
+            # goes straight into them, as into a plain replica, not through a journal as big
+            # as the targets (and a fold of as much).
+            self._direct = not readonly and self.record["committed_cycle"] is None
             self._recover()
         except BaseException:
             self.close()
@@ -271,8 +277,9 @@ class Store:
     # -- the copier's writes -----------------------------------------------------------------
 
     def _enter(self, name, length):
-        """Admit a write (or flush) of ``name``'s pending journal; returns the journal and,
-        for a write (``length`` not None), its log slot. Pair with ``_leave``.
+        """Admit a write (or flush) of ``name``; returns where it goes: (pending journal, log
+        slot for a write (``length`` not None), Backend to write), or, before the first commit,
+        (None, None, the target). Pair with ``_leave``.
 
         No lock on this path: two nbdkit threads contending for one lock per write hand the
         GIL over at every contended acquire. A writer announces itself (a list append, atomic
@@ -291,8 +298,10 @@ class Store:
             raise OSError(errno.EROFS, "the targets were promoted: this receiver receives no more")
         # Unlocked, so a racing increment may be lost: a status figure, not an account.
         self.pending_bytes += length or 0
+        if self._direct:
+            return None, None, self.bases[name]
         j = self.pending[name]
-        return j, (None if length is None else j.reserve())
+        return j, (None if length is None else j.reserve()), j.data
 
     def _leave(self):
         self._inflight.pop()
@@ -321,25 +330,30 @@ class Store:
             self._cond.notify_all()
 
     def write(self, name, buf, offset):
-        j, slot = self._enter(name, len(buf))
+        j, slot, dest = self._enter(name, len(buf))
         try:
-            j.data.pwrite(buf, offset)
-            j.note(slot, offset, len(buf))
+            dest.pwrite(buf, offset)
+            if j is not None:
+                j.note(slot, offset, len(buf))
         finally:
             self._leave()
 
     def zero(self, name, offset, length):
-        j, slot = self._enter(name, length)
+        j, slot, dest = self._enter(name, length)
         try:
-            j.data.zero(offset, length, True, False)
-            j.note(slot, offset, length)
+            dest.zero(offset, length, True, False)
+            if j is not None:
+                j.note(slot, offset, length)
         finally:
             self._leave()
 
     def flush(self, name):
-        j, _ = self._enter(name, None)
+        j, _, dest = self._enter(name, None)
         try:
-            j.sync()
+            if j is None:
+                dest.flush()
+            else:
+                j.sync()
         finally:
             self._leave()
 
@@ -443,6 +457,16 @@ class Store:
         now = self.clock()
         journals, fresh = {}, {}
         total = 0
+        if self._direct:   # the first RP is in the targets themselves
+            for base in self.bases.values():
+                base.flush()
+            rp = {"cycle": cycle, "rp_time": rp_time, "commit_time": now, "bytes": 0, "journals": {}}
+            with self._record_lock:
+                self._write_record(dict(self.record, session_id=session_id, committed_cycle=cycle,
+                                        rp_time=rp_time, commit_time=now, rps=[rp]))
+            self._direct = False
+            self.pending_bytes = 0
+            return
         try:
             for name, j in self.pending.items():
                 j.sync()

@@ -1,8 +1,9 @@
 """Benchmark the receiver (``nbdrep receive``) side by side with a plain ``nbdkit file`` replica.
 
-1. Copy throughput: the initial sync of a source of random data (``--size``), timed from the
-   RP to the commit (for the receiver: to its commit record, which follows the source's by
-   one round trip), into ``nbdkit file`` and into the receiver, alternated, ``ROUNDS`` each
+1. Copy throughput: the initial sync of a source of random data (``--size``), then a cycle
+   that rewrote all of it with new random data (which the receiver journals: its initial sync
+   goes straight into the target), each timed from the RP to the commit (for the receiver: to
+   its commit record), into ``nbdkit file`` and into the receiver, alternated, ``ROUNDS`` each
    after an untimed warm-up; the replica image is overwritten in place before each run.
 2. Lag: fio 4k zipf random writes for ``--seconds`` with 1 s cycles, replicating into the
    receiver, then the same into ``nbdkit file``; lag sampled every 0.1 s (on the receiver's
@@ -20,6 +21,8 @@ import subprocess
 import sys
 import tempfile
 import time
+
+import nbd
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -97,24 +100,42 @@ def bench_throughput(work, size):
             f.write(os.urandom(1 << 20))
     kinds = ("nbdkit file", "receiver")
     plan = [("nbdkit file", False)] + [(k, True) for _ in range(ROUNDS) for k in kinds]
-    results = {k: [] for k in kinds}
+    results = {(k, what): [] for k in kinds for what in ("initial sync", "full cycle")}
     for i, (kind, counted) in enumerate(plan):
         overwrite(dst, size)
         os.sync()
         with Procs() as procs:
             uri, rctl = start_replica(procs, work, kind, dst, f"t{i}")
-            _, ctl = serve(procs, work, src, uri, f"t{i}", "3600")
+            suri, ctl = serve(procs, work, src, uri, f"t{i}", "3600")
             progress(f"throughput {i}/{len(plan) - 1}: {kind}{'' if counted else ' (warm-up)'}")
-            reply = ask(ctl, {"cmd": "rp", "wait": True, "timeout": 3600}, 3700)
-            first = ask(ctl, {"cmd": "status"})["cycles"][0]
-            end = first["commit_time"]
-            if rctl is not None:
-                end = wait_receiver(rctl, reply["cycle"])["commit_time"]
-            seconds = end - first["rp_time"]
-        same = subprocess.run(["cmp", "-s", src, dst]).returncode == 0 if rctl is None else None
+            sync = timed_rp(ctl, rctl)
+            rewrite(suri, size)
+            os.sync()
+            full = timed_rp(ctl, rctl)
         if counted:
-            results[kind].append((seconds, same))
+            results[(kind, "initial sync")].append(sync)
+            results[(kind, "full cycle")].append(full)
     return results
+
+
+def timed_rp(ctl, rctl):
+    """Take an RP, wait for its commit; seconds from the RP to the (receiver's) commit."""
+    cycle = ask(ctl, {"cmd": "rp", "wait": True, "timeout": 3600}, 3700)["cycle"]
+    record = next(c for c in ask(ctl, {"cmd": "status"})["cycles"] if c["cycle"] == cycle)
+    end = record["commit_time"]
+    if rctl is not None:
+        end = wait_receiver(rctl, cycle)["commit_time"]
+    return end - record["rp_time"]
+
+
+def rewrite(uri, size):
+    """New random data over all of the source, through nbdrep serve (so it is tracked)."""
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    for off in range(0, size, 1 << 20):
+        h.pwrite(os.urandom(1 << 20), off)
+    h.flush()
+    h.shutdown()
 
 
 def overwrite(dst, size):
@@ -174,17 +195,19 @@ def percentile(values, q):
 
 def print_tables(size, throughput, run, plain):
     mb = size / 1e6
-    print(f"\nCopy throughput, initial sync of {size >> 20} MiB of random data, RP to commit "
+    print(f"\nCopy throughput, {size >> 20} MiB of random data, RP to commit "
           f"({ROUNDS} alternated runs each)")
     rows, best, median = [], {}, {}
-    for kind, runs in throughput.items():
-        times = [s for s, _ in runs]
-        best[kind], median[kind] = min(times), statistics.median(times)
-        rows.append((kind, f"{best[kind]:.2f}", f"{median[kind]:.2f}", f"{mb / best[kind]:.0f}",
-                     f"{mb / median[kind]:.0f}"))
+    for (kind, what), times in throughput.items():
+        key = (kind, what)
+        best[key], median[key] = min(times), statistics.median(times)
+        rows.append((f"{kind}, {what}", f"{best[key]:.2f}", f"{median[key]:.2f}",
+                     f"{mb / best[key]:.0f}", f"{mb / median[key]:.0f}"))
     print(format_table(("replica", "best (s)", "median (s)", "best MB/s", "median MB/s"), rows))
-    print(f"receiver / nbdkit file: {best['nbdkit file'] / best['receiver']:.2f}x best, "
-          f"{median['nbdkit file'] / median['receiver']:.2f}x median (goal >= 0.8x)")
+    for what in ("initial sync", "full cycle"):
+        f, r = ("nbdkit file", what), ("receiver", what)
+        print(f"{what}: receiver / nbdkit file {best[f] / best[r]:.2f}x best, "
+              f"{median[f] / median[r]:.2f}x median (goal >= 0.8x)")
     print("\nLag under fio 4k zipf randwrite, 1 s cycles, one run each (goal: receiver p99 <= 1.5 s)")
     print(format_table(("replica", "samples", "p50 (s)", "p99 (s)", "max (s)"), [
         (kind, str(len(r["lags"])), f"{percentile(r['lags'], 50):.2f}", f"{percentile(r['lags'], 99):.2f}",
