@@ -70,9 +70,13 @@ static void keep_thread_state(void)
     pthread_setspecific(kept_key, PyThreadState_Get());
 }
 
+/* Up to this much, a cached read keeps the GIL: a page-cache copy of 128 KiB takes ~15 us,
+ * about a GIL hand-off; a longer one would hold every other thread for its whole copy. */
+#define GIL_READ_MAX (128 * 1024)
+
 static int be_pread_gil(int fd, unsigned char *buf, size_t length, uint64_t offset)
 {
-    int64_t cached = be_pread_cached(fd, buf, length, offset);
+    int64_t cached = length <= GIL_READ_MAX ? be_pread_cached(fd, buf, length, offset) : 0;
     if (cached == (int64_t)length)
         return 0;
     if (cached < 0)   /* not cached, or no answer: the blocking read tells */

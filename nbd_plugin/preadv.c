@@ -52,6 +52,8 @@ int be_pwrite(int fd, const unsigned char *buf, size_t length, uint64_t offset)
             continue;
         if (r < 0)
             return errno;
+        if (r == 0)   /* no progress, no error (a file system that cannot take more) */
+            return EIO;
         done += (size_t)r;
     }
     return 0;
