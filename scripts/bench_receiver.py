@@ -108,7 +108,7 @@ def bench_throughput(work, size):
             uri, rctl = start_replica(procs, work, kind, dst, f"t{i}")
             suri, ctl = serve(procs, work, src, uri, f"t{i}", "3600")
             progress(f"throughput {i}/{len(plan) - 1}: {kind}{'' if counted else ' (warm-up)'}")
-            sync = timed_rp(ctl, rctl)
+            sync = timed_rp(ctl, rctl, first=True)
             rewrite(suri, size)
             os.sync()
             full = timed_rp(ctl, rctl)
@@ -118,13 +118,17 @@ def bench_throughput(work, size):
     return results
 
 
-def timed_rp(ctl, rctl):
-    """Take an RP, wait for its commit; seconds from the RP to the (receiver's) commit."""
+def timed_rp(ctl, rctl, first=False):
+    """Take an RP, wait for its commit; seconds from the RP to the (receiver's) commit of that
+    cycle or, with ``first``, of the session's first cycle (the initial sync, which starts
+    by itself)."""
     cycle = ask(ctl, {"cmd": "rp", "wait": True, "timeout": 3600}, 3700)["cycle"]
-    record = next(c for c in ask(ctl, {"cmd": "status"})["cycles"] if c["cycle"] == cycle)
+    cycles = ask(ctl, {"cmd": "status"})["cycles"]
+    record = cycles[0] if first else next(c for c in cycles if c["cycle"] == cycle)
     end = record["commit_time"]
     if rctl is not None:
-        end = wait_receiver(rctl, cycle)["commit_time"]
+        rps = wait_receiver(rctl, cycle)["rps"]
+        end = next(rp for rp in rps if rp["cycle"] == record["cycle"])["commit_time"]
     return end - record["rp_time"]
 
 
