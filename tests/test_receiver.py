@@ -61,10 +61,7 @@ class Receiver:
 
     def kill9(self):
         """kill -9 the nbdkit process that holds the journals (not the CLI in front of it)."""
-        child = psutil.Process(self.proc.pid).children()[0]
-        os.kill(child.pid, signal.SIGKILL)
-        self.procs.wait(self.proc, 30)
-        self.procs.procs.remove(self.proc)
+        kill9_nbdkit(self.procs, self.proc)
 
     def stop(self):
         self.procs.stop(self.proc)
@@ -77,11 +74,14 @@ def unlink_stale(path):
         os.unlink(path)
 
 
-def kill9_server(procs, server):
-    child = psutil.Process(server.proc.pid).children()[0]
-    os.kill(child.pid, signal.SIGKILL)
-    procs.wait(server.proc, 30)
-    procs.procs.remove(server.proc)
+def kill9_nbdkit(procs, proc):
+    """kill -9 the nbdkit that the nbdrep command ``proc`` runs, then reap ``proc``."""
+    children = psutil.Process(proc.pid).children()
+    assert [c.name() for c in children] == ["nbdkit"], \
+        f"{proc.args[3]} (exit status {proc.poll()}) runs {[c.name() for c in children]}, not nbdkit"
+    os.kill(children[0].pid, signal.SIGKILL)
+    procs.wait(proc, 30)
+    procs.procs.remove(proc)
 
 
 def generation(g, size):
@@ -241,7 +241,7 @@ def test_kill9_receiver_or_source_20_rounds_never_torn_never_lost(procs, tmp_pat
             wait_until(lambda: r.status()["committed_cycle"] > last, 60, "the commit", poll=0.002)
         kill_source = g % 4 == 0
         if kill_source:
-            kill9_server(procs, server)
+            kill9_nbdkit(procs, server.proc)
         r.kill9()
         check = Receiver(procs, tmp, [target], extra=FOLD_ALL, sock=str(tmp_path / "check.sock"),
                          control_path=str(tmp_path / "check-control.sock"))
