@@ -94,6 +94,8 @@ def build_parser(command=None):
     if command not in OWN_COMMANDS:
         from receiver.cli import add_parsers   # receiver.cli builds on this module
         add_parsers(sub)
+        from nbd_plugin import plot   # as does plot
+        plot.add_parser(sub)
     _add_verify(sub)
     return parser
 
@@ -265,6 +267,8 @@ def tls_options(args):
     nbdkit would refuse or a key file or certificate directory it could not read."""
     mode = args.tls or ("require" if args.tls_psk or args.tls_certificates else "off")
     if mode == "off":
+        if args.tls_verify_peer and not args.tls:
+            raise CLIError("--tls-verify-peer needs --tls-certificates (a PSK already proves the client)")
         if args.tls_psk or args.tls_certificates or args.tls_verify_peer:
             raise CLIError("--tls off contradicts --tls-psk, --tls-certificates and --tls-verify-peer")
         return []
@@ -443,6 +447,9 @@ def _announce_ready(proc, args):
             break
         except (OSError, ValueError):   # not bound yet, or closed mid-reply while starting
             if time.monotonic() > deadline:
+                # systemd would time the start out and restart it: say why in its journal.
+                print(f"nbdrep: the session did not answer on {path} within {START_TIMEOUT:g} s "
+                      "of starting; not announcing readiness", file=sys.stderr, flush=True)
                 return
             time.sleep(0.05)
     else:
@@ -580,7 +587,7 @@ def format_status(status, rows=10):
     ]
     if status.get("session_id"):
         head.append(f"session: {status['session_id']}   start: {status['start']}")
-    for key in ("stuck", "record_error"):
+    for key in ("stuck", "record_error", "history_error"):
         if status.get(key):
             head.append(f"{key.replace('_', ' ')}: {status[key]}")
     head += [f"  export {d['name'] or '(default)'!r}: {d['path']} ({format_size(d['size'])})"

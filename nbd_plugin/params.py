@@ -133,6 +133,17 @@ def parse_seconds(text, what):
     return seconds
 
 
+DURATION_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([smhd])\s*")
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text):
+    """A duration with its unit (``90s``, ``10m``, ``2h``, ``30d``) in seconds, or None if
+    ``text`` is not one."""
+    m = DURATION_RE.fullmatch(text)
+    return None if m is None else float(m.group(1)) * DURATION_UNITS[m.group(2)]
+
+
 def _set_control_group(cfg, value):
     try:
         gid = grp.getgrgid(int(value)).gr_gid if value.isdigit() else grp.getgrnam(value).gr_gid

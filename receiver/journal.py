@@ -4,14 +4,11 @@ No I/O here (the rest of the project keeps its logic sans-I/O the same way): ``E
 answers "where is this range of RP N", ``to_fold`` decides how many of the oldest retained
 RPs go into the base image, ``parse_keep`` reads ``--keep``.
 """
-import re
 
 import numpy as np
 
-from nbd_plugin.params import ParamError, parse_size
+from nbd_plugin.params import ParamError, parse_duration, parse_size
 
-_DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([smhd])\s*")
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _EMPTY = np.zeros(0, dtype=np.uint64)
 _NO_KEYS = np.zeros(0, dtype=np.int64)
 
@@ -114,10 +111,10 @@ def parse_keep(text):
         if count < 1:
             raise ParamError(f"keep={text!r}: keep at least 1 recovery point")
         return count, None
-    m = _DURATION.fullmatch(text)
-    if not m or float(m.group(1)) <= 0:
+    seconds = parse_duration(text)
+    if not seconds:
         raise ParamError(f"keep={text!r} is neither a count (e.g. 100) nor a duration (e.g. 90s, 10m, 2h, 30d)")
-    return None, float(m.group(1)) * _UNITS[m.group(2)]
+    return None, seconds
 
 
 def parse_journal_max(text):

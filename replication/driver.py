@@ -40,7 +40,7 @@ from copier.keepaside import KeepAside
 from copier.receiver import Link as ReceiverLink, handshake as receiver_handshake
 from copier.replica import Replica, ReplicaError
 from copier.verify import sample_differs
-from replication import dirtylog, machine as m, record as records
+from replication import dirtylog, history, machine as m, record as records
 from reporter import report as reports, sgl_batches
 from tracker import KIND_DATA, KIND_TRIM, KIND_ZERO, Tracker
 
@@ -170,6 +170,7 @@ class Session:
         self._stopping = False
         self._abandon = False
         self.record_error = None   # why the record could not be written last time, or None
+        self.history = history.Writer(self.state_dir) if self.state_dir else None
         self._thread = None
         self._replicas = {}
         self.receivers = (ReceiverLink([d.replica_uri for d in self.devices])
@@ -314,6 +315,7 @@ class Session:
             out["session_id"] = self.plan.session_id if self.plan else None
             out["start"] = self.plan.how if self.plan else None
             out["record_error"] = self.record_error
+            out["history_error"] = self.history.error if self.history else None
             out["last_stop_clean"] = None if self.plan is None or self.plan.crashed is None \
                 else not self.plan.crashed
             out["resync"] = self._resync_status(out["cycles"])
@@ -496,6 +498,10 @@ class Session:
         if action.outage is not None:
             log.info("replica back: cycle %d committed after %.1f s of failures", action.cycle,
                      action.outage)
+        if self.history is not None:   # for nbdrep plot: this cycle and the failures before it
+            with self._cond:
+                lines = self.history.take(self.controller.history)
+            self.history.append(lines)
 
     def _persist(self, action):
         """Record the stop. A clean one adds the open cycle's TEs to what is outstanding: the

@@ -131,6 +131,7 @@ def test_x509_with_verify_peer_needs_a_client_certificate(procs, tmp_path, certi
     (["--tls", "require"], "--tls require needs exactly one of --tls-psk FILE and --tls-certificates DIR"),
     (["--tls", "off", "--tls-psk", "PSK"], "--tls off contradicts --tls-psk"),
     (["--tls-psk", "PSK", "--tls-verify-peer"], "--tls-verify-peer needs --tls-certificates"),
+    (["--tls-verify-peer"], "--tls-verify-peer needs --tls-certificates"),   # not "--tls off"
     (["--tls-psk", "MISSING"], "No such file or directory"),
     (["--tls-psk", "NOT_PSK"], "not a PSK file (want USERNAME:HEXKEY lines; line 1 is not)"),
     (["--tls-certificates", "CERTS"], "cannot read ca-cert.pem, server-cert.pem, server-key.pem"),
