@@ -1,8 +1,9 @@
 """``nbdrep plot``: lag and bytes per cycle over time, from the cycle history a server keeps in
 its state directory (``replication.history``), to a PNG. Needs no running server.
 
-matplotlib (Debian's python3-matplotlib) is imported only when a picture is drawn: it takes
-a third of a second to import.
+matplotlib is imported only when a picture is drawn: pyplot takes a third of a second to
+import. It comes from PyPI (pyproject), not Debian: Debian 12's python3-matplotlib 3.6 is built
+for numpy 1, and the venv's numpy is 2 (and the two copies together break mpl_toolkits).
 """
 import os
 import time
