@@ -435,18 +435,25 @@ class Store:
         self.commit(session, cycle, rp_time)
 
     def commit(self, session_id, cycle, rp_time):
-        """Make every export's pending writes RP ``cycle``, durably and at once. A repeat of
-        the last commit is a no-op (a copier retrying a commit whose reply it lost)."""
-        r = self.record
-        if r["promoted"] is not None:
-            raise OSError(errno.EROFS, "the targets were promoted: this receiver receives no more")
-        if r["session_id"] == session_id and r["committed_cycle"] == cycle:
-            return
+        """Make every export's pending writes RP ``cycle``, durably and at once. A commit of
+        the session's committed cycle or an older one is a no-op (a copier retrying a commit
+        whose reply it lost, or one that arrives late): the pending writes are a later
+        cycle's. Checked under ``_fold_lock``, which a repeat queues on behind the first."""
         with self._fold_lock:
-            if self.record["rps"] and cycle <= self.record["rps"][-1]["cycle"]:
-                # A new session numbers its cycles afresh: RP names must stay unique.
+            r = self.record
+            if r["promoted"] is not None:
+                raise OSError(errno.EROFS, "the targets were promoted: this receiver receives no more")
+            if r["session_id"] == session_id and cycle <= (r["committed_cycle"] or 0):
+                return
+            if r["rps"] and cycle <= r["rps"][-1]["cycle"]:
+                # A new session numbers its cycles afresh: RP names must stay unique, so the
+                # retained RPs go into the base, but none newer than an attached one.
+                pinned = min(self._pins) if self._pins else None
+                if pinned is not None and r["rps"][-1]["cycle"] > pinned:
+                    raise OSError(errno.EBUSY, f"session {session_id} restarts at cycle {cycle}, which "
+                                  f"needs retained RPs folded, and RP {pinned} is attached as an export")
                 log.info("cycle %d after cycle %d (session %s): the retained RPs go into the base",
-                         cycle, self.record["rps"][-1]["cycle"], session_id)
+                         cycle, r["rps"][-1]["cycle"], session_id)
                 while self.record["rps"]:
                     self._fold_one()
             with self._quiesce():

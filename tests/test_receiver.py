@@ -16,6 +16,7 @@ from conftest import Server, file_digests, make_image, mounted, nbdrep, nbdrep_c
 from copier import receiver as link
 from nbd_plugin import control
 from receiver.journal import ExtentMap, parse_keep, to_fold
+from receiver.store import Store
 
 MiB = 1 << 20
 BLOCK = 4096
@@ -143,6 +144,71 @@ def test_fold_policy_count_duration_bytes_and_pins():
     assert to_fold(rps, 110, None, None, 25) == 3      # 50 bytes held, 25 allowed
     assert to_fold(rps, 110, 3, None, 1000, pinned=1) == 1
     assert parse_keep("100") == (100, None) and parse_keep("2h") == (None, 7200.0)
+
+
+# -- the store, in process ----------------------------------------------------------------------
+
+def open_store(tmp_path, size=MiB, **kw):
+    """A Store on one target of ``size`` bytes in ``tmp_path`` (no fold thread: folds only
+    where a commit or the test makes them)."""
+    target = str(tmp_path / "t.img")
+    if not os.path.exists(target):
+        make_image(target, size)
+    return Store(str(tmp_path / "state"), [("", target)], **kw)
+
+
+def read_rp(store, cycle, size=MiB):
+    extents = store.attach("", cycle)
+    assert extents is not None, f"RP {cycle} not retained"
+    try:
+        buf = bytearray(size)
+        store.read("", extents, buf, 0)
+        return bytes(buf)
+    finally:
+        store.detach(cycle)
+
+
+def test_a_late_or_repeated_commit_changes_nothing(tmp_path):
+    s = open_store(tmp_path)
+    try:
+        s.commit("a", 1, 1.0)   # the initial sync, straight into the target
+        for cycle in (2, 3):
+            s.write("", bytes([cycle]) * BLOCK, 0)
+            s.commit("a", cycle, float(cycle))
+        s.write("", b"\x09" * BLOCK, 0)   # cycle 4's, not committed yet
+        s.commit("a", 2, 2.0)           # a late commit of an older cycle
+        s.commit("a", 3, 3.0)           # a repeated one
+        assert [rp["cycle"] for rp in s.record["rps"]] == [1, 2, 3]
+        assert s.record["committed_cycle"] == 3
+        assert read_rp(s, 3)[:BLOCK] == b"\x03" * BLOCK
+        assert read_rp(s, 2)[:BLOCK] == b"\x02" * BLOCK
+        s.commit("a", 4, 4.0)
+        assert read_rp(s, 4)[:BLOCK] == b"\x09" * BLOCK
+    finally:
+        s.close()
+
+
+def test_a_new_session_folds_the_old_rps_but_not_past_a_pin(tmp_path):
+    s = open_store(tmp_path)
+    try:
+        s.commit("a", 1, 1.0)
+        for cycle in (2, 3):
+            s.write("", bytes([cycle]) * BLOCK, 0)
+            s.commit("a", cycle, float(cycle))
+        pinned = s.attach("", 2)
+        s.write("", b"\x07" * BLOCK, 0)
+        with pytest.raises(OSError):
+            s.commit("b", 1, 10.0)   # would fold RP 3 under the attached RP 2
+        buf = bytearray(BLOCK)
+        s.read("", pinned, buf, 0)
+        assert buf == b"\x02" * BLOCK
+        s.detach(2)
+        s.commit("b", 1, 10.0)
+        assert [rp["cycle"] for rp in s.record["rps"]] == [1]
+        assert s.record["base_cycle"] == 3
+        assert read_rp(s, 1)[:BLOCK] == b"\x07" * BLOCK
+    finally:
+        s.close()
 
 
 # -- end to end ---------------------------------------------------------------------------------
