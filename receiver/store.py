@@ -24,9 +24,11 @@ lives in them.
 
 RP ``N`` of an export reads, per byte, from the newest journal of an RP <= N that holds it,
 else from the base image. Retention folds the oldest RP into the base image: copy its
-journal's ranges there, fsync, then a record without it; a crash in between redoes the copy,
-and no reader sees the base change there, since every RP retained reads those ranges from
-that journal or a newer one. An RP attached as an export (``NAME@N``) pins every RP newer
+journal's ranges there, fsync, then a record without it. The record says ``folding`` first:
+a crash in the copy leaves base images that are no RP (part of the folded one over the base
+one), so the base's RP is not served while it says so, and a start redoes the copy first.
+No retained RP sees the base change, since each reads those ranges from that journal or a
+newer one. An RP attached as an export (``NAME@N``) pins every RP newer
 than it, so the base under it never changes.
 """
 import array
@@ -232,6 +234,10 @@ class Store:
                 self.latest[name] = self.latest[name].overlaid(j.pairs, j)
         if self.readonly:
             return
+        if self.record.get("folding") is not None:
+            log.info("finishing the fold of RP %d into the base images, cut short by a crash",
+                     self.record["folding"])
+            self._fold_one()
         if self.record["promoted"] is not None:
             raise StoreError(f"the targets in {self.state_dir} were promoted at cycle "
                              f"{self.record['promoted']} and receive no more; move the state "
@@ -386,9 +392,12 @@ class Store:
             return out
 
     def retained(self, cycle):
-        """True if RP ``cycle`` can be read: a retained one, or the one the base images hold."""
+        """True if RP ``cycle`` can be read: a retained one, or the one the base images hold
+        (not while a fold is recorded as in progress: the base images then hold part of the
+        next RP too)."""
         r = self.record
-        return any(rp["cycle"] == cycle for rp in r["rps"]) or (cycle is not None and cycle == r["base_cycle"])
+        return any(rp["cycle"] == cycle for rp in r["rps"]) or (
+            cycle is not None and cycle == r["base_cycle"] and r.get("folding") is None)
 
     def detach(self, cycle):
         with self._fold_lock:
@@ -567,8 +576,13 @@ class Store:
 
     def _fold_one(self):
         """Copy the oldest retained RP's journals into the base images and forget it.
-        Caller holds ``_fold_lock``."""
+        Caller holds ``_fold_lock``. The record says ``folding`` before the base images
+        change: after a crash in the copy they hold part of this RP, so they are RP
+        ``base_cycle`` no more until a start redoes the fold (``_recover``)."""
         rp = self.record["rps"][0]
+        if self.record.get("folding") != rp["cycle"]:
+            with self._record_lock:
+                self._write_record(dict(self.record, folding=rp["cycle"]))
         folded = []
         for name, seq in rp["journals"].items():
             j = self.journals[seq]
@@ -578,7 +592,8 @@ class Store:
             base.flush()
             folded.append((name, j))
         with self._record_lock:
-            self._write_record(dict(self.record, rps=self.record["rps"][1:], base_cycle=rp["cycle"]))
+            self._write_record(dict(self.record, rps=self.record["rps"][1:], base_cycle=rp["cycle"],
+                                    folding=None))
         for name, j in folded:
             self.latest[name] = self.latest[name].without(j)
             del self.journals[j.seq]
@@ -594,7 +609,7 @@ class Store:
             "session_id": r["session_id"], "committed_cycle": r["committed_cycle"],
             "rp_time": r["rp_time"], "commit_time": r["commit_time"],
             "lag": None if r["rp_time"] is None else now - r["rp_time"],
-            "base_cycle": r["base_cycle"], "promoted": r["promoted"],
+            "base_cycle": r["base_cycle"], "folding": r.get("folding"), "promoted": r["promoted"],
             "journal_bytes": self.retained_bytes(), "journal_max": self.journal_max,
             "pending_bytes": self.pending_bytes,
             "throttled": self._throttled,
@@ -626,7 +641,7 @@ def load(state_dir, targets, sizes):
             record = json.load(f)
     except FileNotFoundError:
         return {"version": VERSION, "session_id": None, "committed_cycle": None, "rp_time": None,
-                "commit_time": None, "base_cycle": None, "next_seq": 1, "rps": [],
+                "commit_time": None, "base_cycle": None, "folding": None, "next_seq": 1, "rps": [],
                 "pending": {}, "targets": expected, "promoted": None}
     except (OSError, ValueError) as e:
         raise StoreError(f"receiver record {path} cannot be read ({e}); move the state "

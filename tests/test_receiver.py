@@ -16,6 +16,7 @@ from conftest import Server, file_digests, make_image, mounted, nbdrep, nbdrep_c
 from copier import receiver as link
 from nbd_plugin import control
 from receiver.journal import ExtentMap, parse_keep, to_fold
+from receiver import store as stores
 from receiver.store import Store
 
 MiB = 1 << 20
@@ -207,6 +208,48 @@ def test_a_new_session_folds_the_old_rps_but_not_past_a_pin(tmp_path):
         assert [rp["cycle"] for rp in s.record["rps"]] == [1]
         assert s.record["base_cycle"] == 3
         assert read_rp(s, 1)[:BLOCK] == b"\x07" * BLOCK
+    finally:
+        s.close()
+
+
+def test_a_fold_cut_short_is_finished_at_start_and_its_base_rp_is_not_served_torn(tmp_path, monkeypatch):
+    s = open_store(tmp_path)
+    s.commit("a", 1, 1.0)   # RP 1: the target itself
+    s.write("", b"\x02" * BLOCK, 0)
+    s.write("", b"\x02" * BLOCK, 8 * BLOCK)
+    s.commit("a", 2, 2.0)
+    s.write("", b"\x03" * BLOCK, 16 * BLOCK)
+    s.commit("a", 3, 3.0)
+    rp2 = read_rp(s, 2)
+    with s._fold_lock:
+        s._fold_one()   # RP 1 has no journal: the base is RP 1
+    assert s.record["base_cycle"] == 1 and s.retained(1)
+    real = stores._fold_range
+    copied = []
+
+    def killed_after_one_range(journal, base, offset, length):
+        if copied:
+            raise KeyboardInterrupt("kill -9")   # not an OSError: nothing may catch it
+        real(journal, base, offset, length)
+        copied.append(offset)
+
+    monkeypatch.setattr(stores, "_fold_range", killed_after_one_range)
+    with pytest.raises(KeyboardInterrupt), s._fold_lock:
+        s._fold_one()   # the base holds RP 2's first range, not its second
+    monkeypatch.setattr(stores, "_fold_range", real)
+    assert not s.retained(1) and s.attach("", 1) is None   # torn: neither RP 1 nor RP 2
+    s.close()
+    offline = open_store(tmp_path, readonly=True)   # restore with no receiver running
+    try:
+        assert not offline.retained(1)
+        assert read_rp(offline, 2) == rp2
+    finally:
+        offline.close()
+    s = open_store(tmp_path)   # a start finishes the fold
+    try:
+        assert s.record["base_cycle"] == 2 and s.retained(2)
+        assert [rp["cycle"] for rp in s.record["rps"]] == [3]
+        assert read_rp(s, 2) == rp2
     finally:
         s.close()
 
