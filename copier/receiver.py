@@ -18,13 +18,15 @@ the same file, so the copier writes a commit record only to an export that first
 as a receiver's state (the magic, and exactly ``META_SIZE`` bytes); it never writes to
 anything else.
 """
+import errno
 import json
 import logging
+import time
 from urllib.parse import urlsplit
 
 import nbd
 
-from copier.nbdclient import connect
+from copier.nbdclient import Pump, Stalled, connect
 from copier.replica import ReplicaError
 
 log = logging.getLogger("nbdrep")
@@ -34,6 +36,9 @@ META_EXPORT = ".nbdrep"
 META_SIZE = 4096
 MAGIC_STATE = b"nbdrep-receiver/1\n"
 MAGIC_COMMIT = b"nbdrep-commit/1\n"
+# Every metadata call (connect, read, commit, flush) is bounded: a receiver that stopped
+# answering (SIGSTOP, a hung host) must not hold the session's worker.
+META_TIMEOUT = 10.0
 
 
 class ProtocolError(ValueError):
@@ -69,46 +74,72 @@ def decode(magic, block):
     return obj
 
 
-def probe(data_uri, timeout=10.0):
+def probe(data_uri, timeout=META_TIMEOUT):
     """The receiver state behind ``data_uri``'s server, or None for a plain NBD export (or a
-    server that has no such export). Reads only. Raises ReplicaError if the server is down."""
+    server that has no such export). Reads only. Raises ReplicaError if the server is down
+    or does not answer within ``timeout`` seconds."""
     h = _open(data_uri, timeout)
     if h is None:
         return None
     try:
-        return _read_state(h)
+        return _read_state(h, timeout)
     finally:
         _close(h)
 
 
-def _open(data_uri, timeout=10.0):
+def _open(data_uri, timeout):
     """A connection to the metadata export of ``data_uri``'s server; None if that server is
-    up but has no such export; ReplicaError if it is down."""
+    up and says it has no such export; ReplicaError otherwise (down, a timeout, out of
+    descriptors, a TLS failure: none of them says the server is no receiver)."""
     try:
         return connect(meta_uri(data_uri), timeout=timeout, what="receiver metadata")
-    except ReplicaError:
+    except ReplicaError as e:
+        if e.errno != errno.ENOENT:
+            raise
         # Both a refused export name and a missing socket are ENOENT: ask the data export.
         _close(connect(data_uri, timeout=timeout))
         return None
 
 
-def _close(h):
-    """Disconnect politely; a connection that already failed just goes."""
+def _close(h, timeout=1.0):
+    """Disconnect politely, waiting at most ``timeout`` seconds for a server that stopped
+    answering; the connection closes when the handle goes."""
     try:
-        h.shutdown()
-    except nbd.Error:
+        h.aio_disconnect(0)
+        pump, deadline = Pump([h]), time.monotonic() + timeout
+        while not (h.aio_is_closed() or h.aio_is_dead()):
+            pump.wait(deadline - time.monotonic())
+    except (nbd.Error, Stalled):
         pass
 
 
-def _read_state(h):
+def _call(h, issue, timeout, what):
+    """Issue one aio command (``issue()`` returns its cookie) and wait at most ``timeout``
+    seconds for it; ReplicaError if it fails or times out (the handle is then unusable)."""
+    deadline = time.monotonic() + timeout
     try:
-        if h.get_size() != META_SIZE:
-            return None
-        return decode(MAGIC_STATE, h.pread(META_SIZE, 0))
+        cookie = issue()
+        pump = Pump([h])
+        while not h.aio_command_completed(cookie):
+            pump.wait(deadline - time.monotonic())
+    except Stalled:
+        raise ReplicaError(f"{what} receiver metadata: no reply within {timeout:g} s",
+                           errno.ETIMEDOUT) from None
+    except nbd.Error as e:
+        raise ReplicaError(f"{what} receiver metadata: {e}", e.errnum) from None
+
+
+def _read_state(h, timeout):
+    """The receiver state on the metadata connection ``h``, or None if that export is not a
+    receiver's (another size, or not its magic)."""
+    if h.get_size() != META_SIZE:
+        return None
+    buf = nbd.Buffer(META_SIZE)
+    _call(h, lambda: h.aio_pread(buf, 0), timeout, "reading")
+    try:
+        return decode(MAGIC_STATE, buf.to_bytearray())
     except ProtocolError:
         return None
-    except nbd.Error as e:
-        raise ReplicaError(f"reading receiver metadata: {e}", e.errnum) from None
 
 
 def mismatch(state, session_id, committed_cycle):
@@ -154,11 +185,19 @@ def handshake(plan, devices):
 
 class Link:
     """Commits to the receivers among a session's replicas: {data URI} -> one metadata
-    connection per receiver, opened lazily and re-probed after any failure."""
+    connection per receiver, opened lazily and re-probed after any failure. Every call is
+    bounded by ``timeout`` seconds.
 
-    def __init__(self, data_uris):
+    A receiver that showed this session once (its state, or a commit it took) must still
+    show it on every later connection: one restarted on another state directory, or given
+    another history, gets no increment committed over it (``diverged``, logged)."""
+
+    def __init__(self, data_uris, timeout=META_TIMEOUT):
         self._uris = sorted({meta_uri(u): u for u in data_uris}.items())
+        self._timeout = timeout
         self._handles = {}   # meta URI -> nbd handle of a receiver; None: a plain export
+        self._ours = set()   # meta URIs of receivers that showed this session
+        self.diverged = {}   # meta URI -> why no commit goes there any more
 
     def commit(self, session_id, cycle, rp_time):
         """Make ``cycle`` the recovery point on every receiver; returns how many took it.
@@ -166,42 +205,45 @@ class Link:
         Never raises: a receiver that does not take a commit loses nothing (it keeps what it
         received, invisible, and the next commit covers it), so the failure is logged and the
         cycle stays committed on the source's side."""
-        block = encode(MAGIC_COMMIT, {"session_id": session_id, "cycle": cycle, "rp_time": rp_time})
+        block = nbd.Buffer.from_bytearray(bytearray(
+            encode(MAGIC_COMMIT, {"session_id": session_id, "cycle": cycle, "rp_time": rp_time})))
         done = 0
         for meta, data_uri in self._uris:
+            if meta in self.diverged:
+                continue
             for attempt in (1, 2):   # a kept connection may be to a receiver since restarted
                 try:
-                    h = self._handle(meta, data_uri)
+                    h = self._handle(meta, data_uri, session_id, cycle)
                     if h is not None:
-                        h.pwrite(block, 0)
-                        h.flush()
+                        _call(h, lambda: h.aio_pwrite(block, 0), self._timeout, "committing to")
+                        _call(h, h.aio_flush, self._timeout, "flushing")
+                        self._ours.add(meta)
                         done += 1
                     break
-                except (ReplicaError, nbd.Error) as e:
+                except ReplicaError as e:
                     self._drop(meta)
                     if attempt == 2:
                         log.warning("receiver %s did not take the commit of cycle %d (%s); the "
                                     "next commit covers it", meta, cycle, e)
         return done
 
-    def states(self):
-        """{meta URI: receiver state or None (plain export)}, read now."""
-        out = {}
-        for meta, data_uri in self._uris:
-            h = self._handle(meta, data_uri)
-            try:
-                out[meta] = None if h is None else _read_state(h)
-            except ReplicaError:
-                self._drop(meta)
-                raise
-        return out
-
-    def _handle(self, meta, data_uri):
+    def _handle(self, meta, data_uri, session_id, cycle):
         if meta not in self._handles:
-            h = _open(data_uri)
-            if h is not None and _read_state(h) is None:
-                _close(h)
-                h = None
+            h = _open(data_uri, self._timeout)
+            state = None
+            try:
+                state = None if h is None else _read_state(h, self._timeout)
+            finally:
+                if h is not None and state is None:
+                    _close(h)
+                    h = None
+            why = None if state is None or meta not in self._ours else mismatch(state, session_id, cycle)
+            if why is not None:
+                self.diverged[meta] = why
+                log.error("receiver %s: %s; no commit goes there any more", meta, why)
+                return None
+            if state is not None and state.get("session_id") == session_id:
+                self._ours.add(meta)
             self._handles[meta] = h
         return self._handles[meta]
 
@@ -211,5 +253,6 @@ class Link:
             _close(h)
 
     def close(self):
+        """Close every metadata connection (the next commit opens them again)."""
         for meta in list(self._handles):
             self._drop(meta)

@@ -316,6 +316,8 @@ class Session:
             out["start"] = self.plan.how if self.plan else None
             out["record_error"] = self.record_error
             out["history_error"] = self.history.error if self.history else None
+            # Receivers that showed another history on a new connection: no commit goes there.
+            out["receivers_diverged"] = dict(self.receivers.diverged) if self.receivers else {}
             out["last_stop_clean"] = None if self.plan is None or self.plan.crashed is None \
                 else not self.plan.crashed
             out["resync"] = self._resync_status(out["cycles"])
@@ -682,3 +684,5 @@ class Session:
                 replica.close()
             except ReplicaError:
                 pass
+        if self.receivers is not None:
+            self.receivers.close()

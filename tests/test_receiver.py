@@ -284,6 +284,60 @@ def test_writes_are_invisible_until_the_commit_record(procs, tmp_path):
         assert f.read(16384) == b"S" * 4096 + bytes(12288), "the target changed while RPs are retained"
 
 
+def test_a_failed_metadata_connection_is_retried_not_taken_for_a_plain_export(procs, tmp_path, monkeypatch):
+    r = Receiver(procs, str(tmp_path), [make_image(str(tmp_path / "t.img"), MiB)])
+    real, calls = link.connect, []
+
+    def out_of_descriptors_once(uri, **kw):
+        calls.append(uri)
+        if len(calls) == 1:
+            raise link.ReplicaError("cannot connect: Too many open files", 24)
+        return real(uri, **kw)
+
+    monkeypatch.setattr(link, "connect", out_of_descriptors_once)
+    links = link.Link([r.uri()])
+    links.commit("s1", 1, time.time())   # the failure may cost this commit, not the session's
+    assert links.commit("s1", 2, time.time()) == 1
+    assert r.status()["committed_cycle"] == 2
+    links.close()
+
+
+def test_a_stopped_receiver_does_not_hold_the_commit_or_the_close(procs, tmp_path):
+    r = Receiver(procs, str(tmp_path), [make_image(str(tmp_path / "t.img"), MiB)])
+    links = link.Link([r.uri()], timeout=1.0)
+    assert links.commit("s1", 1, time.time()) == 1
+    nbdkit = psutil.Process(r.proc.pid).children()[0]
+    nbdkit.suspend()
+    try:
+        results = []
+        worker = threading.Thread(target=lambda: (results.append(links.commit("s1", 2, time.time())),
+                                                  links.close()), daemon=True)
+        worker.start()
+        worker.join(20)   # two attempts of a write, a reconnect: ~4 s of timeouts, closes ~1 s
+        assert not worker.is_alive(), "a commit to a stopped receiver does not return"
+        assert results == [0]
+    finally:
+        nbdkit.resume()
+    assert links.commit("s1", 3, time.time()) == 1
+    links.close()
+
+
+def test_a_receiver_restarted_on_another_state_gets_no_commit_over_it(procs, tmp_path):
+    target = make_image(str(tmp_path / "t.img"), MiB)
+    r = Receiver(procs, str(tmp_path), [target])
+    links = link.Link([r.uri()])
+    assert links.commit("s1", 1, time.time()) == 1
+    links.close()   # as the driver does after a failed cycle
+    r.stop()
+    other = tmp_path / "other"
+    other.mkdir()
+    r = Receiver(procs, str(other), [target], sock=r.sock)   # a fresh state directory
+    assert links.commit("s1", 2, time.time()) == 0
+    assert r.status()["committed_cycle"] is None
+    assert "no commit of this session" in links.diverged[link.meta_uri(r.uri())]
+    links.close()
+
+
 def test_rps_restore_and_rp_export_while_replicating(procs, tmp_path):
     size = 4 * MiB
     src = make_image(str(tmp_path / "source.img"), size)
