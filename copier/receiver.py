@@ -190,14 +190,15 @@ class Link:
 
     A receiver that showed this session once (its state, or a commit it took) must still
     show it on every later connection: one restarted on another state directory, or given
-    another history, gets no increment committed over it (``diverged``, logged)."""
+    another history, gets no increment committed over it (logged) until the caller took it
+    from ``take_diverged`` to resync it in full."""
 
     def __init__(self, data_uris, timeout=META_TIMEOUT):
         self._uris = sorted({meta_uri(u): u for u in data_uris}.items())
         self._timeout = timeout
         self._handles = {}   # meta URI -> nbd handle of a receiver; None: a plain export
         self._ours = set()   # meta URIs of receivers that showed this session
-        self.diverged = {}   # meta URI -> why no commit goes there any more
+        self._diverged = {}   # meta URI -> why no commit goes there until take_diverged
 
     def commit(self, session_id, cycle, rp_time):
         """Make ``cycle`` the recovery point on every receiver; returns how many took it.
@@ -209,7 +210,7 @@ class Link:
             encode(MAGIC_COMMIT, {"session_id": session_id, "cycle": cycle, "rp_time": rp_time})))
         done = 0
         for meta, data_uri in self._uris:
-            if meta in self.diverged:
+            if meta in self._diverged:
                 continue
             for attempt in (1, 2):   # a kept connection may be to a receiver since restarted
                 try:
@@ -239,13 +240,21 @@ class Link:
                     h = None
             why = None if state is None or meta not in self._ours else mismatch(state, session_id, cycle)
             if why is not None:
-                self.diverged[meta] = why
-                log.error("receiver %s: %s; no commit goes there any more", meta, why)
+                self._diverged[meta] = why
+                log.error("receiver %s: %s; no commit goes there before a full resync", meta, why)
                 return None
             if state is not None and state.get("session_id") == session_id:
                 self._ours.add(meta)
             self._handles[meta] = h
         return self._handles[meta]
+
+    def take_diverged(self):
+        """{metadata URI (``meta_uri``): why} of the receivers found holding another history
+        since the last call. They take commits again from now on, as receivers new to this
+        session: the caller copies every export on them in full before its next commit."""
+        found, self._diverged = self._diverged, {}
+        self._ours.difference_update(found)
+        return found
 
     def _drop(self, meta):
         h = self._handles.pop(meta, None)

@@ -37,7 +37,7 @@ import threading
 import time
 
 from copier.keepaside import KeepAside
-from copier.receiver import Link as ReceiverLink, handshake as receiver_handshake
+from copier.receiver import Link as ReceiverLink, handshake as receiver_handshake, meta_uri
 from copier.replica import Replica, ReplicaError
 from copier.verify import sample_differs
 from replication import dirtylog, history, machine as m, record as records
@@ -316,8 +316,6 @@ class Session:
             out["start"] = self.plan.how if self.plan else None
             out["record_error"] = self.record_error
             out["history_error"] = self.history.error if self.history else None
-            # Receivers that showed another history on a new connection: no commit goes there.
-            out["receivers_diverged"] = dict(self.receivers.diverged) if self.receivers else {}
             out["last_stop_clean"] = None if self.plan is None or self.plan.crashed is None \
                 else not self.plan.crashed
             out["resync"] = self._resync_status(out["cycles"])
@@ -466,7 +464,7 @@ class Session:
         elif kind is m.Flush:
             return self._flush()
         elif kind is m.Commit:
-            self._committed(action)
+            return self._committed(action)
         elif kind is m.Publish:
             self._publish(action.report, action.cycle)
         elif kind is m.Release:
@@ -486,12 +484,16 @@ class Session:
             self.last_report, self.last_report_cycle = report, cycle
 
     def _committed(self, action):
+        """Record a commit; a Failed with a resync of the sources whose receivers turned out
+        to hold another history (restarted on another state directory), else None."""
         self._publish(action.report, action.cycle)
+        diverged = {}
         if action.point_in_time:
             self._save_record(clean=False)
             if self.receivers is not None:   # receivers show the cycle only now
                 self.receivers.commit(self.plan.session_id, action.cycle,
                                       self.controller.committed_rp_time)
+                diverged = self.receivers.take_diverged()
             if self.dirty is not None:   # every write of a cycle <= action.cycle is committed
                 self.dirty.commit(action.cycle)
             with self._cond:
@@ -504,6 +506,11 @@ class Session:
             with self._cond:
                 lines = self.history.take(self.controller.history)
             self.history.append(lines)
+        if diverged:
+            devs = {d.dev for d in self.devices if d.replica_uri and meta_uri(d.replica_uri) in diverged}
+            return m.Failed("; ".join(f"receiver {u}: {why}: full resync" for u, why in diverged.items()),
+                            resync=reports.whole(self.source_extents(devs)))
+        return None
 
     def _persist(self, action):
         """Record the stop. A clean one adds the open cycle's TEs to what is outstanding: the

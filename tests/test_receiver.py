@@ -334,8 +334,31 @@ def test_a_receiver_restarted_on_another_state_gets_no_commit_over_it(procs, tmp
     r = Receiver(procs, str(other), [target], sock=r.sock)   # a fresh state directory
     assert links.commit("s1", 2, time.time()) == 0
     assert r.status()["committed_cycle"] is None
-    assert "no commit of this session" in links.diverged[link.meta_uri(r.uri())]
+    assert links.commit("s1", 3, time.time()) == 0, "committed over another history"
+    assert "no commit of this session" in links.take_diverged()[link.meta_uri(r.uri())]
+    assert links.commit("s1", 4, time.time()) == 1   # the caller resynced it in full meanwhile
     links.close()
+
+
+def test_the_session_resyncs_in_full_a_receiver_restarted_on_another_state(procs, tmp_path):
+    size = 4 * MiB
+    tmp = str(tmp_path)
+    src = make_image(str(tmp_path / "source.img"), size)
+    target = make_image(str(tmp_path / "target.img"), size)
+    r = Receiver(procs, tmp, [target])
+    server = Server(procs, tmp, [src], [r.uri()], extra=["--cycle", "3600"])
+    write_image(server.sock, generation(1, size))
+    r.wait_committed(server.rp())
+    r.kill9()
+    os.rename(r.state, r.state + ".old")
+    with open(target, "r+b") as t:   # what the fresh state directory knows nothing of
+        t.write(bytes(size))
+    r = Receiver(procs, tmp, [target])
+    write_image(server.sock, generation(2, MiB))   # an increment of 1 MiB
+    server.rp()   # copies the increment, then finds the receiver's other history
+    r.wait_committed(server.rp())
+    with open(src, "rb") as f:
+        assert r.read() == f.read(), "an increment committed over another history"
 
 
 def test_rps_restore_and_rp_export_while_replicating(procs, tmp_path):
