@@ -10,7 +10,9 @@ commands:
     {"cmd": "promote", "cycle": N}
                         -> {"promoted": N}: the targets are RP N, and receive no more
 """
+import contextlib
 import os
+import stat
 
 from nbd_plugin.control import ControlServer
 
@@ -38,16 +40,55 @@ def restore(store, name, cycle, output):
         return {"error": f"cycle {cycle!r} is not a cycle id"}
     if not store.retained(cycle):
         return {"error": f"RP {cycle} is not retained (see nbdrep rps)"}
+    if not isinstance(output, str):
+        return {"error": f"output {output!r} is not a path"}
+    refusal = _unsafe_output(store, output)
+    if refusal:
+        return {"error": refusal}
+    created = False
     try:
-        fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    except (OSError, TypeError) as e:
-        return {"error": f"cannot open {output!r}: {getattr(e, 'strerror', None) or e}"}
+        try:
+            fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            created = True
+        except FileExistsError:
+            fd = os.open(output, os.O_WRONLY | os.O_CLOEXEC)
+    except OSError as e:
+        return {"error": f"cannot open {output!r}: {e.strerror}"}
     try:
-        if not store.materialise(name, cycle, fd):
-            return {"error": f"RP {cycle} was folded away meanwhile"}
+        error = _write_rp(store, name, cycle, fd, output)
+    except OSError as e:
+        error = f"restoring RP {cycle} into {output}: {e.strerror}"
     finally:
         os.close(fd)
-    return {"restored": True}
+    if error is not None and created:   # nothing written: not even an empty file
+        os.unlink(output)
+    return {"error": error} if error else {"restored": True}
+
+
+def _write_rp(store, name, cycle, fd, output):
+    """Write RP ``cycle`` of ``name`` into ``fd``; an error string, or None."""
+    size = store.sizes[name]
+    if stat.S_ISREG(os.fstat(fd).st_mode):
+        os.ftruncate(fd, size)   # exactly the RP: no older file's tail after it
+    elif os.lseek(fd, 0, os.SEEK_END) < size:
+        return f"{output} holds {os.lseek(fd, 0, os.SEEK_END)} bytes, less than the RP's {size}"
+    if not store.materialise(name, cycle, fd):
+        return f"RP {cycle} was folded away meanwhile"
+    return None
+
+
+def _unsafe_output(store, output):
+    """Why ``output`` must not be written (a target, or a file in the state directory), or
+    None. Both are what a restore is meant to leave alone."""
+    real = os.path.realpath(output)
+    state = os.path.realpath(store.state_dir)
+    if os.path.commonpath([real, state]) == state:
+        return f"{output} is in the receiver's state directory {store.state_dir}"
+    for target_name, base in store.bases.items():
+        with contextlib.suppress(OSError):
+            if os.path.samefile(output, base.path):
+                return f"{output} is the target of export {target_name or '(default)'!r}"
+    return None
 
 
 def promote(store, cycle):

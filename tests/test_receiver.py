@@ -16,7 +16,7 @@ from conftest import Server, file_digests, make_image, mounted, nbdrep, nbdrep_c
 from copier import receiver as link
 from nbd_plugin import control
 from receiver.journal import ExtentMap, parse_keep, to_fold
-from receiver import store as stores
+from receiver import control as receiver_control, store as stores
 from receiver.store import Store
 
 MiB = 1 << 20
@@ -250,6 +250,30 @@ def test_a_fold_cut_short_is_finished_at_start_and_its_base_rp_is_not_served_tor
         assert s.record["base_cycle"] == 2 and s.retained(2)
         assert [rp["cycle"] for rp in s.record["rps"]] == [3]
         assert read_rp(s, 2) == rp2
+    finally:
+        s.close()
+
+
+def test_restore_truncates_refuses_targets_and_state_and_leaves_nothing_when_it_fails(tmp_path, monkeypatch):
+    s = open_store(tmp_path)
+    try:
+        s.commit("a", 1, 1.0)
+        s.write("", b"\x05" * BLOCK, 0)
+        s.commit("a", 2, 2.0)
+        out = tmp_path / "out.img"
+        out.write_bytes(b"\xff" * (2 * MiB))   # bigger than the RP
+        assert receiver_control.restore(s, "", 2, str(out)) == {"restored": True}
+        assert out.read_bytes() == read_rp(s, 2)
+        with open(tmp_path / "t.img", "rb") as f:
+            before = f.read()
+        for inside in (tmp_path / "t.img", tmp_path / "state" / "x.img", tmp_path / "state" / "receiver.json"):
+            assert "error" in receiver_control.restore(s, "", 2, str(inside)), inside
+        assert not (tmp_path / "state" / "x.img").exists()
+        with open(tmp_path / "t.img", "rb") as f:
+            assert f.read() == before
+        monkeypatch.setattr(s, "materialise", lambda *a: False)   # folded away meanwhile
+        assert "error" in receiver_control.restore(s, "", 2, str(tmp_path / "new.img"))
+        assert not (tmp_path / "new.img").exists()
     finally:
         s.close()
 
