@@ -473,6 +473,7 @@ class Store:
         now = self.clock()
         journals, fresh = {}, {}
         total = 0
+        unsure = None   # the error of a record written but maybe not durable
         if self._direct:   # the first RP is in the targets themselves
             for base in self.bases.values():
                 base.flush()
@@ -494,11 +495,19 @@ class Store:
                     fresh[name] = self._new_journal(name)
             rp = {"cycle": cycle, "rp_time": rp_time, "commit_time": now, "bytes": total,
                   "journals": {n: j.seq for n, j in journals.items()}}
+            new = dict(self.record, session_id=session_id, committed_cycle=cycle, rp_time=rp_time,
+                       commit_time=now, rps=self.record["rps"] + [rp],
+                       pending={n: fresh.get(n, self.pending[n]).seq for n in self.pending})
             with self._record_lock:
-                self._write_record(dict(
-                    self.record, session_id=session_id, committed_cycle=cycle, rp_time=rp_time,
-                    commit_time=now, rps=self.record["rps"] + [rp],
-                    pending={n: fresh.get(n, self.pending[n]).seq for n in self.pending}))
+                try:
+                    self._write_record(new)
+                except OSError as e:
+                    if _on_disk(self.state_dir) != new:
+                        raise
+                    # Renamed, but the directory's fsync failed: the record on disk names the
+                    # fresh journals, so they stay and take the writes from now on (the next
+                    # record's fsync makes it durable); the copier hears of the failure.
+                    self.record, unsure = new, e
         except BaseException:
             for j in fresh.values():
                 j.unlink()
@@ -509,6 +518,8 @@ class Store:
             self.latest[name] = self.latest[name].overlaid(j.pairs, j)
             self.pending[name] = fresh[name]
         self.pending_bytes = 0
+        if unsure is not None:
+            raise unsure
 
     def promote(self, cycle):
         """Make the targets RP ``cycle`` for real use and stop receiving: fold every RP up to
@@ -629,6 +640,15 @@ def _entries(log_path):
     pairs = np.frombuffer(raw[:len(raw) - len(raw) % ENTRY.size], dtype="<u8").reshape(-1, 2)
     filled = np.flatnonzero(pairs[:, 1])
     return pairs[:filled[-1] + 1 if len(filled) else 0].astype(np.uint64)
+
+
+def _on_disk(state_dir):
+    """The record in ``state_dir`` as it is on disk now, or None if it cannot be read."""
+    try:
+        with open(os.path.join(state_dir, RECORD), encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
 
 
 def load(state_dir, targets, sizes):

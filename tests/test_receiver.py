@@ -1,4 +1,5 @@
 """The receiver (``nbdrep receive``): atomic cycles, crash safety, RP exports, restore."""
+import errno
 import json
 import os
 import random
@@ -274,6 +275,31 @@ def test_restore_truncates_refuses_targets_and_state_and_leaves_nothing_when_it_
         monkeypatch.setattr(s, "materialise", lambda *a: False)   # folded away meanwhile
         assert "error" in receiver_control.restore(s, "", 2, str(tmp_path / "new.img"))
         assert not (tmp_path / "new.img").exists()
+    finally:
+        s.close()
+
+
+def test_a_commit_whose_directory_fsync_fails_keeps_the_journals_its_record_names(tmp_path, monkeypatch):
+    s = open_store(tmp_path)
+    s.commit("a", 1, 1.0)
+    s.write("", b"\x02" * BLOCK, 0)
+    real = stores.write_json
+
+    def renamed_then_fsync_failed(path, obj):
+        real(path, obj)
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(stores, "write_json", renamed_then_fsync_failed)
+    with pytest.raises(OSError):
+        s.commit("a", 2, 2.0)
+    monkeypatch.setattr(stores, "write_json", real)
+    s.write("", b"\x03" * BLOCK, 0)   # the next cycle's
+    s.close()
+    s = open_store(tmp_path)   # the record on disk says RP 2: its journals must be there
+    try:
+        assert read_rp(s, 2)[:BLOCK] == b"\x02" * BLOCK
+        s.commit("a", 3, 3.0)
+        assert read_rp(s, 3)[:BLOCK] == b"\x03" * BLOCK
     finally:
         s.close()
 
