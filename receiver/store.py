@@ -574,9 +574,11 @@ class Store:
                 for _ in range(n):
                     try:
                         self._fold_one()
-                    except OSError as e:
-                        log.error("cannot fold RP %d into the base images: %s",
-                                  self.record["rps"][0]["cycle"], e)
+                    except Exception as e:   # a full disk, or a bug: the thread must go on,
+                        # and the copier's writes must not stay held meanwhile
+                        (log.error if isinstance(e, OSError) else log.exception)(
+                            "cannot fold RP %d into the base images: %s; retrying",
+                            self.record["rps"][0]["cycle"], e)
                         self._throttle(False)
                         with self._cond:
                             self._cond.wait(1.0)

@@ -304,6 +304,32 @@ def test_a_commit_whose_directory_fsync_fails_keeps_the_journals_its_record_name
         s.close()
 
 
+def test_an_unexpected_error_in_a_fold_neither_stops_folding_nor_holds_the_writes(tmp_path, monkeypatch):
+    s = open_store(tmp_path, journal_max=1)   # every RP with a journal is over the bound
+    real, calls = s._fold_one, []
+
+    def a_bug_once():
+        calls.append(None)
+        if len(calls) == 1:
+            raise RuntimeError("a bug")
+        real()
+
+    monkeypatch.setattr(s, "_fold_one", a_bug_once)
+    try:
+        s.commit("a", 1, 1.0)
+        s.write("", b"\x02" * BLOCK, 0)
+        s.commit("a", 2, 2.0)
+        s.start()
+        wait_until(lambda: not s.record["rps"], 30, "RP 2 folded after the failed attempt")
+        assert len(calls) >= 2 and s._fold_thread.is_alive()
+        writer = threading.Thread(target=s.write, args=("", b"\x03" * BLOCK, 0), daemon=True)
+        writer.start()
+        writer.join(10)
+        assert not writer.is_alive(), "a write waits for a fold thread that is gone"
+    finally:
+        s.close()
+
+
 # -- end to end ---------------------------------------------------------------------------------
 
 def test_writes_are_invisible_until_the_commit_record(procs, tmp_path):
