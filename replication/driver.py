@@ -508,6 +508,8 @@ class Session:
             self.history.append(lines)
         if diverged:
             devs = {d.dev for d in self.devices if d.replica_uri and meta_uri(d.replica_uri) in diverged}
+            if self.dirty is not None:   # until that resync is committed, a crash repeats it
+                self.dirty.mark_all(self.tracker.cycle)
             return m.Failed("; ".join(f"receiver {u}: {why}: full resync" for u, why in diverged.items()),
                             resync=reports.whole(self.source_extents(devs)))
         return None
