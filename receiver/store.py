@@ -203,6 +203,7 @@ class Store:
                 self.bases[name] = Backend(path, readonly=readonly)
             self.sizes = {n: b.size for n, b in self.bases.items()}
             self.record = load(state_dir, targets, self.sizes)
+            self._unsure = False   # the record in memory is on disk, but maybe not durably
             # Before the first commit the targets hold no RP to keep whole: the initial sync
             # goes straight into them, as into a plain replica, not through a journal as big
             # as the targets (and a fold of as much).
@@ -259,6 +260,7 @@ class Store:
         _fsync_dir(self.folder)
         write_json(os.path.join(self.state_dir, RECORD), record)
         self.record = record
+        self._unsure = False
 
     def start(self):
         """Start the fold thread (after nbdkit's fork)."""
@@ -453,6 +455,9 @@ class Store:
             if r["promoted"] is not None:
                 raise OSError(errno.EROFS, "the targets were promoted: this receiver receives no more")
             if r["session_id"] == session_id and cycle <= (r["committed_cycle"] or 0):
+                if self._unsure:   # the copier's retry of a commit whose record may not be durable
+                    with self._record_lock:
+                        self._write_record(self.record)   # raises while it still cannot be
                 return
             if r["rps"] and cycle <= r["rps"][-1]["cycle"]:
                 # A new session numbers its cycles afresh: RP names must stay unique, so the
@@ -508,6 +513,7 @@ class Store:
                     # fresh journals, so they stay and take the writes from now on (the next
                     # record's fsync makes it durable); the copier hears of the failure.
                     self.record, unsure = new, e
+                    self._unsure = True   # until a record write is durable, a repeat redoes it
         except BaseException:
             for j in fresh.values():
                 j.unlink()

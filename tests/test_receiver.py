@@ -304,6 +304,35 @@ def test_a_commit_whose_directory_fsync_fails_keeps_the_journals_its_record_name
         s.close()
 
 
+def test_a_retried_commit_whose_record_may_not_be_durable_is_not_a_no_op(tmp_path, monkeypatch):
+    """The copier retries a commit that failed. If the record was renamed but the directory's
+    fsync failed, the retry must redo the durable write (and fail while it cannot), not return
+    'already committed': the source would count a cycle that power loss can still undo."""
+    s = open_store(tmp_path)
+    try:
+        s.commit("a", 1, 1.0)
+        s.write("", b"\x02" * BLOCK, 0)
+        real, writes = stores.write_json, []
+
+        def renamed_then_fsync_failed(path, obj):
+            writes.append(obj["committed_cycle"])
+            real(path, obj)
+            raise OSError(errno.EIO, "Input/output error")
+
+        monkeypatch.setattr(stores, "write_json", renamed_then_fsync_failed)
+        with pytest.raises(OSError):
+            s.commit("a", 2, 2.0)
+        with pytest.raises(OSError):   # the retry: still not durable, still an error
+            s.commit("a", 2, 2.0)
+        assert writes == [2, 2], "the retry did not write the record again"
+        monkeypatch.setattr(stores, "write_json", real)
+        s.commit("a", 2, 2.0)          # now it is durable: success
+        s.commit("a", 2, 2.0)          # and a repeat is the no-op it should be
+        assert read_rp(s, 2)[:BLOCK] == b"\x02" * BLOCK
+    finally:
+        s.close()
+
+
 def test_an_unexpected_error_in_a_fold_neither_stops_folding_nor_holds_the_writes(tmp_path, monkeypatch):
     s = open_store(tmp_path, journal_max=1)   # every RP with a journal is over the bound
     real, calls = s._fold_one, []
