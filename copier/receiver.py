@@ -193,11 +193,15 @@ class Link:
     another history, gets no increment committed over it (logged) until the caller took it
     from ``take_diverged`` to resync it in full."""
 
-    def __init__(self, data_uris, timeout=META_TIMEOUT):
+    def __init__(self, data_uris, timeout=META_TIMEOUT, ours=()):
         self._uris = sorted({meta_uri(u): u for u in data_uris}.items())
         self._timeout = timeout
         self._handles = {}   # meta URI -> nbd handle of a receiver; None: a plain export
-        self._ours = set()   # meta URIs of receivers that showed this session
+        # Meta URIs of receivers that hold this session: those that showed it, and from the
+        # start those of the exports the session resumes (``ours``: data URIs), checked on
+        # their first connection even if the start-up handshake could not reach them.
+        self._ours = {meta_uri(u) for u in ours}
+        self._taken = {}     # meta URI -> the newest cycle it took: it may not go back
         self._diverged = {}   # meta URI -> why no commit goes there until take_diverged
 
     def commit(self, session_id, cycle, rp_time):
@@ -219,6 +223,7 @@ class Link:
                         _call(h, lambda: h.aio_pwrite(block, 0), self._timeout, "committing to")
                         _call(h, h.aio_flush, self._timeout, "flushing")
                         self._ours.add(meta)
+                        self._taken[meta] = cycle
                         done += 1
                     break
                 except ReplicaError as e:
@@ -239,6 +244,10 @@ class Link:
                     _close(h)
                     h = None
             why = None if state is None or meta not in self._ours else mismatch(state, session_id, cycle)
+            if why is None and state is not None and \
+                    (state.get("committed_cycle") or 0) < self._taken.get(meta, 0):
+                why = (f"the receiver is at cycle {state.get('committed_cycle')}, before cycle "
+                       f"{self._taken[meta]} it took: its state went back")
             if why is not None:
                 self._diverged[meta] = why
                 log.error("receiver %s: %s; no commit goes there before a full resync", meta, why)
@@ -254,6 +263,8 @@ class Link:
         session: the caller copies every export on them in full before its next commit."""
         found, self._diverged = self._diverged, {}
         self._ours.difference_update(found)
+        for meta in found:
+            self._taken.pop(meta, None)
         return found
 
     def _drop(self, meta):

@@ -173,7 +173,9 @@ class Session:
         self.history = history.Writer(self.state_dir) if self.state_dir else None
         self._thread = None
         self._replicas = {}
-        self.receivers = (ReceiverLink([d.replica_uri for d in self.devices])
+        self.receivers = (ReceiverLink([d.replica_uri for d in self.devices if d.replica_uri],
+                                       ours=[d.replica_uri for d in self.devices
+                                             if d.dev in self.plan.resume])
                           if self.replicated else None)
         self._retried_before = 0   # requests retried on replica connections since closed
         self._buffers = None

@@ -8,6 +8,7 @@ import struct
 import subprocess
 import threading
 import time
+import types
 
 import nbd
 import psutil
@@ -763,3 +764,40 @@ def test_commit_travels_over_tls(procs, tmp_path):
     h.connect_uri(tls)
     assert h.pread(BLOCK, 0) == generation(1, size)[:BLOCK]
     h.shutdown()
+
+
+class _Receivers:
+    """Stand-ins for the metadata connections of copier.receiver.Link: ``states`` {data URI:
+    the state the receiver shows on its next connection}; commits are counted."""
+
+    def __init__(self, monkeypatch, states):
+        self.states, self.commits = states, []
+        handle = lambda uri: types.SimpleNamespace(uri=uri, aio_pwrite=None, aio_flush=None)  # noqa: E731
+        monkeypatch.setattr(link, "_open", lambda uri, timeout: handle(uri))
+        monkeypatch.setattr(link, "_read_state", lambda h, timeout: self.states[h.uri])
+        monkeypatch.setattr(link, "_close", lambda h, timeout=1.0: None)
+        monkeypatch.setattr(link, "_call", lambda h, issue, timeout, what: self.commits.append(h.uri))
+
+
+def test_a_receiver_the_session_resumes_is_checked_on_its_first_connection(monkeypatch):
+    """The start-up handshake could not reach it: a receiver that then shows another history
+    (restarted on another state directory) must not get this session's increments."""
+    fake = _Receivers(monkeypatch, {"nbd://r/": {"session_id": None, "committed_cycle": None}})
+    resumed = link.Link(["nbd://r/"], ours=["nbd://r/"])
+    assert resumed.commit("S", 8, 8.0) == 0 and fake.commits == []
+    assert list(resumed.take_diverged().values()) == ["the receiver has no commit of this session"]
+    fresh = link.Link(["nbd://r/"])   # a full sync: a receiver new to the session is fine
+    assert fresh.commit("S", 8, 8.0) == 1
+
+
+def test_a_receiver_whose_state_went_back_gets_no_commit(monkeypatch):
+    """It took cycle 10; after a reconnection it shows cycle 7 of the same session (its state
+    directory rolled back, or a commit record power loss undid): committing 12 over it would
+    make an RP without cycles 8-10."""
+    fake = _Receivers(monkeypatch, {"nbd://r/": {"session_id": "S", "committed_cycle": 9}})
+    receivers = link.Link(["nbd://r/"], ours=["nbd://r/"])
+    assert receivers.commit("S", 10, 10.0) == 1
+    fake.states["nbd://r/"] = {"session_id": "S", "committed_cycle": 7}
+    receivers.close()   # the next commit connects afresh
+    assert receivers.commit("S", 12, 12.0) == 0
+    assert "before cycle 10 it took" in receivers.take_diverged()[link.meta_uri("nbd://r/")]
