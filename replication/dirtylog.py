@@ -75,12 +75,14 @@ class DirtyLog:
 
     ``region`` is a power of two in [``MIN_REGION``, ``MAX_REGION``]; device ids are 0, 1, ...
     in order (as the plugin numbers its sources). ``on_sync_error()`` is called (from a writer's
-    thread) the first time an msync fails. The file is complete and synced when this returns.
+    thread) the first time an msync fails. ``warm`` ({dev: flat pairs}) presets extents only:
+    those the last run left hot at its clean stop, so that a restarted steady workload does not
+    wait for an msync per extent again (DRBD keeps its activity log across restarts too). The file is complete and synced when this returns.
     O(regions + preset extents).
     """
 
     def __init__(self, state_dir, devices, region, first_cycle, preset=None, hot=HOT_CYCLES,
-                 on_sync_error=None):
+                 on_sync_error=None, warm=None):
         if not MIN_REGION <= region <= MAX_REGION or region & (region - 1):
             raise ValueError(f"dirty region must be a power of two in {MIN_REGION}..{MAX_REGION}, "
                              f"got {region}")
@@ -95,11 +97,11 @@ class DirtyLog:
         self.boot_id = boot_id()
         fine_at = map_bytes(_units(self.extents))   # the extents' bitmap first
         bitmap = bytearray(fine_at + map_bytes(_units(self.layout)))
+        levels = ((self.extents, self.extent, 0), (self.layout, region, fine_at * 8))
         for d in devices:
-            for off, length in zip(*[iter((preset or {}).get(d.dev, ()))] * 2):
-                if length:
-                    for lay, unit, at in ((self.extents, self.extent, 0),
-                                          (self.layout, region, fine_at * 8)):
+            for marks, where in ((preset, levels), (warm, levels[:1])):
+                for off, length in zip(*[iter((marks or {}).get(d.dev, ()))] * 2):
+                    for lay, unit, at in where if length else ():
                         base, count = lay[d.name]
                         _set_bits(bitmap, at + base + off // unit,
                                   at + base + min(count, -(-(off + length) // unit)))
@@ -178,11 +180,12 @@ class DirtyLog:
                 "syncs": st.syncs, "cleared": st.cleared, "sync_errors": st.sync_errors}
 
 
-def read(state_dir, described, current_boot=None):
+def read(state_dir, described, current_boot=None, extents=False):
     """The marks a run left, as ({name: flat (offset, length) pairs, adjacent units joined},
     what they are): its fine regions if the machine has not restarted since (``current_boot``,
-    default this boot's id), else its extents, the only marks that were synced. Raises
-    DirtyLogError saying why the log cannot be used. O(units), in C-speed runs of bytes."""
+    default this boot's id), else (or if ``extents``) its extents, the only marks that were
+    synced. Raises DirtyLogError saying why the log cannot be used. O(units), in C-speed runs
+    of bytes."""
     if not described:
         raise DirtyLogError("no dirty-region log covers all of its writes (the log was off or "
                             "failed, or a run served the sources without replicating them)")
@@ -198,7 +201,7 @@ def read(state_dir, described, current_boot=None):
         raise DirtyLogError(f"the dirty-region log {path} is of another version") from None
     if len(bitmap) != expected:
         raise DirtyLogError(f"the dirty-region log {path} has the wrong size")
-    if described["boot_id"] == (current_boot or boot_id()):
+    if not extents and described["boot_id"] == (current_boot or boot_id()):
         lay, unit, at, what = described["layout"], described["region"], fine_at, "regions"
     else:
         lay, unit, at, what = described["extents"], described["extent"], 0, \

@@ -147,6 +147,7 @@ class Session:
             d.replica_size = (replica_sizes or {}).get(d.name)
         self.dirty_region = config.dirty_region if self.replicated else 0
         self.dirty = None
+        self._warm = {}   # {name: extents} the last run left hot at its clean stop
         self.resync_bytes = 0   # what this run started by copying for a sync or a crash
         self._recorded_upto = 0   # newest commit whose Commit action was performed
         self._rerecord = False    # the record must be written now (the dirty-region log failed)
@@ -188,6 +189,11 @@ class Session:
                 marks, marked = dirtylog.read(self.state_dir, record.get("dirty_log"))
             except dirtylog.DirtyLogError as e:
                 marks = str(e)
+        elif record is not None and record.get("dirty_log"):
+            try:   # the extents the last run left hot: this one starts with them marked
+                self._warm, _ = dirtylog.read(self.state_dir, record["dirty_log"], extents=True)
+            except dirtylog.DirtyLogError:
+                pass   # only a warm start lost: those extents are marked anew when written
         return records.plan(record, self.devices, resync_full, sample=self._sample, marks=marks,
                             marked=marked)
 
@@ -227,7 +233,9 @@ class Session:
                 self.dirty = dirtylog.DirtyLog(
                     self.state_dir, self.devices, self.dirty_region, plan.first_cycle,
                     {dev: reports.merge(carry.data_of(dev), carry.zero_of(dev))
-                     for dev in self.sizes}, on_sync_error=self._dirty_log_failed)
+                     for dev in self.sizes}, on_sync_error=self._dirty_log_failed,
+                    warm={d.dev: self._warm[d.name] for d in self.devices
+                          if d.name in self._warm and d.dev in plan.resume})
                 self.hook.log_to(self.dirty)
             self._write_record(False, None, plan.committed_cycle, plan.rp_time)
             dirtylog.prune(self.state_dir, self.dirty.file if self.dirty else None)

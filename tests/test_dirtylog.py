@@ -198,3 +198,18 @@ def test_a_write_outside_its_device_is_a_bug_not_a_mark(tmp_path):
         log.mark(1, 0, 2 * REGION, 1)
     with pytest.raises(ValueError):
         log.mark(1, 1, 0, 1)
+
+
+def test_warm_extents_are_preset_as_extents_only(tmp_path):
+    """A clean stop leaves its hot extents in the file; the next run starts with them marked
+    (no msync when the workload writes them again) but no region marked: a kill -9 then
+    resyncs nothing that was not written."""
+    devs = devices(3 * EXTENT // REGION)
+    log = dirtylog.DirtyLog(str(tmp_path), devs, REGION, 1, warm={0: [EXTENT, 1]})
+    assert on_disk(str(tmp_path), log) == set()
+    per = EXTENT // REGION
+    assert {r // per for _, r in on_disk(str(tmp_path), log, power_lost=True)} == {1}
+    log.mark(1, 0, EXTENT + REGION, REGION)   # the warm extent again: no new extent mark
+    assert log.stats()["marks"] == 0 and log.stats()["syncs"] == 0
+    log.mark(1, 0, 0, REGION)                 # a cold one: marked, and synced
+    assert log.stats()["marks"] == 1 and log.stats()["syncs"] == 1
