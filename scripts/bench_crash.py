@@ -101,10 +101,12 @@ class Site:
         self.crashes = 0
 
     def serve(self, region):
-        """`nbdrep serve` with 1 s cycles, once its first cycle is committed."""
+        """`nbdrep serve` with 1 s cycles, once its first cycle is committed. A state directory
+        per region size: each run resumes from the last one of the same setting, as a server
+        restarted with its settings does."""
         proc = self.procs.start(nbdrep_cmd(
             "serve", "--source", self.src, "--socket", self.sock, "--control", self.ctl,
-            "--state", os.path.join(self.work, "state"), "--cycle", "1", "--dirty-region", region,
+            "--state", os.path.join(self.work, f"state-{region}"), "--cycle", "1", "--dirty-region", region,
             "--replica", f"nbd+unix:///?socket={self.rsock}"),
             wait_for=self.ctl, timeout=600, stdout=subprocess.DEVNULL, stderr=self.log)
         wait(lambda: self.status()["committed_cycle"] >= self.status()["cycles"][0]["cycle"])
