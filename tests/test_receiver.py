@@ -446,15 +446,21 @@ def test_a_receiver_restarted_on_another_state_gets_no_commit_over_it(procs, tmp
     links.close()
 
 
-def test_the_session_resyncs_in_full_a_receiver_restarted_on_another_state(procs, tmp_path):
-    size = 4 * MiB
-    tmp = str(tmp_path)
+def generation_1_on_a_receiver(procs, tmp_path, size):
+    """A source replicating to a receiver (1 h cycles), generation 1 committed there:
+    (source path, target path, Receiver, Server)."""
     src = make_image(str(tmp_path / "source.img"), size)
     target = make_image(str(tmp_path / "target.img"), size)
-    r = Receiver(procs, tmp, [target])
-    server = Server(procs, tmp, [src], [r.uri()], extra=["--cycle", "3600"])
+    r = Receiver(procs, str(tmp_path), [target])
+    server = Server(procs, str(tmp_path), [src], [r.uri()], extra=["--cycle", "3600"])
     write_image(server.sock, generation(1, size))
     r.wait_committed(server.rp())
+    return src, target, r, server
+
+
+def test_the_session_resyncs_in_full_a_receiver_restarted_on_another_state(procs, tmp_path):
+    size, tmp = 4 * MiB, str(tmp_path)
+    src, target, r, server = generation_1_on_a_receiver(procs, tmp_path, size)
     r.kill9()
     os.rename(r.state, r.state + ".old")
     with open(target, "r+b") as t:   # what the fresh state directory knows nothing of
@@ -557,14 +563,8 @@ def test_kill9_receiver_or_source_20_rounds_never_torn_never_lost(procs, tmp_pat
 
 
 def test_resume_handshake_trusts_an_agreeing_receiver_and_resyncs_another(procs, tmp_path):
-    size = 4 * MiB
-    tmp = str(tmp_path)
-    src = make_image(str(tmp_path / "source.img"), size)
-    target = make_image(str(tmp_path / "target.img"), size)
-    r = Receiver(procs, tmp, [target])
-    server = Server(procs, tmp, [src], [r.uri()], extra=["--cycle", "3600"])
-    write_image(server.sock, generation(1, size))
-    r.wait_committed(server.rp())
+    size, tmp = 4 * MiB, str(tmp_path)
+    src, target, r, server = generation_1_on_a_receiver(procs, tmp_path, size)
     procs.stop(server.proc)
     server = Server(procs, tmp, [src], [r.uri()], extra=["--cycle", "3600"])
     assert server.status()["start"].startswith("resumed"), server.status()["start"]
