@@ -7,15 +7,20 @@ the machine's next deadline, an RP request or a stop, hands the machine the even
 performs the actions it returns with the real parts: the tracker (close a cycle), the
 keep-aside (arm, drained, install, release), the reporter (build the report) and the copier
 (copy, flush). Each action's outcome is the next event. Writes run on nbdkit's threads and
-only touch the tracker and, while a cycle is copied, the keep-aside, through ``WriteHook``.
+only touch the tracker, the dirty-region log (marked before the back end) and, while a cycle
+is copied, the keep-aside, through ``WriteHook``. At each point-in-time commit the worker
+writes the replication record, commits to the receivers, clears the dirty-region log's marks
+the commit covers and appends the cycle history (``_committed``).
 
 Locks:
 
 * ``Session._cond`` guards the controller (its state, records, carry), the pending RP
-  request, the stopping flag, the published report (``last_report``, ``last_report_cycle``)
-  and the count of requests retried on connections since closed. The worker holds it only to hand the machine an event,
-  never while it performs an action, so ``status`` and ``request_rp`` answer at once during
-  a copy. ``wait_for`` waits on it for commits.
+  request, the stopping flag, the published report (``last_report``, ``last_report_cycle``),
+  the count of requests retried on connections since closed, ``_recorded_upto`` (the newest
+  commit performed), ``_rerecord`` and which dirty-region log is open (``dirty``). The worker
+  holds it only to hand the machine an event, never while it performs an action, so
+  ``status`` and ``request_rp`` answer at once during a copy. ``wait_for`` waits on it for
+  commits.
 * The replica connections (``_replicas``) belong to the worker thread, which opens and
   closes them. The one exception is ``stop``: a worker still inside a call to a replica that
   stopped answering gets that call cancelled (``Replica.close`` from another thread wakes the
