@@ -122,10 +122,7 @@ def _add_serve(sub):
     p = sub.add_parser("serve", help="serve sources over NBD, tracking and replicating writes")
     p.add_argument("--source", action="append", required=True, metavar="[NAME=]PATH",
                    help="file or block device to serve; repeat with NAME= for named exports")
-    where = p.add_mutually_exclusive_group(required=True)
-    where.add_argument("--socket", metavar="PATH", help="listen on this unix socket")
-    where.add_argument("--port", type=int, metavar="N", help="listen on this TCP port")
-    p.add_argument("--bind", default="127.0.0.1", help="TCP address with --port (default: %(default)s)")
+    add_listen_arguments(p)
     p.add_argument("--replica", action="append", default=[], metavar="[NAME=]URI",
                    help="NBD URI of the replica export (nbd://, nbd+unix://); one per source")
     p.add_argument("--cycle", default="1", metavar="SECONDS", help="RP interval (default: %(default)s)")
@@ -164,6 +161,14 @@ def _add_serve(sub):
                    help="write this process's pid here once serving (removed at exit)")
     p.add_argument("--verbose", action="store_true", help="nbdkit -v")
     p.set_defaults(func=_serve)
+
+
+def add_listen_arguments(p):
+    """Where nbdkit listens: --socket PATH, or --port N [--bind ADDR] (serve and receive)."""
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--socket", metavar="PATH", help="listen on this unix socket")
+    where.add_argument("--port", type=int, metavar="N", help="listen on this TCP port")
+    p.add_argument("--bind", default="127.0.0.1", help="TCP address with --port (default: %(default)s)")
 
 
 def add_tls_arguments(p):

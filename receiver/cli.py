@@ -30,10 +30,7 @@ def add_parsers(sub):
     p = sub.add_parser("receive", help="serve replica targets that show only committed recovery points")
     p.add_argument("--target", action="append", required=True, metavar="[NAME=]PATH",
                    help="file or block device to receive into; NAME= as the source's export names")
-    where = p.add_mutually_exclusive_group(required=True)
-    where.add_argument("--socket", metavar="PATH", help="listen on this unix socket")
-    where.add_argument("--port", type=int, metavar="N", help="listen on this TCP port")
-    p.add_argument("--bind", default="127.0.0.1", help="TCP address with --port (default: %(default)s)")
+    base.add_listen_arguments(p)
     p.add_argument("--state", default=os.path.join(base.default_state_dir(), "receiver"), metavar="DIR",
                    help="journals and the commit record (default: %(default)s)")
     p.add_argument("--control", metavar="PATH", help="control socket (default: STATE/control.sock)")
