@@ -29,6 +29,7 @@ import os
 import re
 import uuid
 
+from copier.sizes import format_size
 from replication._dirtylog import ffi, lib
 from replication.record import write_bytes
 
@@ -211,15 +212,11 @@ def read(state_dir, described, current_boot=None, extents=False):
         pairs = out[name] = array.array("Q")
         for lo, hi in _runs(bitmap, at * 8 + base, at * 8 + base + count):
             pairs.extend(((lo - at * 8 - base) * unit, (hi - lo) * unit))
-    return out, f"{_size(unit)} {what}"
+    return out, f"{format_size(unit)} {what}"
 
 
 def _units(lay):
     return sum(count for _, count in lay.values())
-
-
-def _size(n):
-    return f"{n >> 20} MiB" if n >= 1 << 20 else f"{n >> 10} KiB"
 
 
 def _set_bits(bitmap, lo, hi):

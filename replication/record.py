@@ -50,7 +50,7 @@ import random
 import stat
 import uuid
 
-from reporter.report import Report, merge as reports_merge
+from reporter.report import Report, clip, merge as reports_merge
 
 FILE = "replication.json"
 LOCK_FILE = "lock"
@@ -253,15 +253,6 @@ def plan(record, devices, resync_full=False, sample=None, marks=None, marked="re
                          if d.dev in full] + ([how] if resume else []))
     return Plan(record["session_id"], record["next_cycle"], resume, full,
                 record["committed_cycle"], record["rp_time"], how, crashed)
-
-
-def clip(pairs, size):
-    """Flat (offset, length) pairs cut to end at ``size``. O(pairs)."""
-    out = array.array("Q")
-    for off, length in zip(pairs[0::2], pairs[1::2]):
-        if off < size:
-            out.extend((off, min(length, size - off)))
-    return out
 
 
 def _changed(record, d, crashed=False):
