@@ -23,6 +23,7 @@ import sys
 import nbdkit
 
 from copier.receiver import META_EXPORT, META_SIZE, ProtocolError
+from nbd_plugin._io.lib import keep_thread_state
 from nbd_plugin.backend import FILE_BLOCK_SIZES
 from receiver.config import Config
 from receiver.control import ReceiverControl
@@ -146,9 +147,12 @@ def is_rotational(h):
 
 
 def _client_errno(callback):
-    """Hand an OSError's errno to nbdkit for the client (EIO otherwise)."""
+    """Hand an OSError's errno to nbdkit for the client (EIO otherwise). Each request first
+    keeps its worker's Python thread state for the thread's life (``nbd_plugin/_build.py``
+    says why: nbdkit would make and free one per request)."""
     @functools.wraps(callback)
     def call(*args):
+        keep_thread_state()
         try:
             return callback(*args)
         except OSError as e:
