@@ -136,6 +136,11 @@ class KeepAside:
             raise MemoryError("cannot allocate the keep-aside store")
         self._k = ffi.gc(k, lib.ka_free)
 
+    def c_parts(self):
+        """(this store's C address, ka_needs's) as ints, for C code that checks ``needs`` itself
+        (``nbd_plugin/writepath.c``). The store's address is valid while this object lives. O(1)."""
+        return tuple(int(ffi.cast("uintptr_t", p)) for p in (self._k, ffi.addressof(lib, "ka_needs")))
+
     def needs(self, cycle):
         """True if a write tagged ``cycle`` must call ``keep`` before it writes. O(1), lock-free."""
         return lib.ka_needs(self._k, cycle)

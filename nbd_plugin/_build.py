@@ -13,6 +13,8 @@ So, as in ``tracker/_build.py``, the preamble makes cffi's wrappers keep the GIL
 * ``be_pwrite`` releases the GIL: a buffered write may wait for writeback (dirty-page
   throttling), and this kernel's ext4 refuses ``RWF_NOWAIT`` on buffered writes (EOPNOTSUPP).
 * ``be_pread_batch`` (the copier's reads, megabytes at a time) releases it.
+* ``wp_pwrite`` (``writepath.c``), a tracked write in one call, keeps it except around the
+  ``pwrite``, as ``be_pwrite`` does, and where the tracker or the dirty-region log waits.
 
 Keeping each worker's Python thread state
 -----------------------------------------
@@ -95,6 +97,8 @@ static int be_pwrite_released(int fd, const unsigned char *buf, size_t length, u
     return rc;
 }
 
+#include "writepath.c"
+
 static int be_pread_batch_released(int fd, const uint64_t *pairs, size_t n, unsigned char *buf)
 {
     PyThreadState *save = PyEval_SaveThread();
@@ -118,6 +122,12 @@ void keep_thread_state(void);
 int be_pread(int fd, unsigned char *buf, size_t length, uint64_t offset);
 int be_pwrite(int fd, const unsigned char *buf, size_t length, uint64_t offset);
 int be_pread_batch(int fd, const uint64_t *pairs, size_t n, unsigned char *buf);
+enum { WP_TRACKER, WP_TR_BEGIN, WP_TR_END, WP_DIRTY, WP_DL_MARK, WP_KA, WP_KA_NEEDS, WP_PARTS };
+enum { WP_DONE, WP_BEGUN, WP_WRITE_FAILED, WP_END_FAILED };
+int wp_pwrite(const uintptr_t *parts, int fd, int64_t dev, int64_t kind,
+              const unsigned char *buf, size_t length, uint64_t offset);
+uint64_t wp_cycle(void);
+int wp_rc(void);
 """)
 ffi.set_source(
     "nbd_plugin._io",

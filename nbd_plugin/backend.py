@@ -95,7 +95,11 @@ class Backend:
         data = _io_ffi.from_buffer(buf)
         rc = _io_lib.be_pwrite(self.fd, data, len(data), offset)
         if rc:
-            raise OSError(rc, f"{os.strerror(rc)} writing {len(data)} bytes at {offset} in {self.path}")
+            raise self.write_error(rc, len(data), offset)
+
+    def write_error(self, rc, length, offset):
+        """The OSError for a write of ``length`` bytes at ``offset`` that failed with errno ``rc``."""
+        return OSError(rc, f"{os.strerror(rc)} writing {length} bytes at {offset} in {self.path}")
 
     def flush(self):
         """Make every completed write durable. Cost: one fdatasync."""

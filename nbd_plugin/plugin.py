@@ -9,6 +9,8 @@ brackets the back-end call with the session's write hook, ``hook.begin``/``hook.
 tags the write with the open cycle (and, while a cycle is being copied, keeps aside the bytes it is
 about to overwrite), end records the tracking entry. A write that fails is recorded as data over
 its whole range, because its bytes may have changed and only reading the source tells how.
+``pwrite``, the common write, does all of it in one C call (``writepath.c``), which hands back to
+that Python path whatever it cannot finish.
 
 Start-up order matters (nbdkit forks after ``get_ready``, and threads do not survive a fork):
 ``config``/``config_complete`` parse and check, ``get_ready`` opens the sources and checks that
@@ -24,7 +26,8 @@ import nbdkit
 
 from replication.driver import Session
 from nbd_plugin import startup
-from nbd_plugin._io.lib import keep_thread_state
+from nbd_plugin._io import ffi as io_ffi, lib as io_lib
+from nbd_plugin._io.lib import keep_thread_state, wp_pwrite
 from nbd_plugin.control import ControlServer
 from nbd_plugin.metrics import MetricsServer
 from nbd_plugin.params import Config
@@ -43,11 +46,12 @@ state_lock = []   # the state directory's lock (record.lock): its descriptor sta
 
 
 class Handle:
-    __slots__ = ("backend", "dev")
+    __slots__ = ("backend", "dev", "fd")
 
     def __init__(self, backend, dev):
         self.backend = backend
         self.dev = dev
+        self.fd = backend.fd
 
 
 def thread_model():
@@ -211,7 +215,15 @@ def pread(h, buf, offset, flags):
 
 @_request
 def pwrite(h, buf, offset, flags):
-    _tracked(h, KIND_DATA, offset, len(buf), lambda: h.backend.pwrite(buf, offset), flags)
+    if hook is None:
+        h.backend.pwrite(buf, offset)
+    else:
+        data = io_ffi.from_buffer(buf)
+        rc = wp_pwrite(hook.parts, h.fd, h.dev, KIND_DATA, data, len(data), offset)
+        if rc:
+            _pwrite_rest(h, rc, buf, offset)
+    if flags & nbdkit.FLAG_FUA:
+        h.backend.flush()
 
 
 @_request
@@ -242,6 +254,23 @@ def extents(h, count, offset, flags):
     hole = nbdkit.EXTENT_HOLE | nbdkit.EXTENT_ZERO
     return [(off, length, hole if is_hole else 0)
             for off, length, is_hole in h.backend.extents(offset, count)]
+
+
+def _pwrite_rest(h, rc, buf, offset):
+    """Finish, on the Python path, a write that ``wp_pwrite`` handed back (``writepath.c``)."""
+    cycle, length = io_lib.wp_cycle(), len(buf)
+    if rc == io_lib.WP_BEGUN:
+        cycle = hook.begun(cycle, io_lib.wp_rc(), h.dev, offset, length)
+        try:
+            h.backend.pwrite(buf, offset)
+        finally:
+            hook.end(cycle, h.dev, KIND_DATA, offset, length)
+    elif rc == io_lib.WP_WRITE_FAILED:
+        err = io_lib.wp_rc()
+        hook.end(cycle, h.dev, KIND_DATA, offset, length)
+        raise h.backend.write_error(err, length, offset)
+    else:
+        hook.end_failed(io_lib.wp_rc(), cycle, h.dev, KIND_DATA, offset, length)
 
 
 def _tracked(h, kind, offset, length, write, flags):

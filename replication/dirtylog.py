@@ -133,6 +133,12 @@ class DirtyLog:
         write); it waits (without the GIL) only for a new extent mark's msync."""
         return functools.partial(lib.dl_mark, self._handle)
 
+    def c_parts(self):
+        """(this log's C address, dl_mark's) as ints: ``marker`` for C code (``nbd_plugin/
+        writepath.c``), holding the GIL as a call from Python would. The log's address is valid
+        until ``close``. O(1)."""
+        return tuple(int(ffi.cast("uintptr_t", p)) for p in (self._handle, ffi.addressof(lib, "dl_mark")))
+
     def mark(self, cycle, dev, offset, length):
         """Mark [offset, offset+length) of ``dev`` as written in ``cycle``. As ``marker``."""
         rc = lib.dl_mark(self._handle, cycle, dev, offset, length)

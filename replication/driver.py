@@ -45,6 +45,7 @@ from copier.keepaside import KeepAside
 from copier.receiver import Link as ReceiverLink, handshake as receiver_handshake, meta_uri
 from copier.replica import Replica, ReplicaError
 from copier.verify import sample_differs
+from nbd_plugin._io import ffi as io_ffi, lib as io_lib
 from replication import dirtylog, history, machine as m, record as records
 from reporter import report as reports, sgl_batches
 from tracker import KIND_DATA, KIND_TRIM, KIND_ZERO, Tracker
@@ -96,31 +97,49 @@ class WriteHook:
 
     ``begin`` tags the write with the open cycle and, while a cycle is being copied, keeps
     aside the bytes it is about to overwrite; ``end`` records its TE. O(1) usually.
+
+    ``parts`` is the same bracket for C: the plugin's one-call write (``nbd_plugin/
+    writepath.c``, whose WP_* constants name the slots) calls the tracker, the dirty-region log and the
+    keep-aside through these addresses, and hands what it cannot finish back to ``begun``
+    or ``end``. Ownership: the hook owns the array, and holds the Python objects that own
+    what each address points at (the tracker, the keep-aside, the dirty-region log while it
+    logs to it), so an address is valid while the hook holds its owner; the functions live in
+    extension modules, which are never unloaded. ``log_to`` changes the log's two slots; it is
+    called before the first write and after the last, as for the Python path.
     """
 
-    __slots__ = ("_tracker", "_keepaside", "_dirty", "_mark")
+    __slots__ = ("_tracker", "_keepaside", "_dirty", "_mark", "parts")
 
     def __init__(self, tracker, keepaside):
         self._tracker, self._keepaside = tracker, keepaside
         self._dirty = self._mark = None
+        self.parts = io_ffi.new("uintptr_t[]", io_lib.WP_PARTS)
+        self.parts[io_lib.WP_TRACKER:io_lib.WP_TR_END + 1] = tracker.c_parts()
+        self.parts[io_lib.WP_KA:io_lib.WP_KA_NEEDS + 1] = keepaside.c_parts()
 
     def log_to(self, dirty):
         """Mark every write in the dirty-region log ``dirty`` before it reaches the back end
         (from now on: call before the first write is served); None: stop marking."""
         self._dirty, self._mark = dirty, dirty and dirty.marker()
+        self.parts[io_lib.WP_DIRTY:io_lib.WP_DL_MARK + 1] = dirty.c_parts() if dirty else (0, 0)
 
     def begin(self, dev, offset, length):
         """Start a write; returns the token to hand to ``end``. O(1) unless it keeps aside or
         marks a new region in the dirty-region log (then it waits for that mark's msync)."""
         cycle = self._tracker.begin()
-        if self._mark is not None:
-            rc = self._mark(cycle, dev, offset, length)
-            if rc:
-                try:
-                    self._dirty.check(rc)
-                except BaseException:
-                    self._tracker.end(cycle, dev, KIND_DATA, offset, length)
-                    raise
+        marked = 0 if self._mark is None else self._mark(cycle, dev, offset, length)
+        return self.begun(cycle, marked, dev, offset, length)
+
+    def begun(self, cycle, marked, dev, offset, length):
+        """The rest of ``begin`` for a write the tracker began in ``cycle`` and the dirty-region
+        log marked with result ``marked`` (0: done, or no log): the way back into Python of the
+        one-call write. Returns ``cycle``; raises having ended the write."""
+        if marked:
+            try:
+                self._dirty.check(marked)
+            except BaseException:
+                self._tracker.end(cycle, dev, KIND_DATA, offset, length)
+                raise
         if self._keepaside.needs(cycle):
             try:
                 self._keepaside.keep(cycle, dev, offset, length)
@@ -132,6 +151,10 @@ class WriteHook:
     def end(self, cycle, dev, kind, offset, length):
         """Record the write's TE in its cycle. O(1) amortised."""
         self._tracker.end(cycle, dev, kind, offset, length)
+
+    def end_failed(self, rc, cycle, dev, kind, offset, length):
+        """Raise what ``end`` would have for the one-call write's tr_end result ``rc``."""
+        self._tracker.end_failed(rc, cycle, dev, kind, offset, length)
 
 
 class Session:

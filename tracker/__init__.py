@@ -193,6 +193,17 @@ class Tracker:
         if rc:
             _raise_for(rc, dev, kind, offset, length, cycle)
 
+    def c_parts(self):
+        """(this tracker's C address, tr_begin's, tr_end's) as ints, for C code that brackets a
+        write itself (``nbd_plugin/writepath.c``), holding the GIL as a call from Python would.
+        The tracker's address is valid while this object lives. O(1)."""
+        return tuple(int(ffi.cast("uintptr_t", p))
+                     for p in (self._t, ffi.addressof(lib, "tr_begin"), ffi.addressof(lib, "tr_end")))
+
+    def end_failed(self, rc, cycle, dev, kind, offset, length):
+        """Raise what ``end`` raises when tr_end, called from C (``c_parts``), answered ``rc``."""
+        _raise_for(rc, dev, kind, offset, length, cycle)
+
     def _abort(self, cycle):
         """End the in-flight count of a write whose TE cannot be recorded.  O(1)."""
         if not isinstance(cycle, int) or not 0 <= cycle < 1 << 64:
