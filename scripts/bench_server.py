@@ -2,6 +2,7 @@
 
 Usage: .venv/bin/python scripts/bench_server.py [--seconds S] [--rounds R] [--threads N,...]
                                                [--workloads NAME,...] [--size MIB] [--dir DIR] [--steps]
+                                               [--baseline DIR] [--no-stall-check]
 
 Servers, all serving the same image of random data (1 GiB), each started once and kept running:
 
@@ -11,6 +12,8 @@ Servers, all serving the same image of random data (1 GiB), each started once an
   untracked   nbdrep ``--tracking off``, default ``--threads``
   tracked     nbdrep tracking (no replica), ``--cycle 1``, default ``--threads``
   tracked tN  the same with ``--threads N``, for each N of ``--threads``
+  baseline    with ``--baseline DIR``: ``tracked`` run from another checkout of nbdrep (its cffi
+              modules built in place), to compare two versions side by side in one run
 
 Workloads (fio ``--ioengine=nbd``, one job, one connection, S seconds each): 4k random read and
 write at queue depth 16, 1 MiB sequential read and write at QD4. The machine is shared and its
@@ -23,8 +26,8 @@ Then the stall check, on the tracked server and on the C plugin for comparison: 
 reader (QD16) alone, then while a second connection writes 4k blocks each followed by a flush (fio
 ``--fsync=1``), then alone again. A flush (or a read that misses the page cache) must not stall
 the other connections: the reader keeps at least half its IOPS (against the mean of the runs
-alone), and its slowest read shows whether any waited for a flush. Progress goes to stderr, the
-tables to stdout.
+alone), and its slowest read shows whether any waited for a flush (``--no-stall-check`` skips
+it). Progress goes to stderr, the tables to stdout.
 
 ``--steps`` prints instead what each step of a 4k request costs in this process, without
 nbdkit (timeit, best of five, less the cost of calling an empty lambda): where the plugin's part
@@ -127,7 +130,8 @@ class Server:
 
 
 def server_command(name, image, folder, threads):
-    """(argv, socket) of the server called ``name`` living in ``folder``."""
+    """(argv, socket) of the server called ``name`` living in ``folder`` (``baseline``: run
+    from the other checkout's folder, so that ``python -m`` imports that nbdrep)."""
     sock = os.path.join(folder, "nbd.sock")
     nbdkit = ["nbdkit", "--foreground", "--exit-with-parent", "--unix", sock]
     if name == "C file":
@@ -144,16 +148,19 @@ def server_command(name, image, folder, threads):
 
 
 @contextlib.contextmanager
-def servers(procs, image, threads):
+def servers(procs, image, threads, baseline=None):
     """Start every server; yields {name: Server}."""
     names = {"C file": 0, "minimal": 1, "untracked": DEFAULT_THREADS, "tracked": DEFAULT_THREADS}
     names.update({f"tracked t{n}": n for n in threads if n != DEFAULT_THREADS})
+    if baseline:
+        names["baseline"] = DEFAULT_THREADS
     with contextlib.ExitStack() as stack:
         running = {}
         for name, n in names.items():
             folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="nbdrep-bench-"))
             cmd, sock = server_command(name, image, folder, n)
-            proc = procs.start(cmd, wait_for=sock, stdout=subprocess.DEVNULL)
+            proc = procs.start(cmd, wait_for=sock, stdout=subprocess.DEVNULL,
+                               cwd=baseline if name == "baseline" else None)
             stack.callback(procs.stop, proc)
             nbdkit = psutil.Process(proc.pid)
             if cmd[0] != "nbdkit":   # nbdrep serve runs nbdkit as its child
@@ -211,7 +218,8 @@ def stall_check(server, seconds, size):
 def request_steps(image, calls=100_000):
     """[(step, microseconds per call)] of the parts of a 4k request, in this process."""
     from copier.keepaside import KeepAside
-    from nbd_plugin._io.lib import keep_thread_state
+    from nbd_plugin._io import ffi as io_ffi
+    from nbd_plugin._io.lib import keep_thread_state, wp_pwrite
     from nbd_plugin.backend import Backend
     from replication.driver import WriteHook
     from tracker import KIND_DATA, Tracker
@@ -242,6 +250,8 @@ def request_steps(image, calls=100_000):
         ("WriteHook.begin + end (tracker, keep-aside check)",
          lambda: hook.end(hook.begin(0, offset, 4096), 0, KIND_DATA, offset, 4096)),
         ("a tracked 4k write: begin, Backend.pwrite, end", tracked_write),
+        ("a tracked 4k write in one C call (wp_pwrite, as the plugin does)",
+         lambda: wp_pwrite(hook.parts, backend.fd, 0, KIND_DATA, io_ffi.from_buffer(block), 4096, offset)),
         ("the plugin's per-request wrapper (keep_thread_state, try)", lambda: request(None, buf, offset, 0)),
     ]
     try:
@@ -287,6 +297,11 @@ def goals(results, stalls):
     for w, by_server in results.items():
         verdict(f"{w}, tracked / untracked", median_ratio(by_server["tracked"], by_server["untracked"]),
                 GOAL_TRACKING)
+        if "baseline" in by_server:
+            verdict(f"{w}, baseline / untracked", median_ratio(by_server["baseline"], by_server["untracked"]),
+                    None)
+            verdict(f"{w}, tracked / baseline", median_ratio(by_server["tracked"], by_server["baseline"]),
+                    None)
     for name, checks in stalls.items():
         for (alone, beside, again), writer in checks:
             verdict(f"{name}: reader beside a flushing writer ({writer[0]:,.0f} write+flush/s, slowest "
@@ -311,6 +326,9 @@ def main(argv=None):
     parser.add_argument("--dir", default="/var/tmp", help="where the image goes (default: /var/tmp)")
     parser.add_argument("--steps", action="store_true",
                         help="time the steps of a 4k request in this process instead")
+    parser.add_argument("--baseline", metavar="DIR",
+                        help="also run 'baseline': nbdrep tracking from the checkout in DIR")
+    parser.add_argument("--no-stall-check", action="store_true", help="skip the stall check")
     args = parser.parse_args(argv)
     if args.seconds < 1 or args.rounds < 1 or args.size < 1:
         parser.error("--seconds, --rounds and --size must be at least 1")
@@ -324,6 +342,8 @@ def main(argv=None):
         parser.error(f"--threads must be comma-separated numbers, not {args.threads!r}")
     if any(t < 1 for t in threads):
         parser.error("--threads values must be at least 1")
+    if args.baseline and not os.path.isfile(os.path.join(args.baseline, "nbd_plugin", "cli.py")):
+        parser.error(f"--baseline {args.baseline}: not a checkout of nbdrep (no nbd_plugin/cli.py)")
     fd, image = tempfile.mkstemp(prefix="nbdrep-bench-", suffix=".img", dir=args.dir)
     os.close(fd)
     size = args.size * MiB
@@ -334,10 +354,10 @@ def main(argv=None):
             print(format_table(["step of a 4k request, in this process", "us per call"],
                                [[name, f"{us:.2f}"] for name, us in request_steps(image)]))
             return 0
-        with Procs() as procs, servers(procs, image, threads) as running:
+        with Procs() as procs, servers(procs, image, threads, args.baseline) as running:
             results = rounds_of(running, workloads, args.rounds, args.seconds, size)
             stalls = {name: [] for name in ("C file", "tracked")}
-            for _ in range(args.rounds):
+            for _ in range(0 if args.no_stall_check else args.rounds):
                 for name, checks in stalls.items():
                     checks.append(stall_check(running[name], args.seconds, size))
     finally:
