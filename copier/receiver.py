@@ -12,6 +12,19 @@ tunnel) carries it unchanged:
   padded likewise, then FLUSH. The receiver answers the write only once the commit is durable:
   every write it received on any data export since its last commit becomes the recovery point
   ``cycle`` of all its exports at once.
+* WRITE of block 0: a fence record, ``MAGIC_FENCE`` and JSON (session id, export name), before
+  the copier opens data connections to that export (``Link.fence``). The receiver answers once
+  every write already inside it is done, and from then on refuses (ESHUTDOWN) every write,
+  zero, trim and flush on a connection to that export opened before the fence, and every
+  commit record on a metadata connection opened before it. So a write of a dropped connection
+  still on its way (held in the receiver's queue, a proxy's buffers, a stalled network) can
+  never land after the new connections rewrote its blocks and be committed with them.
+
+The fence assumes what nbdkit's nbd plugin (without ``shared=true``), a TLS tunnel or socat do:
+a proxy opens one connection to the receiver per client connection, during that client's
+handshake, and never sends one client's requests on another's connection or replays them on a
+connection it opened later. A proxy that pools or shares connections across clients gets the
+new session's writes refused (replication fails, loudly), not stale bytes committed.
 
 A plain NBD export must stay a valid replica, and ``nbdkit file`` serves any export name as
 the same file, so the copier writes a commit record only to an export that first read back
@@ -22,7 +35,7 @@ import errno
 import json
 import logging
 import time
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import nbd
 
@@ -36,6 +49,7 @@ META_EXPORT = ".nbdrep"
 META_SIZE = 4096
 MAGIC_STATE = b"nbdrep-receiver/1\n"
 MAGIC_COMMIT = b"nbdrep-commit/1\n"
+MAGIC_FENCE = b"nbdrep-fence/1\n"
 # Every metadata call (connect, read, commit, flush) is bounded: a receiver that stopped
 # answering (SIGSTOP, a hung host) must not hold the session's worker.
 META_TIMEOUT = 10.0
@@ -50,6 +64,11 @@ def meta_uri(data_uri):
     parts = urlsplit(data_uri)
     # Not urlunsplit: it drops the '//' of an empty authority (nbd+unix:///...).
     return f"{parts.scheme}://{parts.netloc}/{META_EXPORT}" + (f"?{parts.query}" if parts.query else "")
+
+
+def export_name(data_uri):
+    """The export name ``data_uri`` asks for, as libnbd sends it ("" for the default one)."""
+    return unquote(urlsplit(data_uri).path[1:])
 
 
 def encode(magic, obj):
@@ -184,9 +203,9 @@ def handshake(plan, devices):
 
 
 class Link:
-    """Commits to the receivers among a session's replicas: {data URI} -> one metadata
-    connection per receiver, opened lazily and re-probed after any failure. Every call is
-    bounded by ``timeout`` seconds.
+    """Commits and fences to the receivers among a session's replicas: {data URI} -> one
+    metadata connection per receiver, opened lazily and re-probed after any failure. Every
+    call is bounded by ``timeout`` seconds.
 
     A receiver that showed this session once (its state, or a commit it took) must still
     show it on every later connection: one restarted on another state directory, or given
@@ -210,30 +229,55 @@ class Link:
         Never raises: a receiver that does not take a commit loses nothing (it keeps what it
         received, invisible, and the next commit covers it), so the failure is logged and the
         cycle stays committed on the source's side."""
-        block = nbd.Buffer.from_bytearray(bytearray(
-            encode(MAGIC_COMMIT, {"session_id": session_id, "cycle": cycle, "rp_time": rp_time})))
+        block = encode(MAGIC_COMMIT, {"session_id": session_id, "cycle": cycle, "rp_time": rp_time})
         done = 0
         for meta, data_uri in self._uris:
             if meta in self._diverged:
                 continue
-            for attempt in (1, 2):   # a kept connection may be to a receiver since restarted
-                try:
-                    h = self._handle(meta, data_uri, session_id, cycle)
-                    if h is not None:
-                        _call(h, lambda: h.aio_pwrite(block, 0), self._timeout, "committing to")
-                        _call(h, h.aio_flush, self._timeout, "flushing")
-                        self._ours.add(meta)
-                        self._taken[meta] = cycle
-                        done += 1
-                    break
-                except ReplicaError as e:
-                    self._drop(meta)
-                    if attempt == 2:
-                        log.warning("receiver %s did not take the commit of cycle %d (%s); the "
-                                    "next commit covers it", meta, cycle, e)
+            try:
+                if self._send(meta, data_uri, session_id, cycle, block, "committing to"):
+                    self._ours.add(meta)
+                    self._taken[meta] = cycle
+                    done += 1
+            except ReplicaError as e:
+                log.warning("receiver %s did not take the commit of cycle %d (%s); the "
+                            "next commit covers it", meta, cycle, e)
         return done
 
+    def fence(self, data_uri, session_id, committed_cycle):
+        """Before opening data connections to ``data_uri``: if its server is a receiver, make it
+        refuse, from now on, the writes of every connection to that export opened before (see
+        the module's docstring), once those already inside it are done. ``committed_cycle``:
+        the session's newest commit, for the history check of a first connection. Fences a
+        receiver found holding another history too (the full resync's writes need it). Raises
+        ReplicaError if a receiver does not take the fence: no data may go there unfenced."""
+        block = encode(MAGIC_FENCE, {"session_id": session_id, "export": export_name(data_uri)})
+        self._send(meta_uri(data_uri), data_uri, session_id, committed_cycle, block, "fencing",
+                   diverged_ok=True)
+
+    def _send(self, meta, data_uri, session_id, cycle, block, what, diverged_ok=False):
+        """Write the metadata ``block`` to the receiver of ``data_uri`` and FLUSH; False if its
+        server is a plain export (or, unless ``diverged_ok``, a receiver whose history
+        diverged), True once sent. ReplicaError after two failed attempts: a kept connection
+        may be to a receiver since restarted, so the second one connects afresh."""
+        buf = nbd.Buffer.from_bytearray(bytearray(block))
+        for attempt in (1, 2):
+            try:
+                h = self._handle(meta, data_uri, session_id, cycle)
+                if h is None or (meta in self._diverged and not diverged_ok):
+                    return False
+                _call(h, lambda: h.aio_pwrite(buf, 0), self._timeout, what)
+                _call(h, h.aio_flush, self._timeout, "flushing")
+                return True
+            except ReplicaError:
+                self._drop(meta)
+                if attempt == 2:
+                    raise
+
     def _handle(self, meta, data_uri, session_id, cycle):
+        """The kept metadata connection of ``meta``, or a new one, its state checked; None for
+        a plain export. A receiver showing another history is put in ``_diverged`` (logged),
+        its connection kept: it gets fences, not commits."""
         if meta not in self._handles:
             h = _open(data_uri, self._timeout)
             state = None
@@ -251,8 +295,7 @@ class Link:
             if why is not None:
                 self._diverged[meta] = why
                 log.error("receiver %s: %s; no commit goes there before a full resync", meta, why)
-                return None
-            if state is not None and state.get("session_id") == session_id:
+            elif state is not None and state.get("session_id") == session_id:
                 self._ours.add(meta)
             self._handles[meta] = h
         return self._handles[meta]

@@ -9,7 +9,8 @@
 * ``NAME@CYCLE``: retained RP CYCLE, read-only (a test failover: mount it, fsck it, while
   new cycles keep arriving).
 * ``.nbdrep``: the metadata export of ``copier.receiver``: read, the receiver's state; a
-  commit record written there commits every export at once.
+  commit record written there commits every export at once; a fence record refuses, from
+  then on, the requests of connections to its export opened before it.
 
 A flat module of nbdkit callbacks, as ``nbd_plugin/plugin.py`` is; ``receiver.store`` does
 the I/O. Threads start in ``after_fork`` (nbdkit forks after ``get_ready``).
@@ -37,10 +38,12 @@ control = None
 
 
 class Handle:
-    __slots__ = ("name", "cycle", "extents")
+    """One client connection: its export, the RP it reads (None: the newest), and the epoch
+    it was opened in (``Store.fence``)."""
+    __slots__ = ("name", "cycle", "extents", "epoch")
 
-    def __init__(self, name, cycle=None, extents=None):
-        self.name, self.cycle, self.extents = name, cycle, extents
+    def __init__(self, name, cycle=None, extents=None, epoch=None):
+        self.name, self.cycle, self.extents, self.epoch = name, cycle, extents, epoch
 
 
 def thread_model():
@@ -90,9 +93,9 @@ def default_export(readonly, is_tls):
 def open(readonly):
     name = nbdkit.export_name()
     if name == META_EXPORT:
-        return Handle(META_EXPORT)
+        return Handle(META_EXPORT, epoch=store.meta_epoch)
     if name in store.sizes:
-        return Handle(name)
+        return Handle(name, epoch=store.epochs[name])
     target, sep, cycle = name.rpartition("@")
     if sep and target in store.sizes and cycle.isdigit():
         extents = store.attach(target, int(cycle))
@@ -178,24 +181,24 @@ def pread(h, buf, offset, flags):
 def pwrite(h, buf, offset, flags):
     if h.name == META_EXPORT:
         if offset or len(buf) != META_SIZE:
-            raise OSError(errno.EINVAL, f"a commit record is one {META_SIZE}-byte block at 0")
-        store.commit_block(buf)
+            raise OSError(errno.EINVAL, f"a metadata record is one {META_SIZE}-byte block at 0")
+        h.epoch = store.metadata_write(buf, h.epoch)
         return
-    store.write(h.name, buf, offset)
+    store.write(h.name, buf, offset, h.epoch)
 
 
 @_client_errno
 def zero(h, count, offset, flags):
-    store.zero(h.name, offset, count)
+    store.zero(h.name, offset, count, h.epoch)
 
 
 @_client_errno
 def trim(h, count, offset, flags):
     # A trimmed range reads as anything; zeros are one such thing, and keep the RP exact.
-    store.zero(h.name, offset, count)
+    store.zero(h.name, offset, count, h.epoch)
 
 
 @_client_errno
 def flush(h, flags):
     if h.name != META_EXPORT and h.cycle is None:
-        store.flush(h.name)
+        store.flush(h.name, h.epoch)

@@ -30,6 +30,15 @@ one), so the base's RP is not served while it says so, and a start redoes the co
 No retained RP sees the base change, since each reads those ranges from that journal or a
 newer one. An RP attached as an export (``NAME@N``) pins every RP newer
 than it, so the base under it never changes.
+
+A copier whose connections dropped (a cut, a timeout, kill -9) may have writes still on their
+way: queued in nbdkit, held in a proxy. Before it opens data connections to an export it
+*fences* it (``fence``, a fence record on the metadata export): every connection takes its
+export's epoch when it opens; the fence holds the writes, waits for those inside, and makes
+the export's epoch newer than every connection open then. From then on those connections'
+writes, zeroes, trims and flushes, and the commit records of metadata connections opened
+before, are refused (ESHUTDOWN): a late write can no longer land over the new connections'
+bytes of the same blocks and be committed with them.
 """
 import array
 import contextlib
@@ -46,7 +55,7 @@ import time
 
 import numpy as np
 
-from copier.receiver import MAGIC_COMMIT, MAGIC_STATE, decode, encode
+from copier.receiver import MAGIC_COMMIT, MAGIC_FENCE, MAGIC_STATE, decode, encode
 from nbd_plugin.backend import Backend
 from receiver import journal as policy
 from reporter.report import clip, merge
@@ -191,6 +200,11 @@ class Store:
         self._quiescing = False
         self._stopping = False
         self._pins = {}      # cycle -> open RP exports
+        # Fences (``fence``): a connection takes its export's epoch (the metadata export's:
+        # ``meta_epoch``) when it opens; its writes (commits) are refused once a fence made it
+        # older. Numbers of this process: a restart ends every older connection anyway.
+        self.meta_epoch = 0
+        self._fences = 0
         self._fold_lock = threading.Lock()
         self._record_lock = threading.Lock()
         self._fold_thread = None
@@ -202,6 +216,7 @@ class Store:
             for name, path in targets:
                 self.bases[name] = Backend(path, readonly=readonly)
             self.sizes = {n: b.size for n, b in self.bases.items()}
+            self.epochs = dict.fromkeys(self.sizes, 0)   # name -> its last fence's number
             self.record = load(state_dir, targets, self.sizes)
             self._unsure = False   # the record in memory is on disk, but maybe not durably
             # Before the first commit the targets hold no RP to keep whole: the initial sync
@@ -284,10 +299,13 @@ class Store:
 
     # -- the copier's writes -----------------------------------------------------------------
 
-    def _enter(self, name, length):
-        """Admit a write (or flush) of ``name``; returns where it goes: (pending journal, log
-        slot for a write (``length`` not None), Backend to write), or, before the first commit,
-        (None, None, the target). Pair with ``_leave``.
+    def _enter(self, name, length, epoch=None):
+        """Admit a write (or flush) of ``name`` on a connection of ``epoch`` (None: no
+        connection, never fenced); returns where it goes: (pending journal, log slot for a
+        write (``length`` not None), Backend to write), or, before the first commit, (None,
+        None, the target). Pair with ``_leave``. OSError(ESHUTDOWN) if a fence made the
+        connection older than the export: the epoch is read after ``_held``, so ``fence``,
+        which bumps it while holding the writes, either waits for this one or refuses it.
 
         No lock on this path: two nbdkit threads contending for one lock per write hand the
         GIL over at every contended acquire. A writer announces itself (a list append, atomic
@@ -304,6 +322,10 @@ class Store:
         if self.record["promoted"] is not None:
             self._inflight.pop()
             raise OSError(errno.EROFS, "the targets were promoted: this receiver receives no more")
+        if epoch is not None and epoch < self.epochs[name]:
+            self._inflight.pop()
+            raise OSError(errno.ESHUTDOWN, f"export {name!r}: a request on a connection opened "
+                          "before the copier's last fence (a dropped connection's late one): refused")
         # Unlocked, so a racing increment may be lost: a status figure, not an account.
         self.pending_bytes += length or 0
         if self._direct:
@@ -337,8 +359,8 @@ class Store:
             self._held = on or self._quiescing
             self._cond.notify_all()
 
-    def write(self, name, buf, offset):
-        j, slot, dest = self._enter(name, len(buf))
+    def write(self, name, buf, offset, epoch=None):
+        j, slot, dest = self._enter(name, len(buf), epoch)
         try:
             dest.pwrite(buf, offset)
             if j is not None:
@@ -346,8 +368,8 @@ class Store:
         finally:
             self._leave()
 
-    def zero(self, name, offset, length):
-        j, slot, dest = self._enter(name, length)
+    def zero(self, name, offset, length, epoch=None):
+        j, slot, dest = self._enter(name, length, epoch)
         try:
             dest.zero(offset, length, True, False)
             if j is not None:
@@ -355,8 +377,8 @@ class Store:
         finally:
             self._leave()
 
-    def flush(self, name):
-        j, _, dest = self._enter(name, None)
+    def flush(self, name, epoch=None):
+        j, _, dest = self._enter(name, None, epoch)
         try:
             if j is None:
                 dest.flush()
@@ -436,24 +458,50 @@ class Store:
         return encode(MAGIC_STATE, {"session_id": r["session_id"], "committed_cycle": r["committed_cycle"],
                                     "rp_time": r["rp_time"]})
 
-    def commit_block(self, block):
-        """Handle a commit record written to the metadata export."""
+    def metadata_write(self, block, epoch=None):
+        """Handle a record written to the metadata export on a connection of metadata
+        ``epoch`` (None: never fenced): a commit record or a fence. Returns the connection's
+        epoch from now on (a fence's own connection is the newest)."""
+        if bytes(block[:len(MAGIC_FENCE)]) == MAGIC_FENCE:
+            name = decode(MAGIC_FENCE, block).get("export")
+            if name == "" and name not in self.sizes:   # the default export, as the plugin's
+                name = next(iter(self.sizes))
+            if name not in self.sizes:
+                raise OSError(errno.ENOENT, f"fence of {name!r}: no such export")
+            return self.fence(name)
         req = decode(MAGIC_COMMIT, block)
         try:
             session, cycle, rp_time = str(req["session_id"]), int(req["cycle"]), float(req["rp_time"])
         except (KeyError, TypeError, ValueError) as e:
             raise OSError(errno.EINVAL, f"bad commit record: {e!r}") from None
-        self.commit(session, cycle, rp_time)
+        self.commit(session, cycle, rp_time, epoch)
+        return epoch
 
-    def commit(self, session_id, cycle, rp_time):
+    def fence(self, name):
+        """Open a new epoch of export ``name`` (``copier.receiver.Link.fence``, before the
+        copier opens data connections to it): once the writes inside the receiver are done,
+        refuse those of connections to ``name`` opened before, and the commit records of
+        metadata connections opened before. Returns the new epoch. Waits for a fold."""
+        with self._fold_lock, self._quiesce():
+            self._fences += 1
+            self.epochs[name] = self.meta_epoch = self._fences
+        log.info("export %r fenced: its connections opened before refuse every request", name)
+        return self._fences
+
+    def commit(self, session_id, cycle, rp_time, epoch=None):
         """Make every export's pending writes RP ``cycle``, durably and at once. A commit of
         the session's committed cycle or an older one is a no-op (a copier retrying a commit
         whose reply it lost, or one that arrives late): the pending writes are a later
-        cycle's. Checked under ``_fold_lock``, which a repeat queues on behind the first."""
+        cycle's. Checked under ``_fold_lock``, which a repeat queues on behind the first.
+        Refused on a metadata connection of an ``epoch`` a fence made old (a dropped copier's
+        late commit would make the new one's partial writes an RP)."""
         with self._fold_lock:
             r = self.record
             if r["promoted"] is not None:
                 raise OSError(errno.EROFS, "the targets were promoted: this receiver receives no more")
+            if epoch is not None and epoch < self.meta_epoch:
+                raise OSError(errno.ESHUTDOWN, "a commit record on a metadata connection opened "
+                              "before the copier's last fence: refused")
             if r["session_id"] == session_id and cycle <= (r["committed_cycle"] or 0):
                 if self._unsure:   # the copier's retry of a commit whose record may not be durable
                     with self._record_lock:

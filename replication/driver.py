@@ -717,6 +717,10 @@ class Session:
         if replica is None:
             if self._abandon:   # the stop's time ran out: open nothing new
                 raise Stopping()
+            if self.receivers is not None:   # late writes of the connections dropped before
+                with self._cond:              # can no longer land over this one's
+                    committed = self.controller.committed_cycle
+                self.receivers.fence(d.replica_uri, self.plan.session_id, committed)
             replica = Replica(d.replica_uri, connections=REPLICA_CONNECTIONS)
             self._replicas[d.dev] = replica
             replica.check_size(d.size)
