@@ -587,7 +587,7 @@ class Store:
                 return f"RPs {sorted(self._pins)} are attached as exports; detach them first"
             with self._quiesce():
                 rp_time = next((rp["rp_time"] for rp in self.record["rps"] if rp["cycle"] == cycle),
-                               self.record["rp_time"] if cycle == self.record["committed_cycle"] else None)
+                               self.record.get("base_rp_time"))   # else the base's: retained() said so
                 while self.record["rps"] and self.record["rps"][0]["cycle"] <= cycle:
                     self._fold_one()
                 dropped = list(self.journals.values()) + list(self.pending.values())
@@ -660,7 +660,7 @@ class Store:
             folded.append((name, j))
         with self._record_lock:
             self._write_record(dict(self.record, rps=self.record["rps"][1:], base_cycle=rp["cycle"],
-                                    folding=None))
+                                    base_rp_time=rp["rp_time"], folding=None))
         for name, j in folded:
             self.latest[name] = self.latest[name].without(j)
             del self.journals[j.seq]
@@ -717,7 +717,8 @@ def load(state_dir, targets, sizes):
             record = json.load(f)
     except FileNotFoundError:
         return {"version": VERSION, "session_id": None, "committed_cycle": None, "rp_time": None,
-                "commit_time": None, "base_cycle": None, "folding": None, "next_seq": 1, "rps": [],
+                "commit_time": None, "base_cycle": None, "base_rp_time": None, "folding": None,
+                "next_seq": 1, "rps": [],
                 "pending": {}, "targets": expected, "promoted": None}
     except (OSError, ValueError) as e:
         raise StoreError(f"receiver record {path} cannot be read ({e}); move the state "

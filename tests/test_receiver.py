@@ -360,6 +360,25 @@ def test_an_unexpected_error_in_a_fold_neither_stops_folding_nor_holds_the_write
         s.close()
 
 
+def test_promote_to_the_base_rp_keeps_its_rp_time(tmp_path):
+    """The base image's RP is no retained RP: its time comes from the fold that made it."""
+    s = open_store(tmp_path)
+    try:
+        s.commit("a", 1, 1.0)
+        for cycle in (2, 3):
+            s.write("", bytes([cycle]) * BLOCK, 0)
+            s.commit("a", cycle, float(cycle))
+        with s._fold_lock:
+            s._fold_one()
+            s._fold_one()
+        assert s.record["base_cycle"] == 2 and s.retained(2)
+        assert s.promote(2) is None
+        assert (s.record["committed_cycle"], s.record["rp_time"]) == (2, 2.0)
+        assert s.status()["lag"] is not None
+    finally:
+        s.close()
+
+
 # -- end to end ---------------------------------------------------------------------------------
 
 def test_writes_are_invisible_until_the_commit_record(procs, tmp_path):
