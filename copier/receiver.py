@@ -12,6 +12,10 @@ tunnel) carries it unchanged:
   padded likewise, then FLUSH. The receiver answers the write only once the commit is durable:
   every write it received on any data export since its last commit becomes the recovery point
   ``cycle`` of all its exports at once.
+* WRITE of block 0: a prepare record, ``MAGIC_PREPARE`` and the commit record's JSON, where
+  the session's consistency group spans several receivers (``Link.commit``): the receiver
+  makes its pending writes RP ``cycle`` durably but does not show it; the commit record of
+  ``cycle`` or a later one shows it.
 * WRITE of block 0: a fence record, ``MAGIC_FENCE`` and JSON (session id, export name), before
   the copier opens data connections to that export (``Link.fence``). The receiver answers once
   every write already inside it is done, and from then on refuses (ESHUTDOWN) every write,
@@ -50,6 +54,7 @@ META_SIZE = 4096
 MAGIC_STATE = b"nbdrep-receiver/1\n"
 MAGIC_COMMIT = b"nbdrep-commit/1\n"
 MAGIC_FENCE = b"nbdrep-fence/1\n"
+MAGIC_PREPARE = b"nbdrep-prepare/1\n"
 # Every metadata call (connect, read, commit, flush) is bounded: a receiver that stopped
 # answering (SIGSTOP, a hung host) must not hold the session's worker.
 META_TIMEOUT = 10.0
@@ -228,14 +233,47 @@ class Link:
 
         Never raises: a receiver that does not take a commit loses nothing (it keeps what it
         received, invisible, and the next commit covers it), so the failure is logged and the
-        cycle stays committed on the source's side."""
-        block = encode(MAGIC_COMMIT, {"session_id": session_id, "cycle": cycle, "rp_time": rp_time})
+        cycle stays committed on the source's side.
+
+        Where the group spans several receivers that all showed this session, the commit is
+        two-phase, so that no receiver shows ``cycle`` unless every one holds it: a prepare
+        record to each, then, only if all of them took it, the commit records. The caller
+        wrote its own record first: it is the decision. State table (N = ``cycle``):
+
+        ============================  ==========================  =============================
+        crash (kill -9, power) of     receivers hold              after restart / source lost
+        ============================  ==========================  =============================
+        source before any prepare     N pending on each           the next commit covers N; lost:
+                                                                  every receiver shows N-1
+        source amid the prepares      N prepared on some,         the next commit shows N, then
+                                      pending on the others       its own cycle; lost: the group
+                                                                  RP is N-1 (``rps --group``)
+        source amid the commits       N shown on some,            the next commit shows N; lost:
+                                      prepared on the others      the group RP is N: ``promote
+                                                                  --to N`` shows it on each
+        a receiver before prepare     N pending (durable if it    its prepare fails: N committed
+                                      flushed), the record N-1    on none; the next cycle's
+                                                                  prepare covers N
+        a receiver after prepare      N prepared                  as "amid the commits"
+        ============================  ==========================  =============================
+
+        A receiver that is new to the session (a full sync) takes one-phase commits until it
+        showed the session: its older RPs are of another history anyway."""
+        body = {"session_id": session_id, "cycle": cycle, "rp_time": rp_time}
+        live = [(meta, uri) for meta, uri in self._uris if meta not in self._diverged]
+        group = [(meta, uri) for meta, uri in live if self._handles.get(meta, meta) is not None]
+        if len(group) > 1 and all(meta in self._ours for meta, _ in group):   # not plain exports
+            for meta, data_uri in group:
+                try:
+                    self._send(meta, data_uri, session_id, cycle, encode(MAGIC_PREPARE, body), "preparing on")
+                except ReplicaError as e:
+                    log.warning("receiver %s did not prepare cycle %d (%s): no receiver shows it; "
+                                "the next commit covers it", meta, cycle, e)
+                    return 0
         done = 0
-        for meta, data_uri in self._uris:
-            if meta in self._diverged:
-                continue
+        for meta, data_uri in live:
             try:
-                if self._send(meta, data_uri, session_id, cycle, block, "committing to"):
+                if self._send(meta, data_uri, session_id, cycle, encode(MAGIC_COMMIT, body), "committing to"):
                     self._ours.add(meta)
                     self._taken[meta] = cycle
                     done += 1

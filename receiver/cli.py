@@ -49,6 +49,9 @@ def add_parsers(sub):
 
     p = sub.add_parser("rps", help="list a receiver's retained recovery points")
     p.add_argument("--json", action="store_true", help="machine-readable")
+    p.add_argument("--group", action="append", default=[], metavar="CONTROL",
+                   help="the control socket of another receiver of the consistency group (repeat): "
+                        "show the newest RP every one of them holds")
     _where(p)
     p.set_defaults(func=_rps)
 
@@ -157,7 +160,10 @@ def _attach_help(args, cfg):
 
 
 def _ask(args, message, timeout=10.0):
-    path = _control(args)
+    return _ask_at(_control(args), message, timeout)
+
+
+def _ask_at(path, message, timeout=10.0):
     try:
         reply = control.request(path, message, timeout)
     except (FileNotFoundError, ConnectionRefusedError):
@@ -171,10 +177,38 @@ def _ask(args, message, timeout=10.0):
 
 def _rps(args):
     status = _ask(args, {"cmd": "status"})
+    if args.group:
+        return _group(args, status)
     if args.json:
         print(json.dumps(status["rps"], indent=2))
         return 0
     print(format_rps(status))
+    return 0
+
+
+def _group(args, status):
+    """``rps --group``: each receiver's newest committed and prepared cycles, and the group's
+    newest common RP. Exit status 1 if the receivers hold none in common."""
+    statuses = {_control(args): status}
+    for path in args.group:
+        statuses[path] = _ask_at(path, {"cmd": "status"})
+    common = receiver_control.group_rp(list(statuses.values()))
+    if args.json:
+        print(json.dumps({"group_rp": common, "receivers": {
+            path: {"session_id": s["session_id"], "committed_cycle": s["committed_cycle"],
+                   "prepared": [p["cycle"] for p in s["prepared"]]} for path, s in statuses.items()}},
+            indent=2))
+        return 0 if common is not None else 1
+    for path, s in statuses.items():
+        prepared = ",".join(str(p["cycle"]) for p in s["prepared"]) or "-"
+        print(f"{path}: session {s['session_id'] or '-'}, committed {s['committed_cycle'] or '-'}, "
+              f"prepared {prepared}")
+    if common is None:
+        print("no RP is held by every receiver (another session, or folded away): the group "
+              "cannot be shown at one RP; promote each to its own newest and check the data")
+        return 1
+    print(f"group RP: {common}; with the source lost, run nbdrep promote --to {common} on each "
+          "receiver (restore --to works on committed ones)")
     return 0
 
 
@@ -187,6 +221,8 @@ def format_rps(status):
     for rp in status["rps"]:
         rows.append((str(rp["cycle"]), _clock(rp["rp_time"]), _clock(rp["commit_time"]),
                      format_size(rp["bytes"]), ",".join(n or "(default)" for n in rp["exports"]) or "-"))
+    if status["prepared"]:   # the group's source decides; see nbdrep rps --group
+        head.append("prepared, not shown: " + ", ".join(str(p["cycle"]) for p in status["prepared"]))
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     return "\n".join(head + [""] + ["  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in rows])
 

@@ -99,6 +99,25 @@ def promote(store, cycle):
     return {"error": error} if error else {"promoted": cycle}
 
 
+def group_rp(statuses):
+    """The newest cycle that every receiver of a consistency group (``statuses``: their
+    status dicts) holds, retained (the base image's included) or prepared, in one session:
+    with the source lost, the newest RP that the group can show as one (``promote --to`` it
+    on each; a prepared one is shown first). None if there is none. O(RPs)."""
+    sessions = {s["session_id"] for s in statuses}
+    if len(sessions) != 1 or None in sessions:
+        return None
+    session, = sessions
+    common = None
+    for s in statuses:
+        held = {rp["cycle"] for rp in s["rps"]}
+        held |= {p["cycle"] for p in s["prepared"] if p["session_id"] == session}
+        if s["base_cycle"] is not None and s["folding"] is None:
+            held.add(s["base_cycle"])
+        common = held if common is None else common & held
+    return max(common, default=None)
+
+
 def prometheus(status):
     """The receiver's figures in Prometheus text format 0.0.4."""
     figures = [

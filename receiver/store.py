@@ -55,7 +55,7 @@ import time
 
 import numpy as np
 
-from copier.receiver import MAGIC_COMMIT, MAGIC_FENCE, MAGIC_STATE, decode, encode
+from copier.receiver import MAGIC_COMMIT, MAGIC_FENCE, MAGIC_PREPARE, MAGIC_STATE, decode, encode
 from nbd_plugin.backend import Backend
 from receiver import journal as policy
 from reporter.report import clip, merge
@@ -233,7 +233,8 @@ class Store:
     def _recover(self):
         """Open what the record names, delete what it does not (a crash's leftovers), build
         each export's newest RP map. O(retained extents)."""
-        named = {seq for rp in self.record["rps"] for seq in rp["journals"].values()}
+        named = {seq for rp in self.record["rps"] + self.record["prepared"]
+                 for seq in rp["journals"].values()}
         named |= set(self.record["pending"].values())
         if not self.readonly:
             for entry in os.listdir(self.folder):
@@ -242,12 +243,14 @@ class Store:
                     os.unlink(os.path.join(self.folder, entry))
         for name in self.bases:
             self.latest[name] = policy.ExtentMap()
-        for rp in self.record["rps"]:
-            for name, seq in rp["journals"].items():
-                j = Journal(self.folder, seq, self.sizes[name])
-                j.pairs = j.extents(self.sizes[name])
-                self.journals[seq] = j
-                self.latest[name] = self.latest[name].overlaid(j.pairs, j)
+        for shown, rps in ((True, self.record["rps"]), (False, self.record["prepared"])):
+            for rp in rps:
+                for name, seq in rp["journals"].items():
+                    j = Journal(self.folder, seq, self.sizes[name])
+                    j.pairs = j.extents(self.sizes[name])
+                    self.journals[seq] = j
+                    if shown:
+                        self.latest[name] = self.latest[name].overlaid(j.pairs, j)
         if self.readonly:
             return
         if self.record.get("folding") is not None:
@@ -469,12 +472,13 @@ class Store:
             if name not in self.sizes:
                 raise OSError(errno.ENOENT, f"fence of {name!r}: no such export")
             return self.fence(name)
-        req = decode(MAGIC_COMMIT, block)
+        prepare = bytes(block[:len(MAGIC_PREPARE)]) == MAGIC_PREPARE
+        req = decode(MAGIC_PREPARE if prepare else MAGIC_COMMIT, block)
         try:
             session, cycle, rp_time = str(req["session_id"]), int(req["cycle"]), float(req["rp_time"])
         except (KeyError, TypeError, ValueError) as e:
             raise OSError(errno.EINVAL, f"bad commit record: {e!r}") from None
-        self.commit(session, cycle, rp_time, epoch)
+        (self.prepare if prepare else self.commit)(session, cycle, rp_time, epoch)
         return epoch
 
     def fence(self, name):
@@ -502,6 +506,9 @@ class Store:
             if epoch is not None and epoch < self.meta_epoch:
                 raise OSError(errno.ESHUTDOWN, "a commit record on a metadata connection opened "
                               "before the copier's last fence: refused")
+            if r["prepared"]:   # the commit of a prepared cycle, or of a later one
+                self._publish(cycle, session_id)
+                r = self.record
             if r["session_id"] == session_id and cycle <= (r["committed_cycle"] or 0):
                 if self._unsure:   # the copier's retry of a commit whose record may not be durable
                     with self._record_lock:
@@ -522,7 +529,52 @@ class Store:
                 self._commit(session_id, cycle, rp_time)
         self._wake()
 
-    def _commit(self, session_id, cycle, rp_time):
+    def prepare(self, session_id, cycle, rp_time, epoch=None):
+        """Phase one of a commit across several receivers: make every export's pending writes
+        RP ``cycle``, durable but not shown (``prepared`` in the record), until the commit of
+        ``cycle`` or a later one shows it (``_publish``). A repeat is a no-op. EINVAL where
+        only a one-phase commit fits: another session than the committed one (its cycle ids
+        start afresh), or a cycle not after every committed and prepared one. Before the
+        first commit the targets show the initial sync as it lands: there is nothing to hide,
+        so the writes are only made durable."""
+        with self._fold_lock:
+            r = self.record
+            if r["promoted"] is not None:
+                raise OSError(errno.EROFS, "the targets were promoted: this receiver receives no more")
+            if epoch is not None and epoch < self.meta_epoch:
+                raise OSError(errno.ESHUTDOWN, "a prepare record on a metadata connection opened "
+                              "before the copier's last fence: refused")
+            if any(p["cycle"] == cycle and p["session_id"] == session_id for p in r["prepared"]):
+                return
+            newest = max([r["committed_cycle"] or 0] + [p["cycle"] for p in r["prepared"]])
+            if r["session_id"] not in (None, session_id) or cycle <= newest:
+                raise OSError(errno.EINVAL, f"cannot prepare cycle {cycle} of session {session_id} "
+                              f"after cycle {newest} of session {r['session_id']}: commit it in one phase")
+            with self._quiesce():
+                self._commit(session_id, cycle, rp_time, prepare=True)
+
+    def _publish(self, upto, session_id=None):
+        """Show the prepared RPs up to cycle ``upto`` (all those of another session than
+        ``session_id``: their source flushed them, and they precede its cycles), in one record
+        write. Caller holds ``_fold_lock``."""
+        r = self.record
+        shown = [p for p in r["prepared"] if p["cycle"] <= upto or
+                 (session_id is not None and p["session_id"] != session_id)]
+        if not shown:
+            return
+        last = shown[-1]
+        with self._record_lock:
+            self._write_record(dict(r, rps=r["rps"] + shown, prepared=[p for p in r["prepared"] if p not in shown],
+                                    session_id=last["session_id"], committed_cycle=last["cycle"],
+                                    rp_time=last["rp_time"], commit_time=last["commit_time"]))
+        for rp in shown:
+            for name, seq in rp["journals"].items():
+                j = self.journals[seq]
+                self.latest[name] = self.latest[name].overlaid(j.pairs, j)
+
+    def _commit(self, session_id, cycle, rp_time, prepare=False):
+        """Make the pending writes RP ``cycle``: shown, or only ``prepare``d. Caller holds
+        ``_fold_lock`` and the writes out."""
         now = self.clock()
         journals, fresh = {}, {}
         total = 0
@@ -530,6 +582,8 @@ class Store:
         if self._direct:   # the first RP is in the targets themselves
             for base in self.bases.values():
                 base.flush()
+            if prepare:
+                return
             rp = {"cycle": cycle, "rp_time": rp_time, "commit_time": now, "bytes": 0, "journals": {}}
             with self._record_lock:
                 self._write_record(dict(self.record, session_id=session_id, committed_cycle=cycle,
@@ -548,9 +602,13 @@ class Store:
                     fresh[name] = self._new_journal(name)
             rp = {"cycle": cycle, "rp_time": rp_time, "commit_time": now, "bytes": total,
                   "journals": {n: j.seq for n, j in journals.items()}}
-            new = dict(self.record, session_id=session_id, committed_cycle=cycle, rp_time=rp_time,
-                       commit_time=now, rps=self.record["rps"] + [rp],
-                       pending={n: fresh.get(n, self.pending[n]).seq for n in self.pending})
+            pending = {n: fresh.get(n, self.pending[n]).seq for n in self.pending}
+            if prepare:
+                new = dict(self.record, pending=pending,
+                           prepared=self.record["prepared"] + [dict(rp, session_id=session_id)])
+            else:
+                new = dict(self.record, session_id=session_id, committed_cycle=cycle, rp_time=rp_time,
+                           commit_time=now, rps=self.record["rps"] + [rp], pending=pending)
             with self._record_lock:
                 try:
                     self._write_record(new)
@@ -569,7 +627,8 @@ class Store:
         for name, j in journals.items():
             j.seal()
             self.journals[j.seq] = j
-            self.latest[name] = self.latest[name].overlaid(j.pairs, j)
+            if not prepare:
+                self.latest[name] = self.latest[name].overlaid(j.pairs, j)
             self.pending[name] = fresh[name]
         self.pending_bytes = 0
         if unsure is not None:
@@ -581,6 +640,8 @@ class Store:
         promotion (a receiver never starts on promoted targets again). An error string if it
         cannot, else None."""
         with self._fold_lock:
+            if any(p["cycle"] == cycle for p in self.record["prepared"]):
+                self._publish(cycle)   # the operator's decision: the group's source is lost
             if not self.retained(cycle):
                 return f"RP {cycle} is not retained (see nbdrep rps)"
             if self._pins:
@@ -592,7 +653,7 @@ class Store:
                     self._fold_one()
                 dropped = list(self.journals.values()) + list(self.pending.values())
                 with self._record_lock:
-                    self._write_record(dict(self.record, rps=[], pending={}, promoted=cycle,
+                    self._write_record(dict(self.record, rps=[], prepared=[], pending={}, promoted=cycle,
                                             committed_cycle=cycle, rp_time=rp_time))
                 for name in self.latest:
                     self.latest[name] = policy.ExtentMap()
@@ -685,6 +746,8 @@ class Store:
             "targets": [{"name": n, "path": b.path, "size": b.size} for n, b in self.bases.items()],
             "rps": [{"cycle": rp["cycle"], "rp_time": rp["rp_time"], "commit_time": rp["commit_time"],
                      "bytes": rp["bytes"], "exports": sorted(rp["journals"])} for rp in r["rps"]],
+            "prepared": [{"cycle": rp["cycle"], "session_id": rp["session_id"], "rp_time": rp["rp_time"],
+                          "bytes": rp["bytes"], "exports": sorted(rp["journals"])} for rp in r["prepared"]],
         }
 
 
@@ -718,7 +781,7 @@ def load(state_dir, targets, sizes):
     except FileNotFoundError:
         return {"version": VERSION, "session_id": None, "committed_cycle": None, "rp_time": None,
                 "commit_time": None, "base_cycle": None, "base_rp_time": None, "folding": None,
-                "next_seq": 1, "rps": [],
+                "next_seq": 1, "rps": [], "prepared": [],
                 "pending": {}, "targets": expected, "promoted": None}
     except (OSError, ValueError) as e:
         raise StoreError(f"receiver record {path} cannot be read ({e}); move the state "
@@ -728,6 +791,7 @@ def load(state_dir, targets, sizes):
     if record["targets"] != expected:
         raise StoreError(f"state directory {state_dir} holds the journals of other "
                          f"targets ({_describe(record['targets'])}); use another --state")
+    record.setdefault("prepared", [])   # a record written before two-phase commits
     return record
 
 
