@@ -173,8 +173,8 @@ def pread(h, buf, offset, flags):
     if h.name == META_EXPORT:
         buf[:] = store.state_block()[offset:offset + len(buf)]
         return
-    # The newest RP is looked up per read, so a connection sees each commit as it lands.
-    store.read(h.name, store.latest[h.name] if h.cycle is None else h.extents, buf, offset)
+    # The newest RP (h.extents None) is looked up per read: a connection sees each commit.
+    store.read(h.name, h.extents, buf, offset)
 
 
 @_client_errno

@@ -70,6 +70,9 @@ VERSION = 1
 ENTRY = struct.Struct("<QQ")
 _WORD = struct.Struct("<Q")
 LOG_SLOTS = 1 << 16   # the log grows a mapping of 1 MiB at a time, doubling
+# A pending log is compacted (``Journal.compact``) once its mapping holds this many times the
+# slots its last compaction left (at least LOG_SLOTS): it stays within a few times its union.
+COMPACT_GROWTH = 4
 QUIESCE_POLL = 0.0002
 COPY_CHUNK = 4 << 20
 
@@ -90,11 +93,14 @@ class Journal:
     so a kill -9 leaves filled slots in the page cache and an unfilled one reads as length 0,
     which is ignored. Not a write() per entry: each system call that drops the GIL costs a GIL
     hand-off, and 4k writes into the receiver ran at half the rate of the source's plugin with
-    one per write and a lock per write.
+    one per write and a lock per write. A commit reads the entries from the mapping and cuts
+    the log file to them, so a start reads each retained log's entries, not its mapping's size.
     """
 
     def __init__(self, folder, seq, size, create=False, pending=False):
         self.seq = seq
+        self.folder = folder
+        self._renamed = False   # a compaction's rename not yet durable
         self.data_path = os.path.join(folder, f"{seq}.data")
         self.log_path = os.path.join(folder, f"{seq}.log")
         if create:
@@ -111,6 +117,7 @@ class Journal:
             self._next = itertools.count(used)
             self._grow_lock = threading.Lock()
             self._grow(used + 1)
+            self.compacted = used   # the slots the last compaction (or the start) left
         self.pairs = None   # the merged extents, once the journal is committed
         self.bytes = 0
 
@@ -146,13 +153,65 @@ class Journal:
         _WORD.pack_into(mapping, pos + 8, length)
 
     def seal(self):
-        """Committed: no more entries, so the log's mappings and descriptor go."""
+        """Committed (or gone): no more entries, so the log's mappings and descriptor go, and
+        the log file is cut to the slots reserved (the rest are empty: cutting them is safe at
+        any time). No writer can reserve one meanwhile: they are held, or hold no reference."""
+        used = min(self._reserved(), self.slots) if self.log_fd is not None else 0
         for mapping in self._maps:
             mapping.close()
         self._maps = []
         if self.log_fd is not None:
+            os.ftruncate(self.log_fd, used * ENTRY.size)
             os.close(self.log_fd)
             self.log_fd = None
+
+    def _reserved(self):
+        """How many slots were reserved. Only with the writes held: it takes a number from
+        the counter and starts a new counter there."""
+        n = next(self._next)
+        self._next = itertools.count(n)
+        return n
+
+    def _mapped_entries(self):
+        """The reserved slots, as an (n, 2) array copied out of the mapping (writes held)."""
+        n = min(self._reserved(), self.slots)
+        return np.frombuffer(self._maps[-1], dtype="<u8", count=2 * n).reshape(-1, 2).copy()
+
+    def due_compaction(self):
+        return self.log_fd is not None and self.slots >= COMPACT_GROWTH * max(LOG_SLOTS, self.compacted)
+
+    def compact(self, size):
+        """Rewrite a pending log as the merged union of its entries (writes held). Commits
+        that keep failing leave the pending journal taking every retried cycle's writes, 16
+        bytes each, for as long as they fail; the union is bounded by the target. The data
+        is made durable first (the new log is), and the new log is written aside and renamed
+        over the old one: after a crash the log is either, and both name the same ranges. Once
+        renamed, the new log takes the entries; until its directory entry is durable, a FLUSH
+        makes it so (``sync``), so a FLUSH never vouches for entries in a log power loss undoes."""
+        pairs = np.asarray(self.extents(size), dtype="<u8")
+        self.data.flush()
+        aside = os.path.join(self.folder, f"compact-{self.seq}.log")   # no seq: a start deletes it
+        fd = os.open(aside, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            if os.write(fd, pairs.tobytes()) != pairs.nbytes:   # small: the union's entries
+                raise OSError(errno.ENOSPC, f"short write of {aside}")
+            os.fdatasync(fd)
+            os.rename(aside, self.log_path)
+            self._renamed = True
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(aside)
+            raise
+        for mapping in self._maps:
+            mapping.close()
+        os.close(self.log_fd)
+        self._maps, self.slots, self.log_fd = [], 0, fd
+        self.compacted = len(pairs) // 2
+        self._next = itertools.count(self.compacted)
+        self._grow(self.compacted + 1)
+        _fsync_dir(self.folder)
+        self._renamed = False
 
     def sync(self):
         """Make the data and the log durable."""
@@ -160,10 +219,17 @@ class Journal:
         if self._maps:
             self._maps[-1].flush()
         os.fdatasync(self.log_fd)
+        if self._renamed:
+            _fsync_dir(self.folder)
+            self._renamed = False
 
     def extents(self, size):
-        """The union of the logged writes, as merged flat pairs. O(n log n)."""
-        pairs = _entries(self.log_path)
+        """The union of the logged writes, as merged flat pairs: of a pending journal (writes
+        held) from its mapping, else from its file. O(n log n)."""
+        if self._maps:
+            pairs = self._mapped_entries()
+        else:
+            pairs = _entries(self.log_path)
         return clip(merge(array.array("Q", pairs[pairs[:, 1] > 0].ravel().tobytes())), size)
 
     def unlink(self):
@@ -194,6 +260,7 @@ class Store:
         self.latest = {}     # name -> ExtentMap of the newest RP
         self._cond = threading.Condition(threading.Lock())   # a plain lock: cheaper than an RLock
         self._inflight = []      # one entry per write in progress (see _enter)
+        self._readers = set()    # one token per read of a newest RP in progress (see read)
         self._held = False       # writes wait: a commit or promotion, or folding over --journal-max
         self.pending_bytes = 0   # written since the last commit (a restart counts afresh)
         self._throttled = False
@@ -393,12 +460,43 @@ class Store:
     # -- reads --------------------------------------------------------------------------------
 
     def read(self, name, extents, buf, offset):
-        """Fill ``buf`` from ``offset`` of the RP whose map is ``extents``. O(pieces)."""
-        view = memoryview(buf).cast("B")
-        base = self.bases[name]
-        for off, length, owner in extents.lookup(offset, len(view)):
-            at = off - offset
-            (owner.data if owner is not None else base).pread(view[at:at + length], off)
+        """Fill ``buf`` from ``offset`` of the RP whose map is ``extents`` (pinned: ``attach``),
+        or of the newest RP (None). O(pieces).
+
+        A read of the newest RP is announced (a set add, atomic under the GIL) before it takes
+        the map, and a fold waits for the reads announced before it starts (``_grace``): such
+        a map may send the read to the base image for a range that a newer RP, committed and
+        folded meanwhile, changes there, and the read would mix two RPs. A pinned map needs
+        no grace: no RP newer than it is folded."""
+        token = None
+        if extents is None:
+            if not self.has_rp():
+                raise OSError(errno.EIO, "no recovery point committed yet: the initial sync is "
+                              "landing in the target, which is no RP until it commits")
+            token = object()
+            self._readers.add(token)
+            extents = self.latest[name]
+        try:
+            view = memoryview(buf).cast("B")
+            base = self.bases[name]
+            for off, length, owner in extents.lookup(offset, len(view)):
+                at = off - offset
+                (owner.data if owner is not None else base).pread(view[at:at + length], off)
+        finally:
+            if token is not None:
+                self._readers.discard(token)
+
+    def has_rp(self):
+        """True once a first commit made an RP (before it, the targets take the initial sync
+        as it lands: torn, so never served)."""
+        return self.record["committed_cycle"] is not None
+
+    def _grace(self):
+        """Wait for the reads of newest RPs in progress now (see ``read``); they end within
+        a few system calls. Later ones take a map that has the RP being folded."""
+        before = set(self._readers)
+        while not before.isdisjoint(self._readers):
+            time.sleep(QUIESCE_POLL)
 
     def attach(self, name, cycle):
         """The map of RP ``cycle`` of export ``name``, pinned until ``detach(cycle)``: no RP
@@ -682,6 +780,7 @@ class Store:
                 if self._stopping:
                     return
             with self._fold_lock:
+                self._compact_logs()
                 n = self._due()
                 over = self.retained_bytes() > self.journal_max
                 if over:   # the copier outpaces folding: hold its writes until the journals fit
@@ -699,6 +798,17 @@ class Store:
                             self._cond.wait(1.0)
                         break
 
+    def _compact_logs(self):
+        """Compact the pending logs that grew (``Journal.compact``), writes held meanwhile.
+        Caller holds ``_fold_lock``. A failure is logged: the log only stays longer."""
+        for name, j in self.pending.items():
+            if j.due_compaction():
+                with self._quiesce():
+                    try:
+                        j.compact(self.sizes[name])
+                    except OSError as e:
+                        log.error("cannot compact the pending log of %r: %s", name, e)
+
     def retained_bytes(self):
         return sum(rp["bytes"] for rp in self.record["rps"])
 
@@ -711,6 +821,7 @@ class Store:
         if self.record.get("folding") != rp["cycle"]:
             with self._record_lock:
                 self._write_record(dict(self.record, folding=rp["cycle"]))
+        self._grace()
         folded = []
         for name, seq in rp["journals"].items():
             j = self.journals[seq]

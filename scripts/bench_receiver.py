@@ -12,7 +12,7 @@
    against what a journal of every write holds (the sum of the write lengths, as a per-write
    journal such as Zerto's stores), over the same cycles, and per hour.
 
-    .venv/bin/python scripts/bench_receiver.py [--size 512M] [--seconds 30]
+    .venv/bin/python scripts/bench_receiver.py [--size 512M] [--seconds 30] [--only throughput|lag]
 """
 import argparse
 import os
@@ -42,13 +42,17 @@ def main():
     ap.add_argument("--size", default="512M", help="source size for the throughput runs")
     ap.add_argument("--seconds", type=int, default=30, help="fio run for lag and journal bytes")
     ap.add_argument("--work", default=None, help="scratch directory (default: a temporary one)")
+    ap.add_argument("--only", choices=("throughput", "lag"), help="run one of the two parts")
     args = ap.parse_args()
     work = args.work or tempfile.mkdtemp(prefix="bench-receiver-")
+    os.makedirs(work, exist_ok=True)
     size = parse_size(args.size, "--size")
-    throughput = bench_throughput(work, size)
-    run = bench_lag(work, args.seconds, "receiver")
-    plain = bench_lag(work, args.seconds, "nbdkit file")
-    print_tables(size, throughput, run, plain)
+    if args.only != "lag":
+        print_throughput(size, bench_throughput(work, size))
+    if args.only != "throughput":
+        run = bench_lag(work, args.seconds, "receiver")
+        plain = bench_lag(work, args.seconds, "nbdkit file")
+        print_lag(run, plain)
 
 
 def progress(text):
@@ -197,7 +201,7 @@ def percentile(values, q):
     return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))] if ordered else float("nan")
 
 
-def print_tables(size, throughput, run, plain):
+def print_throughput(size, throughput):
     mb = size / 1e6
     print(f"\nCopy throughput, {size >> 20} MiB of random data, RP to commit "
           f"({ROUNDS} alternated runs each)")
@@ -212,6 +216,9 @@ def print_tables(size, throughput, run, plain):
         f, r = ("nbdkit file", what), ("receiver", what)
         print(f"{what}: receiver / nbdkit file {best[f] / best[r]:.2f}x best, "
               f"{median[f] / median[r]:.2f}x median (goal >= 0.8x)")
+
+
+def print_lag(run, plain):
     print("\nLag under fio 4k zipf randwrite, 1 s cycles, one run each (goal: receiver p99 <= 1.5 s)")
     print(format_table(("replica", "samples", "p50 (s)", "p99 (s)", "max (s)"), [
         (kind, str(len(r["lags"])), f"{percentile(r['lags'], 50):.2f}", f"{percentile(r['lags'], 99):.2f}",

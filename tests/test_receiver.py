@@ -379,6 +379,111 @@ def test_promote_to_the_base_rp_keeps_its_rp_time(tmp_path):
         s.close()
 
 
+def test_a_committed_log_is_cut_to_its_entries(tmp_path):
+    """A commit reads the entries from the mapping and cuts the log file to them: a start
+    then reads 16 bytes per write of each retained RP, not a 1 MiB mapping per RP."""
+    s = open_store(tmp_path)
+    try:
+        s.commit("a", 1, 1.0)
+        log_path = s.pending[""].log_path
+        assert os.path.getsize(log_path) == stores.LOG_SLOTS * 16
+        for i in range(3):
+            s.write("", b"\x02" * BLOCK, 2 * i * BLOCK)
+        s.commit("a", 2, 2.0)
+        assert os.path.getsize(log_path) == 3 * 16
+        rp2 = read_rp(s, 2)
+    finally:
+        s.close()
+    s = open_store(tmp_path)
+    try:
+        assert read_rp(s, 2) == rp2 and rp2[2 * BLOCK:3 * BLOCK] == b"\x02" * BLOCK
+    finally:
+        s.close()
+
+
+def test_the_pending_log_is_compacted_while_commits_fail(tmp_path, monkeypatch):
+    """Commits that keep failing leave one pending journal taking every retried cycle's
+    writes; its log must stay near the size of their union, not grow 16 bytes a write."""
+    monkeypatch.setattr(stores, "LOG_SLOTS", 64)
+    s = open_store(tmp_path)
+    expected = bytearray(MiB)
+
+    def retried_cycle(gen):   # the same four blocks, sent again and again
+        for i in range(2000):
+            off = (i % 4) * 2 * BLOCK
+            s.write("", bytes([gen]) * BLOCK, off)
+            expected[off:off + BLOCK] = bytes([gen]) * BLOCK
+
+    try:
+        s.commit("a", 1, 1.0)
+        log_path = s.pending[""].log_path
+        retried_cycle(2)
+        assert os.path.getsize(log_path) >= 2000 * 16
+        s.start()
+        compact = 4 * 64 * 16
+        wait_until(lambda: os.path.getsize(log_path) <= compact, 20, "the pending log compacted")
+        retried_cycle(3)   # while the fold thread compacts
+        wait_until(lambda: os.path.getsize(log_path) <= compact, 20, "the pending log compacted again")
+    finally:
+        s.close()
+    s = open_store(tmp_path)   # a restart takes the compacted log as the pending one
+    try:
+        s.commit("a", 2, 2.0)
+        assert read_rp(s, 2) == expected
+    finally:
+        s.close()
+
+
+def test_a_read_of_the_newest_rp_is_not_torn_by_folds_meanwhile(tmp_path, monkeypatch):
+    """A read of NAME takes the newest RP's map, which sends block 1 to the base image. If
+    RP 3 changes block 1 and is folded into the base before that read reaches it, the read
+    must not return RP 2's block 0 with RP 3's block 1: the fold waits for it."""
+    s = open_store(tmp_path)
+    try:
+        s.commit("a", 1, 1.0)
+        s.write("", b"\x02" * BLOCK, 0)
+        s.commit("a", 2, 2.0)
+        base = s.bases[""]
+        real_pread, real_grace = base.pread, s._grace
+        in_base, go_on, in_grace = threading.Event(), threading.Event(), threading.Event()
+
+        def paused(buf, offset):
+            if threading.current_thread() is reader:
+                in_base.set()
+                go_on.wait(30)
+            real_pread(buf, offset)
+
+        def grace():
+            in_grace.set()
+            real_grace()
+
+        monkeypatch.setattr(base, "pread", paused)
+        monkeypatch.setattr(s, "_grace", grace)
+        out = bytearray(2 * BLOCK)
+        reader = threading.Thread(target=s.read, args=("", None, out, 0), daemon=True)
+        reader.start()
+        assert in_base.wait(30), "the read did not reach the base image"
+        s.write("", b"\x03" * BLOCK, BLOCK)
+        s.commit("a", 3, 3.0)
+
+        def fold_all():
+            with s._fold_lock:
+                while s.record["rps"]:
+                    s._fold_one()
+
+        folder = threading.Thread(target=fold_all, daemon=True)
+        folder.start()
+        wait_until(lambda: in_grace.is_set() or not folder.is_alive(), 30, "the fold waiting or done")
+        go_on.set()
+        reader.join(30)
+        folder.join(30)
+        assert not reader.is_alive() and not folder.is_alive()
+        assert s.record["base_cycle"] == 3
+        assert bytes(out) == b"\x02" * BLOCK + bytes(BLOCK), "a read mixed RP 2 and RP 3"
+    finally:
+        s.close()
+
+
 # -- end to end ---------------------------------------------------------------------------------
 
 def test_writes_are_invisible_until_the_commit_record(procs, tmp_path):
@@ -386,10 +491,16 @@ def test_writes_are_invisible_until_the_commit_record(procs, tmp_path):
     r = Receiver(procs, str(tmp_path), [target])
     h = nbd.NBD()
     h.connect_uri(r.uri())
-    # Before a first commit there is no RP: writes (an initial sync) go into the target.
+    # Before a first commit there is no RP: writes (an initial sync) go into the target, and
+    # nothing is read (the target is torn until the sync commits), not even an RP export.
     h.pwrite(b"S" * 4096, 0)
-    assert h.pread(4, 0) == b"SSSS"
+    with pytest.raises(nbd.Error, match="Input/output error"):
+        h.pread(4, 0)
+    with pytest.raises(nbd.Error):
+        r.read("@0", BLOCK)
     assert link.Link([r.uri()]).commit("s1", 6, time.time()) == 1
+    assert h.pread(4, 0) == b"SSSS"
+    assert r.read("@6", BLOCK)[:4] == b"SSSS"
     h.pwrite(b"A" * 65536, 4096)
     h.flush()
     assert h.pread(8, 4096) == bytes(8), "a write before its commit is visible"
@@ -588,15 +699,17 @@ def test_resume_handshake_trusts_an_agreeing_receiver_and_resyncs_another(procs,
     server = Server(procs, tmp, [src], [r.uri()], extra=["--cycle", "3600"])
     assert server.status()["start"].startswith("resumed"), server.status()["start"]
     procs.stop(server.proc)
-    # The same target behind a receiver with a fresh state: another history, even though it
-    # holds what the source holds (so the sampled blocks agree).
+    # The same target behind a receiver with a fresh state that another session committed:
+    # another history, even though it holds what the source holds (so the sampled blocks
+    # agree; before a first commit a receiver serves no reads, and they would differ).
     r.stop()
     os.rename(r.state, r.state + ".old")
     with open(src, "rb") as f, open(target, "r+b") as t:
         t.write(f.read())
     r = Receiver(procs, tmp, [target])
+    assert link.Link([r.uri()]).commit("another", 1, time.time()) == 1
     server = Server(procs, tmp, [src], [r.uri()], extra=["--cycle", "3600"])
-    assert "the receiver has no commit of this session" in server.status()["start"]
+    assert "the receiver holds session another" in server.status()["start"]
     r.wait_committed(server.rp())
     assert r.read() == generation(1, size)
 
