@@ -99,13 +99,14 @@ class WriteHook:
     aside the bytes it is about to overwrite; ``end`` records its TE. O(1) usually.
 
     ``parts`` is the same bracket for C: the plugin's one-call write (``nbd_plugin/
-    writepath.c``, whose WP_* constants name the slots) calls the tracker, the dirty-region
-    log and the keep-aside through these addresses, and hands what it cannot finish back to
-    ``begun``, ``end`` or ``end_failed``. Ownership: the hook owns the array, and holds the Python objects that own
-    what each address points at (the tracker, the keep-aside, the dirty-region log while it
-    logs to it), so an address is valid while the hook holds its owner; the functions live in
-    extension modules, which are never unloaded. ``log_to`` changes the log's two slots; it is
-    called before the first write and after the last, as for the Python path.
+    writepath.c``, whose WP_* constants name the slots) calls the tracker, the dirty-region log
+    and the keep-aside through these addresses, and hands what it cannot finish back to
+    ``begun``, ``end`` or ``end_failed``. Ownership: the hook owns the array, and holds the
+    Python objects that own what each address points at (the tracker, the keep-aside, the
+    dirty-region log while it logs to it), so an address is valid while the hook holds its
+    owner; the functions live in extension modules, which are never unloaded. ``log_to`` changes
+    the log's two slots; it is called before the first write and after the last, as for the
+    Python path.
     """
 
     __slots__ = ("_tracker", "_keepaside", "_dirty", "_mark", "parts")
