@@ -39,8 +39,15 @@ the export's epoch newer than every connection open then. From then on those con
 writes, zeroes, trims and flushes, and the commit records of metadata connections opened
 before, are refused (ESHUTDOWN): a late write can no longer land over the new connections'
 bytes of the same blocks and be committed with them.
+
+Where a consistency group spans several receivers, the copier commits in two phases
+(``copier.receiver.Link.commit`` has the state table): a *prepare* does what a commit does
+(fresh pending journals, one record rename) but lists the RP under ``prepared``, which no
+read sees; the commit of that cycle or a later one moves it to the RPs in one record write
+(``_publish``), as ``promote`` does when the operator decides with the source lost.
 """
 import array
+import bisect
 import contextlib
 import errno
 import fcntl
@@ -662,7 +669,8 @@ class Store:
             return
         last = shown[-1]
         with self._record_lock:
-            self._write_record(dict(r, rps=r["rps"] + shown, prepared=[p for p in r["prepared"] if p not in shown],
+            self._write_record(dict(r, rps=r["rps"] + shown,
+                                    prepared=[p for p in r["prepared"] if p not in shown],
                                     session_id=last["session_id"], committed_cycle=last["cycle"],
                                     rp_time=last["rp_time"], commit_time=last["commit_time"]))
         for rp in shown:
