@@ -5,14 +5,16 @@ The receivers are real ``nbdrep receive`` processes; the test speaks the metadat
 itself (prepare and commit records, ``copier.receiver``) so that it can stop between any two
 of the source's steps, as a source killed there would."""
 import json
+import os
+import signal
 import types
 
 import nbd
 import pytest
 
-from conftest import Server, make_image, nbdrep
+from conftest import Server, make_image, nbdrep, wait_until
 from copier import receiver as link
-from test_receiver import MiB, Receiver, generation, generations_in
+from test_receiver import MiB, Receiver, generation, generations_in, kill9_nbdkit
 
 SIZE = MiB
 
@@ -185,3 +187,58 @@ def test_a_source_commits_two_receivers_together(procs, tmp_path):
             assert status["committed_cycle"] == cycle and status["prepared"] == [], status
     assert shown(rs) == [[3], [3]]
     assert [rp["cycle"] for rp in rs[0].status()["rps"]] == [rp["cycle"] for rp in rs[1].status()["rps"]]
+
+
+@pytest.mark.parametrize("crash", ["amid the prepares", "amid the commits"])
+def test_a_source_killed_between_the_phases(procs, nbdkit, tmp_path, crash):
+    """A real source, two exports on two receivers, the second behind a proxy that delays
+    every write by 4 s (nbdkit's nbd plugin and delay filter). While it holds the prepare (or
+    the commit) record of generation 2's cycle, the source and the proxy are killed with
+    kill -9: the source is lost. The first receiver then holds that cycle prepared (or
+    committed), the second not (or prepared); ``rps --group`` names the newest RP both hold,
+    and ``promote --to`` it makes both targets one generation."""
+    rs = receivers(procs, tmp_path)
+    # After rs[0]'s socket in the copier's order, so it is the second to get each record.
+    psock, proxy = nbdkit("--filter=delay", "nbd", f"socket={rs[1].sock}", "dynamic-export=true",
+                          "delay-write=4", sock=str(tmp_path / "z-proxy.sock"))
+    srcs = [make_image(str(tmp_path / f"src{k}.img"), SIZE) for k in range(2)]
+    server = Server(procs, str(tmp_path), [f"e{k}={s}" for k, s in enumerate(srcs)],
+                    [f"e0={rs[0].uri('e0')}", f"e1=nbd+unix:///e1?socket={psock}"],
+                    extra=["--cycle", "3600"])
+
+    def write(g):
+        for k in range(2):
+            h = nbd.NBD()
+            h.connect_uri(f"nbd+unix:///e{k}?socket={server.sock}")
+            h.pwrite(generation(g, SIZE), 0)
+            h.flush()
+            h.shutdown()
+
+    write(1)
+    one = server.rp()   # two-phase from now on: both receivers showed the session
+    write(2)
+    nbdrep("rp", "--control", server.control)
+    if crash == "amid the prepares":
+        wait_until(lambda: rs[0].status()["prepared"], 120, "the first receiver prepared", poll=0.01)
+    else:
+        wait_until(lambda: rs[0].status()["committed_cycle"] > one, 120, "the first commit", poll=0.01)
+    kill9_nbdkit(procs, server.proc)
+    os.kill(proxy.pid, signal.SIGKILL)
+    two = (rs[0].status()["prepared"] or rs[0].status()["rps"])[-1]["cycle"]
+    held = [r.status() for r in rs]
+    if crash == "amid the prepares":
+        assert [s["committed_cycle"] for s in held] == [one, one]
+        assert [[p["cycle"] for p in s["prepared"]] for s in held] == [[two], []]
+        expected, g = one, 1
+    else:
+        assert [s["committed_cycle"] for s in held] == [two, one], "the proxy let the commit by"
+        assert [[p["cycle"] for p in s["prepared"]] for s in held] == [[], [two]]
+        expected, g = two, 2
+    assert shown(rs) == [[2 if crash == "amid the commits" else 1], [1]]
+    out = group(rs, "--json")
+    assert json.loads(out.stdout)["group_rp"] == expected, out.stdout
+    for r in rs:
+        nbdrep("promote", "--to", str(expected), "--control", r.control)
+    for k in range(2):
+        with open(tmp_path / f"r{k}" / "target.img", "rb") as f:
+            assert generations_in(f.read()) == [g], f"receiver {k} after promote"
