@@ -9,8 +9,10 @@ keep-aside (arm, drained, install, release), the reporter (build the report) and
 (copy, flush). Each action's outcome is the next event. Writes run on nbdkit's threads and
 only touch the tracker, the dirty-region log (marked before the back end) and, while a cycle
 is copied, the keep-aside, through ``WriteHook``. At each point-in-time commit the worker
-writes the replication record, commits to the receivers, clears the dirty-region log's marks
-the commit covers and appends the cycle history (``_committed``).
+writes the replication record when it is due (``_record_due``: at most once per
+``RECORD_INTERVAL`` s, unless an RP was requested or receivers take the commits), commits to
+the receivers, clears the dirty-region log's marks the commit covers and appends the cycle
+history (``_committed``).
 
 Locks:
 
@@ -75,6 +77,25 @@ STOP_GRACE = 1.0
 # Of a stop's timeout, what is kept to record an abandoned copy's outstanding report: a report
 # at its cap (a million extents) took 2 s to write.
 PERSIST_RESERVE = 5.0
+# The record is written at a commit at most once per this many seconds (unless ``_record_due``
+# says otherwise): its two fsyncs and a rename were the largest and most variable fixed cost of
+# a cycle (0.5-17 ms under load, scripts/bench_replication.py), once per commit; at the default
+# 1 s cycles every commit is still recorded, at 0.25 s one in four.
+#
+# Why a record that names an older commit than the replica holds is safe. It is written only
+# here, after the replicas' flush, so it never names a cycle the replica does not hold. After
+# a crash a record of a run in progress makes plan() resync what the dirty-region log marked,
+# and dl_commit clears a mark only once a commit covered every write to it, whatever the
+# record says (dirtylog.c): so every part that may differ is marked however old the record's
+# commit (invariants 1 and 7), and the replica equals the source again once that resync
+# commits (invariant 3). Nothing else in the record changes at a commit: the session, the
+# dirty-region log it names (an msync failure rewrites the record at once: ``_rerecord``),
+# the replicas, the sources' identities but their times (which a crash's plan ignores), and
+# ``next_cycle``, reserved ``records.RESERVE`` ids ahead, which a second of cycles cannot use
+# up. What it costs: after a crash, status shows the older commit until the first new one; a
+# receiver that took a newer commit than the record names reads as another history and is
+# resynced in full, so once a receiver took a commit every commit is recorded first.
+RECORD_INTERVAL = 1.0
 KINDS = (KIND_DATA, KIND_ZERO, KIND_TRIM)
 
 
@@ -179,6 +200,8 @@ class Session:
         self._warm = {}   # {name: extents} the last run left hot at its clean stop
         self.resync_bytes = 0   # what this run started by copying for a sync or a crash
         self._recorded_upto = 0   # newest commit whose Commit action was performed
+        self._record_at = None    # time.monotonic() of this run's last record at a commit
+        self._receivers_took = False   # a receiver took a commit of this run
         self._rerecord = False    # the record must be written now (the dirty-region log failed)
         self.plan = self._plan(config.resync == "full") if self.replicated else None
         if self.plan is not None:
@@ -209,6 +232,7 @@ class Session:
                           if self.replicated else None)
         self._retried_before = 0   # requests retried on replica connections since closed
         self._buffers = None
+        self._reader = None   # _reader_thread
 
     def _plan(self, resync_full):
         record = records.load(self.state_dir) if self.state_dir else None
@@ -340,7 +364,8 @@ class Session:
 
     def wait_for(self, cycle, timeout):
         """Wait until ``cycle`` is committed (or, tracking only, reported), and its commit is
-        recorded (the record, the receivers, the dirty-region log). True if it was."""
+        performed (the receivers, the dirty-region log; the record too if ``cycle`` was
+        requested with ``request_rp``, see ``_record_due``). True if it was."""
         def done():
             return self.controller.done_upto() >= cycle and \
                 (not self.replicated or self._recorded_upto >= cycle)
@@ -433,6 +458,8 @@ class Session:
                         self._cond.wait(1.0)
         finally:
             self._close_replicas()
+            if self._reader is not None:
+                self._reader.shutdown()
 
     def _next_event_locked(self):
         """Wait for a stop, an RP request or the machine's deadline; return that event."""
@@ -528,10 +555,12 @@ class Session:
         self._publish(action.report, action.cycle)
         diverged = {}
         if action.point_in_time:
-            self._save_record(clean=False)
+            if self._record_due(action.cycle):
+                self._save_record(clean=False)
             if self.receivers is not None:   # receivers show the cycle only now
-                self.receivers.commit(self.plan.session_id, action.cycle,
-                                      self.controller.committed_rp_time)
+                if self.receivers.commit(self.plan.session_id, action.cycle,
+                                         self.controller.committed_rp_time):
+                    self._receivers_took = True
                 diverged = self.receivers.take_diverged()
             if self.dirty is not None:   # every write of a cycle <= action.cycle is committed
                 self.dirty.commit(action.cycle)
@@ -552,6 +581,20 @@ class Session:
             return m.Failed("; ".join(f"receiver {u}: {why}: full resync" for u, why in diverged.items()),
                             resync=reports.whole(self.source_extents(devs)))
         return None
+
+    def _record_due(self, cycle):
+        """Whether the commit of ``cycle`` writes the record (``RECORD_INTERVAL`` says why it
+        may not): yes for the run's first commit, a requested RP (``wait_for`` returns with it
+        recorded), once a receiver took a commit, while the last write failed, and once
+        ``RECORD_INTERVAL`` s passed since the last. O(1)."""
+        with self._cond:
+            requested = self._recorded_upto < self.controller.rp_wanted <= cycle
+        now = time.monotonic()
+        if self._record_at is None or requested or self._receivers_took or \
+                self.record_error is not None or now - self._record_at >= RECORD_INTERVAL:
+            self._record_at = now
+            return True
+        return False
 
     def _persist(self, action):
         """Record the stop. A clean one adds the open cycle's TEs to what is outstanding: the
@@ -636,25 +679,27 @@ class Session:
             return
         buffers = self._batch_buffers()
         read = lambda k: self.keepaside.read_batch(dev, batches[k], buffers[k % 3])  # noqa: E731
-        pending = None
-        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="nbdrep-read") as reader:
-            ahead = reader.submit(read, 0)
-            try:
-                for k in range(len(batches)):
-                    view = ahead.result()
-                    if self._abandon:
-                        raise Stopping()
-                    if k + 1 < len(batches):
-                        ahead = reader.submit(read, k + 1)
-                    sent = replica.send_batch(batches[k], view, max_inflight=MAX_INFLIGHT)
-                    if pending is not None:
-                        self._landed(dev, replica, pending, landed, "copied")
-                    pending = (sent, batches[k])
-                self._landed(dev, replica, pending, landed, "copied")
-                pending = None
-            finally:
+        pending = ahead = None
+        try:
+            view = read(0)   # nothing to overlap the first read with: no hop to the reader
+            for k in range(len(batches)):
+                if k:
+                    view, ahead = ahead.result(), None
+                if self._abandon:
+                    raise Stopping()
+                if k + 1 < len(batches):
+                    ahead = self._reader_thread().submit(read, k + 1)
+                sent = replica.send_batch(batches[k], view, max_inflight=MAX_INFLIGHT)
                 if pending is not None:
-                    self._close_replicas()
+                    self._landed(dev, replica, pending, landed, "copied")
+                pending = (sent, batches[k])
+            self._landed(dev, replica, pending, landed, "copied")
+            pending = None
+        finally:
+            if ahead is not None:   # its buffer must be free before the next cycle reuses it
+                concurrent.futures.wait([ahead])
+            if pending is not None:
+                self._close_replicas()
 
     def _copy_zero(self, dev, replica, pairs, landed):
         if pairs:
@@ -701,6 +746,13 @@ class Session:
             self._close_replicas()
             return m.Abandoned() if self._abandon else m.Failed(f"flush failed: {e}")
         return m.Flushed()
+
+    def _reader_thread(self):
+        """The thread that reads batch k+1 while batch k is sent, kept for the session (one
+        started per cycle cost a thread's start and end every cycle); ended with the worker."""
+        if self._reader is None:
+            self._reader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="nbdrep-read")
+        return self._reader
 
     def _batch_buffers(self):
         """Three batch buffers, kept for the session: fresh memory each cycle costs page faults.

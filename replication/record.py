@@ -14,7 +14,9 @@ it left outstanding (flat lists of offset, length, compact: a report at its cap 
 extents is tens of MB and must be written within the stop's time).
 
 The driver writes it once serving is about to begin (``clean`` false: a run is in progress),
-at every commit, and at a clean stop (``clean`` true, with the outstanding report: nothing if
+at commits (at most once a second unless an RP was requested or receivers take the commits:
+``replication.driver.RECORD_INTERVAL`` says why a record older than the replica is safe), and
+at a clean stop (``clean`` true, with the outstanding report: nothing if
 the final RP committed, else the carry and the writes after the last RP). While a run is in
 progress, ``next_cycle`` is ``RESERVE`` ahead of the open cycle, so the ids a crashed run
 used are never issued again. A run that serves the sources without replicating them marks the
