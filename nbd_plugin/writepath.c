@@ -1,7 +1,7 @@
 /*
  * One C call per host write (issue 11): the tracker's begin, the dirty-region mark, the
  * keep-aside check, the pwrite and the tracker's end, which were five Python-level steps
- * (WriteHook.begin, the back end's pwrite, WriteHook.end) costing about 0.8 us of a 14 us write.
+ * (WriteHook.begin, the back end's pwrite, WriteHook.end) that cost about 1 us more (README, #11).
  * Only the common case is done here; whatever else can happen is handed back to the plugin's
  * Python path at the point where it diverges, with the state this call reached (wp_pwrite's
  * return value says which point; wp_cycle and wp_rc say the rest).
