@@ -14,7 +14,7 @@ import pytest
 
 from conftest import Server, make_image, nbdrep, wait_until
 from copier import receiver as link
-from test_receiver import MiB, Receiver, generation, generations_in, kill9_nbdkit
+from test_receiver import MiB, Receiver, generation, generations_in, kill9_nbdkit, unlink_stale
 
 SIZE = MiB
 
@@ -189,14 +189,15 @@ def test_a_source_commits_two_receivers_together(procs, tmp_path):
     assert [rp["cycle"] for rp in rs[0].status()["rps"]] == [rp["cycle"] for rp in rs[1].status()["rps"]]
 
 
-@pytest.mark.parametrize("crash", ["amid the prepares", "amid the commits"])
+@pytest.mark.parametrize("crash", ["amid the prepares", "amid the commits", "restarted"])
 def test_a_source_killed_between_the_phases(procs, nbdkit, tmp_path, crash):
     """A real source, two exports on two receivers, the second behind a proxy that delays
     every write by 4 s (nbdkit's nbd plugin and delay filter). While it holds the prepare (or
     the commit) record of generation 2's cycle, the source and the proxy are killed with
-    kill -9: the source is lost. The first receiver then holds that cycle prepared (or
-    committed), the second not (or prepared); ``rps --group`` names the newest RP both hold,
-    and ``promote --to`` it makes both targets one generation."""
+    kill -9. The first receiver then holds that cycle prepared (or committed), the second not
+    (or prepared). With the source lost, ``rps --group`` names the newest RP both hold, and
+    ``promote --to`` it makes both targets one generation; a source ``restarted`` (killed
+    amid the commits) shows the prepared cycle on the second receiver with its next commit."""
     rs = receivers(procs, tmp_path)
     # After rs[0]'s socket in the copier's order, so it is the second to get each record.
     psock, proxy = nbdkit("--filter=delay", "nbd", f"socket={rs[1].sock}", "dynamic-export=true",
@@ -234,7 +235,22 @@ def test_a_source_killed_between_the_phases(procs, nbdkit, tmp_path, crash):
         assert [s["committed_cycle"] for s in held] == [two, one], "the proxy let the commit by"
         assert [[p["cycle"] for p in s["prepared"]] for s in held] == [[], [two]]
         expected, g = two, 2
-    assert shown(rs) == [[2 if crash == "amid the commits" else 1], [1]]
+    assert shown(rs) == [[1 if crash == "amid the prepares" else 2], [1]]
+    if crash == "restarted":
+        os.unlink(psock)
+        nbdkit("nbd", f"socket={rs[1].sock}", "dynamic-export=true", sock=psock)
+        unlink_stale(server.control)
+        server = Server(procs, str(tmp_path), [f"e{k}={s}" for k, s in enumerate(srcs)],
+                        [f"e0={rs[0].uri('e0')}", f"e1=nbd+unix:///e1?socket={psock}"],
+                        extra=["--cycle", "3600"])
+        write(3)
+        three = server.rp()
+        for r in rs:
+            cycles = [rp["cycle"] for rp in r.status()["rps"]]   # the resync after kill -9 too
+            assert {one, two} <= set(cycles) and cycles[-1] == three, cycles
+            assert r.status()["prepared"] == [] and r.status()["committed_cycle"] == three
+        assert shown(rs) == [[3], [3]] and generations_in(rs[1].read(f"e1@{two}")) == [2]
+        return
     out = group(rs, "--json")
     assert json.loads(out.stdout)["group_rp"] == expected, out.stdout
     for r in rs:
