@@ -63,7 +63,7 @@ import time
 import numpy as np
 
 from copier.receiver import MAGIC_COMMIT, MAGIC_FENCE, MAGIC_PREPARE, MAGIC_STATE, decode, encode
-from nbd_plugin.backend import Backend
+from nbd_plugin.backend import Backend, BackendError
 from receiver import journal as policy
 from reporter.report import clip, merge
 from replication.record import write_json
@@ -104,15 +104,20 @@ class Journal:
     the log file to them, so a start reads each retained log's entries, not its mapping's size.
     """
 
-    def __init__(self, folder, seq, size, create=False, pending=False):
+    def __init__(self, folder, seq, size, create=False, pending=False, reuse=None):
+        """``create`` the files (the data file from ``reuse``, a spare, if given: see
+        ``Store._retire``), or open those of journal ``seq``."""
         self.seq = seq
         self.folder = folder
         self._renamed = False   # a compaction's rename not yet durable
         self.data_path = os.path.join(folder, f"{seq}.data")
         self.log_path = os.path.join(folder, f"{seq}.log")
         if create:
-            with open(self.data_path, "wb") as f:
-                f.truncate(size)
+            if reuse is not None:
+                os.rename(reuse, self.data_path)
+            else:
+                with open(self.data_path, "wb") as f:
+                    f.truncate(size)
             open(self.log_path, "wb").close()
         self.data = Backend(self.data_path, readonly=not pending)
         self.log_fd = None
@@ -268,6 +273,7 @@ class Store:
         self._cond = threading.Condition(threading.Lock())   # a plain lock: cheaper than an RLock
         self._inflight = []      # one entry per write in progress (see _enter)
         self._readers = set()    # one token per read of a newest RP in progress (see read)
+        self._spares = {}        # name -> a folded journal's data file to reuse (see _retire)
         self._held = False       # writes wait: a commit or promotion, or folding over --journal-max
         self.pending_bytes = 0   # written since the last commit (a restart counts afresh)
         self._throttled = False
@@ -344,7 +350,34 @@ class Store:
     def _new_journal(self, name):
         seq = self.record["next_seq"]
         self.record = dict(self.record, next_seq=seq + 1)
-        return Journal(self.folder, seq, self.sizes[name], create=True, pending=True)
+        spare = self._spares.pop(name, None)
+        if spare is not None:
+            self._grace()   # a read that took a map still holding the folded journal has ended
+        return Journal(self.folder, seq, self.sizes[name], create=True, pending=True, reuse=spare)
+
+    def _retire(self, name, j):
+        """Delete folded journal ``j``, but keep its data file as the export's spare (one at
+        most), which the next pending journal takes (``_new_journal``). Writing into a fresh
+        sparse file costs block allocation and fresh page-cache pages: on this VM 512 MiB took
+        0.8-1.3 s against 0.3-0.5 s into the same file written before. The spare is cut to its
+        logged ranges first (``_trim_outside``), so a kept file holds no more than its RP did:
+        a pending journal's reads and folds see only its logged ranges, which its new writes
+        fill. Not while an RP export is attached: its map may read ``j`` (a map made later
+        cannot). A start deletes spares (they are no journal)."""
+        if name in self._spares or self._pins:
+            j.unlink()
+            return
+        spare = os.path.join(self.folder, f"spare-{j.seq}.data")
+        try:
+            _trim_outside(j.data_path, j.pairs, self.sizes[name])
+            os.rename(j.data_path, spare)
+        except (OSError, BackendError) as e:
+            log.warning("journal %d: not kept for reuse (%s)", j.seq, e)
+            j.unlink()
+            return
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(j.log_path)
+        self._spares[name] = spare
 
     def _write_record(self, record):
         """Replace the record crash-safely (the journal directory first, so that the files it
@@ -766,6 +799,9 @@ class Store:
                 self.journals = {}
                 for j in dropped:
                     j.unlink()
+                for spare in self._spares.values():
+                    os.unlink(spare)
+                self._spares = {}
         log.info("targets promoted at RP %d: receiving no more", cycle)
         return None
 
@@ -844,7 +880,7 @@ class Store:
         for name, j in folded:
             self.latest[name] = self.latest[name].without(j)
             del self.journals[j.seq]
-            j.unlink()
+            self._retire(name, j)
 
     # -- status -------------------------------------------------------------------------------
 
@@ -912,6 +948,27 @@ def load(state_dir, targets, sizes):
                          f"targets ({_describe(record['targets'])}); use another --state")
     record.setdefault("prepared", [])   # a record written before two-phase commits
     return record
+
+
+def _trim_outside(path, pairs, size):
+    """Punch every allocated range of the file at ``path`` that ``pairs`` (flat, ascending,
+    disjoint) does not cover. O(allocated extents + pairs)."""
+    f = Backend(path)
+    try:
+        starts = pairs[0::2]
+        ends = [o + n for o, n in zip(pairs[0::2], pairs[1::2])]
+        for offset, length, is_hole in f.extents(0, size):
+            at, end = offset, offset + length
+            i = bisect.bisect_right(ends, at)
+            while not is_hole and at < end:
+                if i < len(starts) and starts[i] <= at:   # inside a logged range: kept
+                    at, i = ends[i], i + 1
+                    continue
+                stop = min(end, starts[i]) if i < len(starts) else end
+                f.trim(at, stop - at)
+                at = stop
+    finally:
+        f.close()
 
 
 def _fold_range(journal, base, offset, length):

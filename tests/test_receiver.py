@@ -20,6 +20,7 @@ from nbd_plugin import control
 from receiver.journal import ExtentMap, parse_keep, to_fold
 from receiver import control as receiver_control, store as stores
 from receiver.store import Store
+from nbd_plugin.backend import Backend
 
 MiB = 1 << 20
 BLOCK = 4096
@@ -484,6 +485,70 @@ def test_a_read_of_the_newest_rp_is_not_torn_by_folds_meanwhile(tmp_path, monkey
         s.close()
 
 
+def test_a_folded_journal_file_is_reused_and_shows_none_of_its_old_bytes(tmp_path):
+    """The data file of a folded journal becomes the next pending journal (allocated, cached:
+    cheaper to write than a fresh sparse file). Its old bytes must never be read, and once
+    folded again it keeps only the ranges its last RP logged (no stale blocks piling up)."""
+    s = open_store(tmp_path)
+
+    def data_blocks(path):
+        b = Backend(path)
+        try:
+            return [(o // BLOCK, n // BLOCK) for o, n, hole in b.extents(0, MiB) if not hole]
+        finally:
+            b.close()
+
+    def fold_all():
+        with s._fold_lock:
+            while s.record["rps"]:
+                s._fold_one()
+
+    try:
+        s.commit("a", 1, 1.0)
+        for gen in (2, 3):   # RP 3 rewrites what RP 2 wrote: RP 2's file then holds stale bytes
+            s.write("", bytes([gen]) * 8 * BLOCK, 0)
+            s.commit("a", gen, float(gen))
+        rp2_file = os.stat(os.path.join(s.folder, f"{s.record['rps'][1]['journals']['']}.data")).st_ino
+        fold_all()
+        s.write("", b"\x04" * BLOCK, 9 * BLOCK)
+        s.commit("a", 4, 4.0)
+        reused = s.pending[""]
+        assert os.stat(reused.data_path).st_ino == rp2_file, "the spare was not reused"
+        s.write("", b"\x05" * BLOCK, BLOCK)
+        s.zero("", 3 * BLOCK, BLOCK)
+        s.commit("a", 5, 5.0)
+        expected = bytearray(MiB)
+        expected[:8 * BLOCK] = b"\x03" * 8 * BLOCK
+        expected[BLOCK:2 * BLOCK] = b"\x05" * BLOCK
+        expected[3 * BLOCK:4 * BLOCK] = bytes(BLOCK)
+        expected[9 * BLOCK:10 * BLOCK] = b"\x04" * BLOCK
+        assert read_rp(s, 5) == expected, "a reused journal showed its old bytes"
+        with s._fold_lock:
+            s._fold_one()   # RP 4
+        os.unlink(s._spares.pop(""))   # so that RP 5's reused file is kept next
+        with s._fold_lock:
+            s._fold_one()
+        assert read_rp(s, 5) == expected
+        (spare,) = s._spares.values()
+        assert data_blocks(spare) == [(1, 1)], "the kept file holds more than its RP logged"
+        s.write("", b"\x06" * BLOCK, 0)
+        s.commit("a", 6, 6.0)
+        pinned = s.attach("", 6)
+        assert pinned is not None
+        s.write("", b"\x07" * BLOCK, 0)
+        s.commit("a", 7, 7.0)
+        s._spares.clear()
+        with s._fold_lock:
+            s._fold_one()   # RP 6, under its attached export: its file must not be reused
+        assert not s._spares
+        buf = bytearray(BLOCK)
+        s.read("", pinned, buf, 0)
+        assert buf == b"\x06" * BLOCK
+        s.detach(6)
+    finally:
+        s.close()
+
+
 # -- end to end ---------------------------------------------------------------------------------
 
 def test_writes_are_invisible_until_the_commit_record(procs, tmp_path):
@@ -717,7 +782,9 @@ def test_resume_handshake_trusts_an_agreeing_receiver_and_resyncs_another(procs,
 def test_journal_max_holds_under_a_burst_bigger_than_it(procs, tmp_path):
     """Cycles of 6 MiB each into a receiver allowed 2 MiB of journals: the oldest RPs (even
     the newest, past the bound) fold into the target, the journals end within the bound, the
-    journal directory holds at most that plus one cycle, and nothing is lost."""
+    journal directory holds at most that plus two cycles (the pending journal, a folded
+    journal's file reused, still holding its last RP's blocks; and the next such file, kept
+    for reuse), and nothing is lost."""
     size = 16 * MiB
     tmp = str(tmp_path)
     src = make_image(str(tmp_path / "source.img"), size)
@@ -738,7 +805,7 @@ def test_journal_max_holds_under_a_burst_bigger_than_it(procs, tmp_path):
         assert r.read() == f.read(), "a fold lost or reordered a write"
     journal = os.path.join(r.state, "journal")
     used = sum(os.stat(os.path.join(journal, n)).st_blocks * 512 for n in os.listdir(journal))
-    assert used <= 2 * MiB + 6 * MiB + MiB, f"journal directory holds {used} bytes"
+    assert used <= 2 * MiB + 2 * 6 * MiB + MiB, f"journal directory holds {used} bytes"
     assert r.status()["base_cycle"] is not None
 
 
