@@ -28,8 +28,11 @@ journal's ranges there, fsync, then a record without it. The record says ``foldi
 a crash in the copy leaves base images that are no RP (part of the folded one over the base
 one), so the base's RP is not served while it says so, and a start redoes the copy first.
 No retained RP sees the base change, since each reads those ranges from that journal or a
-newer one. An RP attached as an export (``NAME@N``) pins every RP newer
-than it, so the base under it never changes.
+newer one; a read of the newest RP that took its map before, and may be sent to the base,
+is waited for (``_grace``). An RP attached as an export (``NAME@N``) pins every RP newer
+than it, so the base under it never changes. A folded journal's data file is kept, cut to
+its logged ranges, for the next pending journal (``_retire``): writing into allocated, cached
+blocks is cheaper than into a fresh sparse file, and only logged ranges are ever read.
 
 A copier whose connections dropped (a cut, a timeout, kill -9) may have writes still on their
 way: queued in nbdkit, held in a proxy. Before it opens data connections to an export it
