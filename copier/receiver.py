@@ -261,8 +261,10 @@ class Link:
         showed the session: its older RPs are of another history anyway."""
         body = {"session_id": session_id, "cycle": cycle, "rp_time": rp_time}
         live = [(meta, uri) for meta, uri in self._uris if meta not in self._diverged]
+        # The receivers: a plain export's handle is None (one not connected yet is not in
+        # _ours either, so that commit is one-phase).
         group = [(meta, uri) for meta, uri in live if self._handles.get(meta, meta) is not None]
-        if len(group) > 1 and all(meta in self._ours for meta, _ in group):   # not plain exports
+        if len(group) > 1 and all(meta in self._ours for meta, _ in group):
             for meta, data_uri in group:
                 try:
                     self._send(meta, data_uri, session_id, cycle, encode(MAGIC_PREPARE, body), "preparing on")
