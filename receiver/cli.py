@@ -208,7 +208,7 @@ def _group(args, status):
               "cannot be shown at one RP; promote each to its own newest and check the data")
         return 1
     print(f"group RP: {common}; with the source lost, run nbdrep promote --to {common} on each "
-          "receiver (restore --to works on committed ones)")
+          "receiver (restore --to, or an export NAME@CYCLE, tests it first)")
     return 0
 
 

@@ -548,7 +548,7 @@ class Store:
         with self._fold_lock:
             if not self.retained(cycle):
                 return None
-            rps = self.record["rps"]
+            rps = self.record["rps"] + self.record["prepared"]   # prepared ones are the newest
             out = policy.ExtentMap()
             for rp in rps:
                 if rp["cycle"] > cycle:
@@ -560,11 +560,12 @@ class Store:
             return out
 
     def retained(self, cycle):
-        """True if RP ``cycle`` can be read: a retained one, or the one the base images hold
-        (not while a fold is recorded as in progress: the base images then hold part of the
-        next RP too)."""
+        """True if RP ``cycle`` can be read: a retained one, a prepared one (attached or
+        restored as the operator's test of the group RP, not shown as NAME), or the one the
+        base images hold (not while a fold is recorded as in progress: the base images then
+        hold part of the next RP too)."""
         r = self.record
-        return any(rp["cycle"] == cycle for rp in r["rps"]) or (
+        return any(rp["cycle"] == cycle for rp in r["rps"] + r["prepared"]) or (
             cycle is not None and cycle == r["base_cycle"] and r.get("folding") is None)
 
     def detach(self, cycle):

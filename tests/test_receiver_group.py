@@ -93,6 +93,11 @@ def test_each_crash_point_leaves_a_group_rp_that_promote_makes_whole(procs, tmp_
     out = group(rs, "--json")
     assert out.returncode == 0 and json.loads(out.stdout)["group_rp"] == expected, out.stdout
     assert f"group RP: {expected}" in group(rs).stdout
+    for k, r in enumerate(rs):   # a test of the group RP first: restored, prepared or not
+        out = str(tmp_path / f"restored{k}.img")
+        nbdrep("restore", "--to", str(expected), "--export", f"e{k}", "--control", r.control, out)
+        with open(out, "rb") as f:
+            assert generations_in(f.read()) == [expected], f"receiver {k}'s restored RP"
     for r in rs:
         nbdrep("promote", "--to", str(expected), "--control", r.control)
     for k, r in enumerate(rs):
