@@ -128,6 +128,8 @@ def prometheus(status):
          status["journal_bytes"]),
         ("nbdrep_receiver_journal_max_bytes", "The --journal-max bound.", status["journal_max"]),
         ("nbdrep_receiver_retained_rps", "Recovery points retained.", len(status["rps"])),
+        ("nbdrep_receiver_prepared_rps", "Recovery points prepared, not shown: their commit has "
+         "not come (several receivers)", len(status["prepared"])),
         ("nbdrep_receiver_throttled", "1 while the copier's writes wait for folding.",
          int(status["throttled"])),
     ]

@@ -86,6 +86,10 @@ def test_each_crash_point_leaves_a_group_rp_that_promote_makes_whole(procs, tmp_
         rs[1].kill9()
         rs[1] = Receiver(procs, str(tmp_path / "r1"), [f"e1={tmp_path / 'r1' / 'target.img'}"])
     expected = 1 if crash == "amid the prepares" else 2
+    metrics = nbdrep("status", "--prometheus", "--control", rs[1].control).stdout
+    assert f"nbdrep_receiver_prepared_rps {0 if crash == 'amid the prepares' else 1}" in metrics
+    assert ("prepared, not shown: 2" in nbdrep("status", "--control", rs[1].control).stdout) == \
+        (crash != "amid the prepares")
     assert shown(rs) == [[2 if crash == "amid the commits" else 1], [1]], "a prepared RP is shown"
     assert rs[1].status()["prepared"] == ([] if crash == "amid the prepares" else
                                           [{"cycle": 2, "session_id": "s", "rp_time": 2.0,
