@@ -9,8 +9,9 @@
 * ``NAME@CYCLE``: retained RP CYCLE, read-only (a test failover: mount it, fsck it, while
   new cycles keep arriving).
 * ``.nbdrep``: the metadata export of ``copier.receiver``: read, the receiver's state; a
-  commit record written there commits every export at once; a fence record refuses, from
-  then on, the requests of connections to its export opened before it.
+  commit record written there commits every export at once (a prepare record, where a
+  group spans several receivers, makes them an RP not shown until its commit); a fence record
+  refuses, from then on, the requests of connections to its export opened before it.
 
 A flat module of nbdkit callbacks, as ``nbd_plugin/plugin.py`` is; ``receiver.store`` does
 the I/O. Threads start in ``after_fork`` (nbdkit forks after ``get_ready``).
