@@ -2,7 +2,7 @@
 """Replication benchmark: bytes sent, copier throughput, achieved RPO.
 
     .venv/bin/python scripts/bench_replication.py [--dir /var/tmp] [--seconds 30] [--size 1G]
-                                                  [--cycles 1,0.5,0.25] [--no-copier]
+                                                  [--cycles 1,0.5,0.25] [--rounds 1] [--no-copier]
 
 1. Bytes: fio 4k random writes (zipf-skewed, so blocks are rewritten within a cycle, as real
    workloads do) with 1 s cycles. Every cycle's report is collected from the control socket;
@@ -14,9 +14,12 @@
    same replica server; after one untimed warm-up copy, alternated three times, best and median.
 3. Achieved RPO: lag (now minus the RP time of the newest committed cycle) sampled every
    0.1 s during a fio run like part 1's for each of --cycles (part 1 is the 1 s run); p50/p99,
-   each cycle's time from RP to commit, and a PNG plot of lag over time, one line per cycle
-   length. The same fio run against nbdrep tracking without a replica, before and after those
-   runs, gives the front end's IOPS replicating against not replicating.
+   each cycle's time from RP to commit, and a PNG plot of lag over time, one panel per cycle
+   length, side by side. The same fio run against nbdrep tracking without a replica, before
+   and after each round of those runs, gives the front end's IOPS replicating against not
+   replicating: each run against the mean of its round's two. With --rounds N the rounds
+   repeat (lags pooled, ratios as median and range): on a shared machine IOPS drift by half
+   within minutes, so one round says little.
 4. What a cycle costs when it carries little: the replication worker in this process (no
    nbdkit; the same Session, a real ``nbdkit file`` replica), a trickle of 4k writes (100 per
    second) and the shortest of --cycles; the worker's time per step of a cycle (RP and drain,
@@ -56,6 +59,8 @@ def main():
     ap.add_argument("--seconds", type=int, default=30, help="fio run time (default: %(default)s)")
     ap.add_argument("--cycles", default="1,0.5,0.25",
                     help="cycle lengths in seconds for the lag runs (default: %(default)s)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="rounds of the lag runs, each between two runs not replicating (default: %(default)s)")
     ap.add_argument("--no-copier", action="store_true", help="skip part 2, the copier against nbdcopy")
     ap.add_argument("--png", default=os.path.join(os.path.dirname(HERE), "docs", "bench_replication_lag.png"))
     args = ap.parse_args()
@@ -66,12 +71,19 @@ def main():
         ap.error(f"--cycles must be comma-separated seconds, not {args.cycles!r}")
     if not cycles or min(cycles) <= 0:
         ap.error("--cycles must be positive numbers of seconds")
+    if args.rounds < 1:
+        ap.error("--rounds must be at least 1")
     work = tempfile.mkdtemp(prefix="nbdrep-bench-", dir=args.dir)
     try:
         sync = None if args.no_copier else bench_copier(work, size)
         unreplicated = [bench_cycles(work, size, args.seconds, None)]
-        runs = {c: bench_cycles(work, size, args.seconds, c) for c in cycles}
-        unreplicated.append(bench_cycles(work, size, args.seconds, None))
+        runs = {c: [] for c in cycles}
+        for _ in range(args.rounds):
+            for c in cycles:
+                runs[c].append(bench_cycles(work, size, args.seconds, c))
+            unreplicated.append(bench_cycles(work, size, args.seconds, None))
+            for c in cycles:   # against this round's runs not replicating, before and after
+                runs[c][-1]["base"] = (unreplicated[-2]["iops"] + unreplicated[-1]["iops"]) / 2
         steps = bench_steps(work, min(cycles))
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -307,7 +319,8 @@ def print_copier(sync):
 
 
 def print_tables(runs, unreplicated, steps, step_cycle):
-    cycle, run = next(((c, r) for c, r in runs.items() if c == 1.0), next(iter(runs.items())))
+    cycle, run = next(((c, r[0]) for c, r in runs.items() if c == 1.0),
+                      next((c, r[0]) for c, r in runs.items()))
     cycles = {c["cycle"]: c for c in run["status"]["cycles"]}
     seen = [c for c in sorted(run["reports"]) if c in cycles and cycles[c]["writes"]]
     written = sum(cycles[c]["bytes_written"] for c in seen)
@@ -320,18 +333,19 @@ def print_tables(runs, unreplicated, steps, step_cycle):
         ("log shipping (every write)", f"{written / 2**20:.1f}", f"{written / copied:.2f}x"),
         ("64 KiB dirty bitmap", f"{bitmap / 2**20:.1f}", f"{bitmap / copied:.2f}x")]))
 
-    base = statistics.mean(r["iops"] for r in unreplicated)
     print("\nAchieved RPO (lag) under sustained fio 4k randwrite; IOPS against not replicating "
-          f"({' and '.join(str(round(r['iops'])) for r in unreplicated)} IOPS, "
-          "before and after)")
+          f"({', '.join(str(round(r['iops'])) for r in unreplicated)} IOPS, between the rounds)")
     rows = []
-    for c, r in runs.items():
-        lags = [lag for _, lag in r["lag"]]
-        spans = [x["commit_time"] - x["rp_time"] for x in r["status"]["cycles"]
+    for c, rounds in runs.items():
+        lags = [lag for r in rounds for _, lag in r["lag"]]
+        spans = [x["commit_time"] - x["rp_time"] for r in rounds for x in r["status"]["cycles"]
                  if x["state"] == "committed" and x["commit_time"] and x["writes"]]
+        ratios = sorted(r["iops"] / r["base"] for r in rounds)
+        spread = f" ({ratios[0]:.2f}-{ratios[-1]:.2f})" if len(ratios) > 1 else ""
         rows.append((f"{c:g} s", str(len(lags)), f"{percentile(lags, 50):.2f}", f"{percentile(lags, 99):.2f}",
                      f"{max(lags, default=float('nan')):.2f}", f"{percentile(spans, 50):.3f}",
-                     f"{percentile(spans, 99):.3f}", f"{r['iops']:.0f}", f"{r['iops'] / base:.2f}"))
+                     f"{percentile(spans, 99):.3f}", f"{statistics.median(r['iops'] for r in rounds):.0f}",
+                     f"{statistics.median(ratios):.2f}{spread}"))
     print(format_table(("cycle", "samples", "lag p50 (s)", "lag p99 (s)", "max (s)", "RP->commit p50 (s)",
                         "p99 (s)", "IOPS", "vs not replicating"), rows))
 
@@ -355,20 +369,26 @@ STEP_NAMES = {"Arm": "arm the keep-aside", "CloseCycle": "RP and drain", "BuildR
 
 
 def plot_lag(runs, path):
+    """One panel per cycle length, side by side on one lag scale: each round's lag over its
+    fio run, the p99 of all rounds, the goal."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    fig, ax = plt.subplots(figsize=(8, 3.5))
-    for cycle, run in runs.items():
-        lags = [lag for _, lag in run["lag"]]
-        ax.plot([t for t, _ in run["lag"]], lags, lw=1,
-                label=f"{cycle:g} s cycles: p99 {percentile(lags, 99):.2f} s")
-    ax.axhline(1.0, color="red", ls="--", lw=0.8, label="goal: p99 ≤ 1 s")
-    ax.set_xlabel("seconds into the fio run")
-    ax.set_ylabel("lag (s)")
-    ax.set_title("nbdrep achieved RPO under 4k random writes")
-    ax.legend(loc="upper right", fontsize=8)
+    fig, axes = plt.subplots(1, len(runs), sharey=True, squeeze=False, figsize=(3.6 * len(runs), 3.4))
+    for ax, (cycle, rounds) in zip(axes[0], runs.items()):
+        lags = [lag for r in rounds for _, lag in r["lag"]]
+        for i, run in enumerate(rounds):
+            ax.plot([t for t, _ in run["lag"]], [lag for _, lag in run["lag"]], lw=0.8,
+                    label=f"round {i + 1}" if len(rounds) > 1 else None)
+        ax.axhline(percentile(lags, 99), color="black", ls=":", lw=0.8,
+                   label=f"p99 {percentile(lags, 99):.2f} s")
+        ax.axhline(1.0, color="red", ls="--", lw=0.8, label="goal: p99 ≤ 1 s")
+        ax.set_title(f"{cycle:g} s cycles")
+        ax.set_xlabel("seconds into the fio run")
+        ax.legend(loc="upper right", fontsize=7)
+    axes[0][0].set_ylabel("lag (s)")
+    fig.suptitle("nbdrep achieved RPO under 4k random writes", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
