@@ -12,10 +12,11 @@ tunnel) carries it unchanged:
   padded likewise, then FLUSH. The receiver answers the write only once the commit is durable:
   every write it received on any data export since its last commit becomes the recovery point
   ``cycle`` of all its exports at once.
-* WRITE of block 0: a prepare record, ``MAGIC_PREPARE`` and the commit record's JSON, where
-  the session's consistency group spans several receivers (``Link.commit``): the receiver
-  makes its pending writes RP ``cycle`` durably but does not show it; the commit record of
-  ``cycle`` or a later one shows it.
+* WRITE of block 0: a prepare record, ``MAGIC_PREPARE`` and the commit record's JSON plus
+  ``decided`` (the newest cycle whose commit records were sent, or null), where the session's
+  consistency group spans several receivers (``Link.commit``): the receiver makes its pending
+  writes RP ``cycle`` durably but does not show it; the commit record of ``cycle`` or a later
+  one shows it.
 * WRITE of block 0: a fence record, ``MAGIC_FENCE`` and JSON (session id, export name), before
   the copier opens data connections to that export (``Link.fence``). The receiver answers once
   every write already inside it is done, and from then on refuses (ESHUTDOWN) every write,
@@ -227,6 +228,7 @@ class Link:
         self._ours = {meta_uri(u) for u in ours}
         self._taken = {}     # meta URI -> the newest cycle it took: it may not go back
         self._diverged = {}   # meta URI -> why no commit goes there until take_diverged
+        self._decided = None   # the newest cycle whose commit records were sent (see commit)
 
     def commit(self, session_id, cycle, rp_time):
         """Make ``cycle`` the recovery point on every receiver; returns how many took it.
@@ -238,7 +240,8 @@ class Link:
         Where the group spans several receivers that all showed this session, the commit is
         two-phase, so that no receiver shows ``cycle`` unless every one holds it: a prepare
         record to each, then, only if all of them took it, the commit records. The caller
-        wrote its own record first: it is the decision. State table (N = ``cycle``):
+        wrote its own record first (the source counts N copied); that every receiver prepared
+        N decides that N is shown. State table (N = ``cycle``):
 
         ============================  ==========================  =============================
         crash (kill -9, power) of     receivers hold              after restart / source lost
@@ -252,8 +255,9 @@ class Link:
                                       prepared on the others      the group RP is N: ``promote
                                                                   --to N`` shows it on each
         a receiver before prepare     N pending (durable if it    its prepare fails: N committed
-                                      flushed), the record N-1    on none; the next cycle's
-                                                                  prepare covers N
+                                      flushed), the record N-1    on none; the next prepare puts
+                                                                  N back into the pending writes
+                                                                  where it was prepared
         a receiver after prepare      N prepared                  as "amid the commits"
         ============================  ==========================  =============================
 
@@ -265,13 +269,17 @@ class Link:
         # _ours either, so that commit is one-phase).
         group = [(meta, uri) for meta, uri in live if self._handles.get(meta, meta) is not None]
         if len(group) > 1 and all(meta in self._ours for meta, _ in group):
+            # Prepared RPs newer than ``decided`` were aborted: a receiver puts them back
+            # into its pending writes, so an abort repeated each cycle adds no RP.
+            prepare = encode(MAGIC_PREPARE, dict(body, decided=self._decided))
             for meta, data_uri in group:
                 try:
-                    self._send(meta, data_uri, session_id, cycle, encode(MAGIC_PREPARE, body), "preparing on")
+                    self._send(meta, data_uri, session_id, cycle, prepare, "preparing on")
                 except ReplicaError as e:
                     log.warning("receiver %s did not prepare cycle %d (%s): no receiver shows it; "
                                 "the next commit covers it", meta, cycle, e)
                     return 0
+        self._decided = cycle
         done = 0
         for meta, data_uri in live:
             try:

@@ -47,7 +47,9 @@ Where a consistency group spans several receivers, the copier commits in two pha
 (``copier.receiver.Link.commit`` has the state table): a *prepare* does what a commit does
 (fresh pending journals, one record rename) but lists the RP under ``prepared``, which no
 read sees; the commit of that cycle or a later one moves it to the RPs in one record write
-(``_publish``), as ``promote`` does when the operator decides with the source lost.
+(``_publish``), as ``promote`` does when the operator decides with the source lost. A
+prepared RP the copier aborted (another receiver did not prepare it) goes back into the
+pending journals at the next prepare (``_unprepare``), so at most one waits.
 """
 import array
 import bisect
@@ -68,7 +70,7 @@ import numpy as np
 from copier.receiver import MAGIC_COMMIT, MAGIC_FENCE, MAGIC_PREPARE, MAGIC_STATE, decode, encode
 from nbd_plugin.backend import Backend, BackendError
 from receiver import journal as policy
-from reporter.report import clip, merge
+from reporter.report import clip, difference, merge
 from replication.record import write_json
 
 log = logging.getLogger("nbdrep")
@@ -618,9 +620,13 @@ class Store:
         req = decode(MAGIC_PREPARE if prepare else MAGIC_COMMIT, block)
         try:
             session, cycle, rp_time = str(req["session_id"]), int(req["cycle"]), float(req["rp_time"])
+            decided = None if req.get("decided") is None else int(req["decided"])
         except (KeyError, TypeError, ValueError) as e:
             raise OSError(errno.EINVAL, f"bad commit record: {e!r}") from None
-        (self.prepare if prepare else self.commit)(session, cycle, rp_time, epoch)
+        if prepare:
+            self.prepare(session, cycle, rp_time, epoch, decided)
+        else:
+            self.commit(session, cycle, rp_time, epoch)
         return epoch
 
     def fence(self, name):
@@ -671,10 +677,14 @@ class Store:
                 self._commit(session_id, cycle, rp_time)
         self._wake()
 
-    def prepare(self, session_id, cycle, rp_time, epoch=None):
+    def prepare(self, session_id, cycle, rp_time, epoch=None, decided=None):
         """Phase one of a commit across several receivers: make every export's pending writes
         RP ``cycle``, durable but not shown (``prepared`` in the record), until the commit of
-        ``cycle`` or a later one shows it (``_publish``). A repeat is a no-op. EINVAL where
+        ``cycle`` or a later one shows it (``_publish``). ``decided``: the newest cycle whose
+        commit records the copier began to send (None: it does not know, after a restart);
+        older prepared RPs are shown, newer ones were aborted (a receiver did not prepare
+        them) and go back into the pending writes (``_unprepare``), so a live copier leaves
+        at most one prepared RP. A repeat is a no-op. EINVAL where
         only a one-phase commit fits: another session than the committed one (its cycle ids
         start afresh), or a cycle not after every committed and prepared one. Before the
         first commit the targets show the initial sync as it lands: there is nothing to hide,
@@ -693,7 +703,29 @@ class Store:
                 raise OSError(errno.EINVAL, f"cannot prepare cycle {cycle} of session {session_id} "
                               f"after cycle {newest} of session {r['session_id']}: commit it in one phase")
             with self._quiesce():
+                if decided is not None:
+                    self._publish(decided, session_id)
+                    for p in reversed(self.record["prepared"]):   # newest first: newest wins
+                        self._unprepare(p)
                 self._commit(session_id, cycle, rp_time, prepare=True)
+
+    def _unprepare(self, p):
+        """Put the aborted prepared RP ``p`` back into the pending writes: its ranges that no
+        later write covers are copied into the pending journals and logged, made durable,
+        then a record without it. A crash before that record leaves ``p`` prepared and the
+        pending journals holding the same bytes again: the same RPs either way. Caller holds
+        ``_fold_lock`` with the writes out. O(p's bytes)."""
+        for name, seq in p["journals"].items():
+            j, pending = self.journals[seq], self.pending[name]
+            keep = difference(j.pairs, pending.extents(self.sizes[name]))
+            for off, length in zip(keep[0::2], keep[1::2]):
+                _fold_range(j.data, pending.data, off, length)
+                pending.note(pending.reserve(), off, length)
+            pending.sync()
+        with self._record_lock:
+            self._write_record(dict(self.record, prepared=[q for q in self.record["prepared"] if q is not p]))
+        for seq in p["journals"].values():
+            self.journals.pop(seq).unlink()
 
     def _publish(self, upto, session_id=None):
         """Show the prepared RPs up to cycle ``upto`` (all those of another session than

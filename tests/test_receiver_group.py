@@ -14,7 +14,8 @@ import pytest
 
 from conftest import Server, make_image, nbdrep, wait_until
 from copier import receiver as link
-from test_receiver import MiB, Receiver, generation, generations_in, kill9_nbdkit, unlink_stale
+from test_receiver import (BLOCK, MiB, Receiver, generation, generations_in, kill9_nbdkit, open_store,
+                           read_rp, unlink_stale)
 
 SIZE = MiB
 
@@ -140,7 +141,7 @@ class _Metadata:
     write fail."""
 
     def __init__(self, monkeypatch, session):
-        self.writes, self.fail, committed = [], {}, {}
+        self.writes, self.fail, self.decided, committed = [], {}, [], {}
 
         def write(u, buf):
             block = bytes(buf.to_bytearray())
@@ -148,6 +149,8 @@ class _Metadata:
             if self.fail.get(u) == magic:
                 raise link.ReplicaError("refused", 5)
             self.writes.append((u, magic))
+            if magic == link.MAGIC_PREPARE:
+                self.decided.append(link.decode(magic, block)["decided"])
             if magic == link.MAGIC_COMMIT:
                 committed[u] = link.decode(magic, block)["cycle"]
 
@@ -171,9 +174,12 @@ def test_the_link_prepares_on_every_receiver_before_any_commit(monkeypatch):
     fake.fail[b] = link.MAGIC_PREPARE
     assert links.commit("S", 3, 3.0) == 0, "a cycle shown on a receiver that another did not prepare"
     assert fake.writes == [(a, link.MAGIC_PREPARE)]
+    fake.fail.clear()
+    assert links.commit("S", 4, 4.0) == 2
+    assert fake.decided == [None, None, 2, 2, 2], "a prepare does not say 3 was aborted"
     fake.writes.clear()
     single = link.Link([a], ours=[a])   # one receiver: a commit is atomic by itself
-    assert single.commit("S", 4, 4.0) == 1 and fake.writes == [(a, link.MAGIC_COMMIT)]
+    assert single.commit("S", 5, 5.0) == 1 and fake.writes == [(a, link.MAGIC_COMMIT)]
 
 
 def test_a_source_commits_two_receivers_together(procs, tmp_path):
@@ -267,3 +273,28 @@ def test_a_source_killed_between_the_phases(procs, nbdkit, tmp_path, crash):
     for k in range(2):
         with open(tmp_path / f"r{k}" / "target.img", "rb") as f:
             assert generations_in(f.read()) == [g], f"receiver {k} after promote"
+
+
+def test_a_prepare_shows_the_decided_rps_and_takes_back_the_aborted_ones(tmp_path):
+    """In process: RP 2 prepared, then the prepare of 3 says the newest cycle whose commit
+    began is 1 (2 was aborted: another receiver did not prepare it). 2 goes back into the
+    pending writes, so RP 3 holds what 2 wrote and 3 did not overwrite; a receiver keeps one
+    prepared RP however many cycles abort. Said to be decided, a prepared RP is shown."""
+    s = open_store(tmp_path)
+    try:
+        s.commit("a", 1, 1.0)
+        s.write("", b"\x02" * 2 * BLOCK, 0)
+        s.prepare("a", 2, 2.0)
+        s.write("", b"\x03" * BLOCK, BLOCK)
+        s.prepare("a", 3, 3.0, decided=1)
+        assert [p["cycle"] for p in s.record["prepared"]] == [3]
+        assert len(os.listdir(os.path.join(s.state_dir, "journal"))) == 4, "RP 2's journal is left behind"
+        s.write("", b"\x04" * BLOCK, 2 * BLOCK)
+        s.prepare("a", 4, 4.0, decided=3)   # 3's commit began: shown here too
+        assert [rp["cycle"] for rp in s.record["rps"]] == [1, 3]
+        assert [p["cycle"] for p in s.record["prepared"]] == [4]
+        assert read_rp(s, 3)[:3 * BLOCK] == b"\x02" * BLOCK + b"\x03" * BLOCK + bytes(BLOCK)
+        s.commit("a", 4, 4.0)
+        assert read_rp(s, 4)[:3 * BLOCK] == b"\x02" * BLOCK + b"\x03" * BLOCK + b"\x04" * BLOCK
+    finally:
+        s.close()
