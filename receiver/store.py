@@ -684,11 +684,11 @@ class Store:
         commit records the copier began to send (None: it does not know, after a restart);
         older prepared RPs are shown, newer ones were aborted (a receiver did not prepare
         them) and go back into the pending writes (``_unprepare``), so a live copier leaves
-        at most one prepared RP. A repeat is a no-op. EINVAL where
-        only a one-phase commit fits: another session than the committed one (its cycle ids
-        start afresh), or a cycle not after every committed and prepared one. Before the
-        first commit the targets show the initial sync as it lands: there is nothing to hide,
-        so the writes are only made durable."""
+        at most one prepared RP. A repeat is a no-op. EINVAL where only a one-phase commit
+        fits: another session than the committed one (its cycle ids start afresh), or a cycle
+        not after every committed and prepared one. Before the first commit the targets show
+        the initial sync as it lands: there is nothing to hide, so the writes are only made
+        durable."""
         with self._fold_lock:
             r = self.record
             if r["promoted"] is not None:
