@@ -502,6 +502,7 @@ def test_a_folded_journal_file_is_reused_and_shows_none_of_its_old_bytes(tmp_pat
         with s._fold_lock:
             while s.record["rps"]:
                 s._fold_one()
+        s._reap()
 
     try:
         s.commit("a", 1, 1.0)
@@ -525,9 +526,11 @@ def test_a_folded_journal_file_is_reused_and_shows_none_of_its_old_bytes(tmp_pat
         assert read_rp(s, 5) == expected, "a reused journal showed its old bytes"
         with s._fold_lock:
             s._fold_one()   # RP 4
+        s._reap()
         os.unlink(s._spares.pop(""))   # so that RP 5's reused file is kept next
         with s._fold_lock:
             s._fold_one()
+        s._reap()
         assert read_rp(s, 5) == expected
         (spare,) = s._spares.values()
         assert data_blocks(spare) == [(1, 1)], "the kept file holds more than its RP logged"
@@ -540,12 +543,42 @@ def test_a_folded_journal_file_is_reused_and_shows_none_of_its_old_bytes(tmp_pat
         s._spares.clear()
         with s._fold_lock:
             s._fold_one()   # RP 6, under its attached export: its file must not be reused
+        s._reap()
         assert not s._spares
         buf = bytearray(BLOCK)
         s.read("", pinned, buf, 0)
         assert buf == b"\x06" * BLOCK
         s.detach(6)
     finally:
+        s.close()
+
+
+def test_a_commit_does_not_wait_for_a_folded_journals_files_to_go(tmp_path, monkeypatch):
+    """Deleting a folded journal can take seconds (freeing scattered blocks on a file system
+    mounted with discard): the fold thread does it after letting commits in again."""
+    s = open_store(tmp_path, journal_max=1)   # every RP with a journal is folded at once
+    deleting, go_on = threading.Event(), threading.Event()
+    real = s._retire
+
+    def slow_retire(name, j):
+        deleting.set()
+        go_on.wait(30)
+        real(name, j)
+
+    monkeypatch.setattr(s, "_retire", slow_retire)
+    try:
+        s.commit("a", 1, 1.0)
+        s.write("", b"\x02" * BLOCK, 0)
+        s.commit("a", 2, 2.0)
+        s.write("", b"\x03" * BLOCK, 0)
+        s.start()
+        assert deleting.wait(30), "RP 2 was not folded"
+        committer = threading.Thread(target=s.commit, args=("a", 3, 3.0), daemon=True)
+        committer.start()
+        committer.join(20)
+        assert not committer.is_alive(), "the commit waited for a fold's file deletion"
+    finally:
+        go_on.set()
         s.close()
 
 
