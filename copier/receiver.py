@@ -229,13 +229,29 @@ class Link:
         self._taken = {}     # meta URI -> the newest cycle it took: it may not go back
         self._diverged = {}   # meta URI -> why no commit goes there until take_diverged
         self._decided = None   # the newest cycle whose commit records were sent (see commit)
+        self._seen_receiver = False   # see has_receivers
+        # A prepare or commit record of the last commit got no answer: it may still be acted
+        # on later (see ``unsettled``).
+        self.unsettled = False
+
+    def has_receivers(self):
+        """Whether any replica of the session answered as a receiver. A receiver takes data
+        only after a fence (``fence``), which connects it, so this is true before the first
+        commit it could take. O(1)."""
+        return self._seen_receiver
 
     def commit(self, session_id, cycle, rp_time):
         """Make ``cycle`` the recovery point on every receiver; returns how many took it.
 
         Never raises: a receiver that does not take a commit loses nothing (it keeps what it
         received, invisible, and the next commit covers it), so the failure is logged and the
-        cycle stays committed on the source's side.
+        cycle stays committed on the source's side. But a record that got no answer (a
+        timeout: the receiver held it behind a long fold, a proxy delayed it) may still be
+        acted on later, and would then show as RP ``cycle`` whatever the next cycle wrote in
+        the meantime over the same connections: ``unsettled`` is then True, and the caller
+        must close its data connections before the next cycle writes, so that the next copy
+        fences first (a late record is then either acted on before the fence, over this
+        cycle's writes only, or refused as older than it).
 
         Where the group spans several receivers that all showed this session, the commit is
         two-phase, so that no receiver shows ``cycle`` unless every one holds it: a prepare
@@ -264,6 +280,7 @@ class Link:
         A receiver that is new to the session (a full sync) takes one-phase commits until it
         showed the session: its older RPs are of another history anyway."""
         body = {"session_id": session_id, "cycle": cycle, "rp_time": rp_time}
+        self.unsettled = False
         live = [(meta, uri) for meta, uri in self._uris if meta not in self._diverged]
         # The receivers: a plain export's handle is None (one not connected yet is not in
         # _ours either, so that commit is one-phase).
@@ -278,6 +295,7 @@ class Link:
                 except ReplicaError as e:
                     log.warning("receiver %s did not prepare cycle %d (%s): no receiver shows it; "
                                 "the next commit covers it", meta, cycle, e)
+                    self.unsettled = True
                     return 0
         self._decided = cycle
         done = 0
@@ -290,6 +308,7 @@ class Link:
             except ReplicaError as e:
                 log.warning("receiver %s did not take the commit of cycle %d (%s); the "
                             "next commit covers it", meta, cycle, e)
+                self.unsettled = True
         return done
 
     def fence(self, data_uri, session_id, committed_cycle):
@@ -345,6 +364,7 @@ class Link:
                 log.error("receiver %s: %s; no commit goes there before a full resync", meta, why)
             elif state is not None and state.get("session_id") == session_id:
                 self._ours.add(meta)
+            self._seen_receiver = self._seen_receiver or state is not None
             self._handles[meta] = h
         return self._handles[meta]
 

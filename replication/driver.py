@@ -10,19 +10,19 @@ keep-aside (arm, drained, install, release), the reporter (build the report) and
 only touch the tracker, the dirty-region log (marked before the back end) and, while a cycle
 is copied, the keep-aside, through ``WriteHook``. At each point-in-time commit the worker
 writes the replication record when it is due (``_record_due``: at most once per
-``RECORD_INTERVAL`` s, unless an RP was requested or receivers take the commits), commits to
-the receivers, clears the dirty-region log's marks the commit covers and appends the cycle
-history (``_committed``).
+``RECORD_INTERVAL`` s, unless an RP was requested or a replica is a receiver), commits to
+the receivers (closing the data connections if a record may land late), clears the
+dirty-region log's marks the commit covers and appends the cycle history (``_committed``).
 
 Locks:
 
 * ``Session._cond`` guards the controller (its state, records, carry), the pending RP
   request, the stopping flag, the published report (``last_report``, ``last_report_cycle``),
   the count of requests retried on connections since closed, ``_recorded_upto`` (the newest
-  commit performed), ``_rerecord`` and which dirty-region log is open (``dirty``). The worker
-  holds it only to hand the machine an event, never while it performs an action, so
-  ``status`` and ``request_rp`` answer at once during a copy. ``wait_for`` waits on it for
-  commits.
+  commit performed), ``_asked`` (the newest cycle requested), ``_rerecord`` and which
+  dirty-region log is open (``dirty``). The worker holds it only to hand the machine an
+  event, never while it performs an action, so ``status`` and ``request_rp`` answer at once
+  during a copy. ``wait_for`` waits on it for commits.
 * The replica connections (``_replicas``) belong to the worker thread, which opens and
   closes them. The one exception is ``stop``: a worker still inside a call to a replica that
   stopped answering gets that call cancelled (``Replica.close`` from another thread wakes the
@@ -92,9 +92,9 @@ PERSIST_RESERVE = 5.0
 # dirty-region log it names (an msync failure rewrites the record at once: ``_rerecord``),
 # the replicas, the sources' identities but their times (which a crash's plan ignores), and
 # ``next_cycle``, reserved ``records.RESERVE`` ids ahead, which a second of cycles cannot use
-# up. What it costs: after a crash, status shows the older commit until the first new one; a
-# receiver that took a newer commit than the record names reads as another history and is
-# resynced in full, so once a receiver took a commit every commit is recorded first.
+# up. What it costs: after a crash, status shows the older commit until the first new one. A
+# receiver that took a newer commit than the record names would read as another history and
+# be resynced in full, so where any replica is a receiver every commit is recorded first.
 RECORD_INTERVAL = 1.0
 KINDS = (KIND_DATA, KIND_ZERO, KIND_TRIM)
 
@@ -201,7 +201,7 @@ class Session:
         self.resync_bytes = 0   # what this run started by copying for a sync or a crash
         self._recorded_upto = 0   # newest commit whose Commit action was performed
         self._record_at = None    # time.monotonic() of this run's last record at a commit
-        self._receivers_took = False   # a receiver took a commit of this run
+        self._asked = 0   # newest cycle request_rp named: its commit writes the record
         self._rerecord = False    # the record must be written now (the dirty-region log failed)
         self.plan = self._plan(config.resync == "full") if self.replicated else None
         if self.plan is not None:
@@ -359,6 +359,7 @@ class Session:
         with self._cond:
             cycle = self.tracker.cycle
             self._request = max(self._request, cycle)
+            self._asked = max(self._asked, cycle)
             self._cond.notify_all()
             return cycle
 
@@ -558,10 +559,11 @@ class Session:
             if self._record_due(action.cycle):
                 self._save_record(clean=False)
             if self.receivers is not None:   # receivers show the cycle only now
-                if self.receivers.commit(self.plan.session_id, action.cycle,
-                                         self.controller.committed_rp_time):
-                    self._receivers_took = True
+                self.receivers.commit(self.plan.session_id, action.cycle,
+                                      self.controller.committed_rp_time)
                 diverged = self.receivers.take_diverged()
+                if self.receivers.unsettled:   # a late record must meet a fence, not new writes
+                    self._close_replicas()
             if self.dirty is not None:   # every write of a cycle <= action.cycle is committed
                 self.dirty.commit(action.cycle)
             with self._cond:
@@ -585,12 +587,16 @@ class Session:
     def _record_due(self, cycle):
         """Whether the commit of ``cycle`` writes the record (``RECORD_INTERVAL`` says why it
         may not): yes for the run's first commit, a requested RP (``wait_for`` returns with it
-        recorded), once a receiver took a commit, while the last write failed, and once
-        ``RECORD_INTERVAL`` s passed since the last. O(1)."""
+        recorded; a request may name a cycle a timer's RP is already closing), where a replica
+        is a receiver, while the last write failed or the dirty-region log must leave the
+        record, and once ``RECORD_INTERVAL`` s passed since the last. O(1)."""
         with self._cond:
-            requested = self._recorded_upto < self.controller.rp_wanted <= cycle
+            wanted = max(self.controller.rp_wanted, self._asked)
+            requested = self._recorded_upto < wanted <= cycle
+            rerecord = self._rerecord
         now = time.monotonic()
-        if self._record_at is None or requested or self._receivers_took or \
+        if self._record_at is None or requested or rerecord or \
+                (self.receivers is not None and self.receivers.has_receivers()) or \
                 self.record_error is not None or now - self._record_at >= RECORD_INTERVAL:
             self._record_at = now
             return True

@@ -650,10 +650,39 @@ def test_a_stopped_receiver_does_not_hold_the_commit_or_the_close(procs, tmp_pat
         worker.join(20)   # two attempts of a write, a reconnect: ~4 s of timeouts, closes ~1 s
         assert not worker.is_alive(), "a commit to a stopped receiver does not return"
         assert results == [0]
+        assert links.unsettled, "a record that may land late must make the caller fence first"
     finally:
         nbdkit.resume()
     assert links.commit("s1", 3, time.time()) == 1
+    assert not links.unsettled
     links.close()
+
+
+def test_every_commit_is_recorded_before_a_receiver_shows_it(procs, tmp_path):
+    """Under sub-second cycles the source writes its record at most once a second, but not
+    where a replica is a receiver: one that showed a newer cycle than the record would read,
+    after a crash of the source, as another history and be resynced in full. The receiver's
+    committed cycle, read first, never passes the record's, read after."""
+    size, tmp = 4 * MiB, str(tmp_path)
+    src = make_image(str(tmp_path / "source.img"), size)
+    r = Receiver(procs, tmp, [make_image(str(tmp_path / "target.img"), size)])
+    server = Server(procs, tmp, [src], [r.uri()], extra=["--cycle", "0.05"])
+    first = server.rp()
+    h = nbd.NBD()
+    h.connect_uri(server.uri)
+    deadline, shown = time.monotonic() + 120, 0
+    try:
+        for i in range(20000):
+            h.pwrite(bytes([i % 251 + 1]) * 4096, (i % 64) * 4096)
+            shown = r.status()["committed_cycle"] or 0
+            with open(os.path.join(tmp, "state", "replication.json")) as f:
+                recorded = json.load(f)["committed_cycle"] or 0
+            assert shown <= recorded, f"the receiver shows cycle {shown}, the record names {recorded}"
+            if shown >= first + 20 or time.monotonic() > deadline:
+                break
+        assert shown >= first + 20, f"the receiver showed cycles {first}..{shown} only"
+    finally:
+        h.shutdown()
 
 
 def test_a_receiver_restarted_on_another_state_gets_no_commit_over_it(procs, tmp_path):
@@ -1020,6 +1049,17 @@ def test_a_receiver_the_session_resumes_is_checked_on_its_first_connection(monke
     assert list(resumed.take_diverged().values()) == ["the receiver has no commit of this session"]
     fresh = link.Link(["nbd://r/"])   # a full sync: a receiver new to the session is fine
     assert fresh.commit("S", 8, 8.0) == 1
+
+
+def test_only_a_replica_that_answered_as_a_receiver_counts_as_one(monkeypatch):
+    fake = _Receivers(monkeypatch, {"nbd://plain/": None, "nbd://r/": {"session_id": None}})
+    plain = link.Link(["nbd://plain/"], ours=["nbd://plain/"])   # resumed, but a plain export
+    plain.commit("S", 1, 1.0)
+    assert not plain.has_receivers()
+    mixed = link.Link(["nbd://plain/", "nbd://r/"])
+    assert not mixed.has_receivers()   # none connected yet
+    mixed.fence("nbd://r/", "S", None)   # before its first data connection
+    assert mixed.has_receivers() and fake.commits
 
 
 def test_a_receiver_whose_state_went_back_gets_no_commit(monkeypatch):
