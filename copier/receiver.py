@@ -29,7 +29,9 @@ The fence assumes what nbdkit's nbd plugin (without ``shared=true``), a TLS tunn
 a proxy opens one connection to the receiver per client connection, during that client's
 handshake, and never sends one client's requests on another's connection or replays them on a
 connection it opened later. A proxy that pools or shares connections across clients gets the
-new session's writes refused (replication fails, loudly), not stale bytes committed.
+new session's writes refused (replication fails, loudly), not stale bytes committed. One that
+replays defeats it: nbdkit's ``retry`` filter reopens after an error (ESHUTDOWN included) and
+resends the request on the new connection, under the new epoch.
 
 A plain NBD export must stay a valid replica, and ``nbdkit file`` serves any export name as
 the same file, so the copier writes a commit record only to an export that first read back
