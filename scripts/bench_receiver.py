@@ -22,6 +22,7 @@
 """
 import argparse
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -128,6 +129,7 @@ def bench_throughput(work, size):
                 rewrite(suri, size)
                 os.sync()
                 times.append(timed_rp(ctl, rctl))
+        remove_run(work, f"t{i}")
         if counted:
             for what, seconds in zip(THROUGHPUT_RUNS, (times[0], times[1], times[-1])):
                 results[(kind, what)].append(seconds)
@@ -179,6 +181,14 @@ def overwrite(dst, size):
         f.truncate(size)
 
 
+def remove_run(work, tag, *paths):
+    """Delete a run's state directories (and ``paths``): a run's journals take gigabytes."""
+    for state in (f"rstate-{tag}", f"state-{tag}"):
+        shutil.rmtree(os.path.join(work, state), ignore_errors=True)
+    for path in paths:
+        os.unlink(path)
+
+
 # -- 2 and 3. lag and journal bytes --------------------------------------------------------------
 
 # The receiver's retention in the lag runs: every RP of the run kept (for the journal bytes,
@@ -197,29 +207,33 @@ def bench_lag(work, seconds, kind, retention=RETAIN_ALL, size=1 << 30):
             os.unlink(path)
         with open(path, "wb") as f:
             f.truncate(size)
-    with Procs() as procs:
-        uri, rctl = start_replica(procs, work, kind, dst, tag, extra=retention)
-        suri, ctl = serve(procs, work, src, uri, tag, "1")
-        ask(ctl, {"cmd": "rp", "wait": True, "timeout": 600}, 700)
-        lag_at = rctl or ctl
-        first = ask(lag_at, {"cmd": "status"})["committed_cycle"]
-        progress(f"fio 4k zipf random writes for {seconds} s, 1 s cycles, into {kind} {' '.join(retention)}")
-        fio = procs.start(["fio", "--name=bench", "--ioengine=nbd", f"--uri={suri}", "--rw=randwrite",
-                           "--bs=4k", "--iodepth=16", "--size=100%", "--random_distribution=zipf:1.1",
-                           "--norandommap", f"--runtime={seconds}", "--time_based",
-                           "--output=/dev/null"], cwd=work)
-        lags = []
-        started = time.monotonic()
-        while fio.poll() is None and time.monotonic() - started < seconds + 120:
-            lag = ask(lag_at, {"cmd": "status"})["lag"]
-            if lag is not None:
-                lags.append(lag)
-            time.sleep(0.1)
-        last = ask(ctl, {"cmd": "rp", "wait": True, "timeout": 600}, 700)["cycle"]
-        cycles = {c["cycle"]: c for c in ask(ctl, {"cmd": "status"})["cycles"]}
-        if rctl is None:
-            return {"lags": lags}
-        rstatus = ask(rctl, {"cmd": "status"})
+    try:
+        with Procs() as procs:
+            uri, rctl = start_replica(procs, work, kind, dst, tag, extra=retention)
+            suri, ctl = serve(procs, work, src, uri, tag, "1")
+            ask(ctl, {"cmd": "rp", "wait": True, "timeout": 600}, 700)
+            lag_at = rctl or ctl
+            first = ask(lag_at, {"cmd": "status"})["committed_cycle"]
+            progress(f"fio 4k zipf random writes for {seconds} s, 1 s cycles, into {kind}"
+                     + (f" {' '.join(retention)}" if rctl else ""))
+            fio = procs.start(["fio", "--name=bench", "--ioengine=nbd", f"--uri={suri}", "--rw=randwrite",
+                               "--bs=4k", "--iodepth=16", "--size=100%", "--random_distribution=zipf:1.1",
+                               "--norandommap", f"--runtime={seconds}", "--time_based",
+                               "--output=/dev/null"], cwd=work)
+            lags = []
+            started = time.monotonic()
+            while fio.poll() is None and time.monotonic() - started < seconds + 120:
+                lag = ask(lag_at, {"cmd": "status"})["lag"]
+                if lag is not None:
+                    lags.append(lag)
+                time.sleep(0.1)
+            last = ask(ctl, {"cmd": "rp", "wait": True, "timeout": 600}, 700)["cycle"]
+            cycles = {c["cycle"]: c for c in ask(ctl, {"cmd": "status"})["cycles"]}
+            if rctl is None:
+                return {"lags": lags}
+            rstatus = ask(rctl, {"cmd": "status"})
+    finally:
+        remove_run(work, tag, src, dst)
     rps = [rp for rp in rstatus["rps"] if first < rp["cycle"] <= last and rp["cycle"] in cycles]
     span = rps[-1]["rp_time"] - rps[0]["rp_time"] if len(rps) > 1 else float("nan")
     return {"lags": lags, "rps": rps, "span": span,
