@@ -5,6 +5,7 @@ many nbdkit threads and its usual work (one compare-and-swap per region) is shor
 hand-off, so it keeps the GIL; when it answers DL_EWOULDBLOCK (a new mark, or a mark waiting
 for its msync) the wrapper lets go of the GIL and calls ``dl_mark_wait``, all in one Python
 call. ``dl_commit`` scans the bitmap and ``dl_stats`` takes the lock: both let go of the GIL.
+``dl_durable`` is one compare-and-swap: it keeps it.
 """
 import os
 

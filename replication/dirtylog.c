@@ -46,11 +46,27 @@
  *
  * When cycle N is committed (every write of a cycle <= N is on the replica and flushed),
  * dl_commit clears, under `mu`, the SYNCED extents whose last write is of a cycle
- * <= N - hot_cycles, and the regions whose last write is of a cycle <= N: recently written
+ * <= min(N - hot_cycles, D), D the newest cycle dl_durable said the sources hold durably (below),
+ * and the regions whose last write is of a cycle <= N: recently written
  * extents stay marked ("hot", as in DRBD's activity log), so a steady workload does not wait
  * for an msync each cycle for the same extents; regions cost no system call to mark again.  A clear
  * is a compare-and-swap of the word from exactly what was read to 0, then the bit.  It never
  * needs a sync: a lost clear costs a unit resynced for nothing.
+ *
+ * Why an extent also waits for the source.  A committed write is on the replica, but on the
+ * source it may still be only in the page cache: the back end writes with buffered pwrite and
+ * fdatasyncs only at a host's FLUSH or a clean stop.  Were its extent cleared then and the power
+ * lost before writeback, the source would come back with the old bytes, the extent unmarked,
+ * and the replica would keep bytes the source never kept, for good.  So an extent is cleared
+ * only once its last write is durable on the source too: the driver's source sync notes the
+ * newest cycle D whose writes have all ended (the tracker drained it), fdatasyncs every source,
+ * then calls dl_durable(D).  Fine regions need no such wait: they are trusted only after a
+ * crash in the same boot, which kept the page cache, and with it the source's writes.  The
+ * sync runs on a thread of its own, never in a cycle's critical path, and only when a commit
+ * finds D < N - hot_cycles (an extent might be due to clear and not be allowed to): at most
+ * one fdatasync per hot_cycles + 1 cycles, each writing back what the kernel would have
+ * written within its 30 s dirty expiry anyway, and an extent clears at most a cycle (plus the
+ * sync's time) later than without the wait.  A mark cleared late costs only a resync of it.
  *
  * Why no write is ever left unmarked.  A writer's fast path and a clear both compare-and-swap
  * the same word, so one sees the other: if the writer raised the cycle first, the clear's swap
@@ -101,6 +117,7 @@ struct dirtylog {
     uint64_t hot;
     uint64_t first;          /* this run's first cycle: words count cycles from it */
     struct level fine, coarse;
+    _Atomic uint32_t durable;    /* sources durable up to this cycle (as words count it; 0: none) */
     void *map;
     size_t map_bytes;
 
@@ -389,12 +406,25 @@ static uint64_t clear_upto(struct dirtylog *d, uint64_t committed, uint64_t hot)
     return upto >= REL_MAX ? REL_MAX - 1 : upto;   /* saturated words may hold later writes */
 }
 
+void dl_durable(struct dirtylog *d, uint64_t cycle)
+{
+    /* A cycle before this run's first says nothing of the marks it starts with (cycle 1). */
+    uint32_t rel = cycle < d->first ? 0 : relative(d, cycle);
+    uint32_t w = atomic_load(&d->durable);
+    while (w < rel && !atomic_compare_exchange_weak(&d->durable, &w, rel))
+        ;
+}
+
 uint64_t dl_commit(struct dirtylog *d, uint64_t committed)
 {
-    /* Extents stay marked while hot (a new one costs an msync); fine regions cost nothing to
-     * mark again, so they clear as soon as their writes are committed: what a crash resyncs
-     * is then what was written since the last commit, at the regions' size. */
+    /* Extents stay marked while hot (a new one costs an msync), and until the source holds
+     * their writes durably (dl_durable); fine regions cost nothing to mark again, so they
+     * clear as soon as their writes are committed: what a crash resyncs is then what was
+     * written since the last commit, at the regions' size. */
     uint64_t coarse = clear_upto(d, committed, d->hot), fine = clear_upto(d, committed, 0);
+    uint64_t durable = atomic_load(&d->durable);
+    if (coarse > durable)
+        coarse = durable;
     pthread_mutex_lock(&d->mu);
     if (coarse)
         clear_locked(&d->coarse, coarse);

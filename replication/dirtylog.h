@@ -38,6 +38,7 @@ struct dirtylog *dl_new(int fd, uint64_t map_bytes, int ndev, const struct dl_le
                         const struct dl_level_spec *coarse, uint64_t first_cycle,
                         uint64_t hot_cycles);
 int dl_mark(struct dirtylog *d, uint64_t cycle, int64_t dev, uint64_t offset, uint64_t length);
+void dl_durable(struct dirtylog *d, uint64_t cycle);
 uint64_t dl_commit(struct dirtylog *d, uint64_t committed);
 void dl_stats(struct dirtylog *d, struct dl_stats *st);
 void dl_free(struct dirtylog *d);

@@ -7,7 +7,9 @@ marked parts instead of the whole disk. ``dirtylog.c`` holds the theory of opera
 write marks its fine regions (64 KiB by default: they survive kill -9) and its extents (1 MiB:
 made durable by an msync the write waits for, one per group of writers, so they survive power
 loss) before it reaches the back end; a region's mark is cleared once a committed cycle covers
-every write to it, an extent's once it has also not been written for ``HOT_CYCLES`` cycles. After a crash the boot id tells
+every write to it, an extent's once it has also not been written for ``HOT_CYCLES`` cycles and
+its writes are durable on the source (``durable``: the back ends write through the page cache,
+which power loss takes with it). After a crash the boot id tells
 which level to trust: the same boot (the page cache survived) resyncs the fine regions, a new
 one the extents.
 
@@ -124,6 +126,8 @@ class DirtyLog:
         if handle == ffi.NULL:
             raise OSError(f"cannot map the dirty-region log {self.path}")
         self._handle = ffi.gc(handle, lib.dl_free)
+        self._hot = hot
+        self._durable = first_cycle - 1   # what the sources hold durably, as this run knows it
         self._on_sync_error = on_sync_error
         self.sync_error = False
 
@@ -164,9 +168,22 @@ class DirtyLog:
                 self.mark(cycle, dev, 0, count * self.region)
 
     def commit(self, cycle):
-        """Cycle ``cycle`` is committed: clear the marks it covers that have cooled down.
-        Returns how many regions were cleared. O(bitmap words + marked units)."""
+        """Cycle ``cycle`` is committed: clear the marks it covers that have cooled down (and,
+        for extents, are durable on the sources). Returns how many regions were cleared.
+        O(bitmap words + marked units)."""
         return lib.dl_commit(self._handle, cycle)
+
+    def durable(self, cycle):
+        """Every write of a cycle <= ``cycle`` is durable on the sources (they were fdatasynced
+        after those writes ended): the next commits may clear their extents. O(1)."""
+        lib.dl_durable(self._handle, cycle)
+        self._durable = max(self._durable, cycle)
+
+    def sync_due(self, committed):
+        """Whether the commit of ``committed`` may leave an extent marked only because the
+        sources were not made durable lately: then a source sync is worth its fdatasyncs
+        (``dirtylog.c`` says why no more often). O(1)."""
+        return committed - self._hot > self._durable
 
     def close(self):
         """Unmap the file. No call may follow, nor be in progress. O(1)."""

@@ -13,6 +13,8 @@ writes the replication record when it is due (``_record_due``: at most once per
 ``RECORD_INTERVAL`` s, unless an RP was requested or a replica is a receiver), commits to
 the receivers (closing the data connections if a record may land late), clears the
 dirty-region log's marks the commit covers and appends the cycle history (``_committed``).
+When the log's extents wait for the sources to be durable, a thread of its own fdatasyncs
+them (``_sync_sources_if_due``).
 
 Locks:
 
@@ -233,6 +235,7 @@ class Session:
         self._retried_before = 0   # requests retried on replica connections since closed
         self._buffers = None
         self._reader = None   # _reader_thread
+        self._syncer = self._sync = None   # _sync_sources_if_due: its thread, its last job
 
     def _plan(self, resync_full):
         record = records.load(self.state_dir) if self.state_dir else None
@@ -240,6 +243,10 @@ class Session:
         if record is not None and not record["clean"]:
             try:
                 marks, marked = dirtylog.read(self.state_dir, record.get("dirty_log"))
+                # After kill -9 the crashed run's committed writes may still be only in the
+                # sources' page cache, their regions unmarked: their extents start marked
+                # (warm), cleared once a source sync made them durable (dirtylog.c).
+                self._warm, _ = dirtylog.read(self.state_dir, record["dirty_log"], extents=True)
             except dirtylog.DirtyLogError as e:
                 marks = str(e)
         elif record is not None and record.get("dirty_log"):
@@ -461,6 +468,8 @@ class Session:
             self._close_replicas()
             if self._reader is not None:
                 self._reader.shutdown()
+            if self._syncer is not None:   # before the log is closed or the back ends
+                self._syncer.shutdown()
 
     def _next_event_locked(self):
         """Wait for a stop, an RP request or the machine's deadline; return that event."""
@@ -566,6 +575,7 @@ class Session:
                     self._close_replicas()
             if self.dirty is not None:   # every write of a cycle <= action.cycle is committed
                 self.dirty.commit(action.cycle)
+                self._sync_sources_if_due(action.cycle)
             with self._cond:
                 self._recorded_upto = action.cycle
                 self._cond.notify_all()
@@ -657,6 +667,31 @@ class Session:
             replicas={d.name: {"uri": d.replica_uri, "size": d.replica_size} for d in self.devices},
             outstanding=outstanding, names={d.dev: d.name for d in self.devices},
             dirty_log=self.dirty.describe() if self.dirty and not self.dirty.sync_error else None))
+
+    def _sync_sources_if_due(self, committed):
+        """Let the dirty-region log clear extents whose writes are committed: once a commit
+        finds them waiting for the sources to be durable (``DirtyLog.sync_due``), fdatasync
+        every source on a thread of its own (never in the cycle's path), then tell the log up
+        to which cycle. That cycle is taken first, on the worker, which alone closes cycles:
+        every cycle before the open one has ended all its writes (drained), but one whose
+        drain timed out. A failed fdatasync advances nothing: the extents stay marked, the
+        safe side, and the next due commit tries again."""
+        if self._sync is not None and not self._sync.done() or not self.dirty.sync_due(committed):
+            return
+        if self._syncer is None:
+            self._syncer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="nbdrep-sync")
+        ended = (self.tracker.draining or self.tracker.cycle) - 1
+        self._sync = self._syncer.submit(self._sync_sources, self.dirty, ended)
+
+    def _sync_sources(self, dirty, ended):
+        try:
+            for d in self.devices:
+                d.backend.flush()
+        except OSError as e:
+            log.warning("source sync failed (%s): the dirty-region log keeps the extents "
+                        "written since marked until one succeeds", e.strerror or e)
+            return
+        dirty.durable(ended)
 
     # -- copy and flush ---------------------------------------------------------------------------
 

@@ -1,7 +1,9 @@
 """The dirty-region log (replication/dirtylog.c) against a model: after any sequence of writes,
-RPs, commits and crashes, every region with a write not yet committed is marked in the file,
-at both levels (what a restart reads after kill -9: the regions; after power loss: the
-extents), and a region stays marked only while it may differ or is hot."""
+RPs, commits, source syncs and crashes, every region with a write not yet committed is marked in
+the file, at both levels (what a restart reads after kill -9: the regions; after power loss: the
+extents), every region where the source would differ from the replica after a crash is marked
+(power loss also takes the source's writes not yet made durable), and a region stays marked only
+while it may differ or is hot."""
 import os
 import random
 import tempfile
@@ -40,7 +42,9 @@ def regions(marks):
 
 
 class DirtyLogModel(RuleBasedStateMachine):
-    """Model: per region, the cycle of its last write (or of the start that preset it)."""
+    """Model: per region, the cycle of its last write (or of the start that preset it), and
+    its content as versions: in the source's page cache, on the source's disk (what power loss
+    leaves), at each RP of this run, and on the replica (the content at the last commit's RP)."""
 
     @initialize(sizes=st.lists(st.integers(1, 3 * EXTENT // REGION), min_size=1, max_size=3))
     def start(self, sizes):
@@ -49,11 +53,20 @@ class DirtyLogModel(RuleBasedStateMachine):
         self.last = {}            # (name, region) -> cycle of its last write
         self.committed = 0        # newest committed cycle
         self.cleared_upto = None  # the last commit handed to the log
-        self.open_log(first_cycle=1, preset=None)
+        self.cache, self.disk, self.replica = {}, {}, {}   # (name, region) -> version; 0 if absent
+        self.at_rp = {}           # cycle -> the cache at its RP
+        self.version = 0
+        self.open_log(first_cycle=1, preset=None, warm=None)
 
-    def open_log(self, first_cycle, preset):
-        self.cycle = first_cycle
-        self.log = dirtylog.DirtyLog(self.state, self.devs, REGION, first_cycle, preset, hot=HOT)
+    def open_log(self, first_cycle, preset, warm):
+        self.cycle = self.cycle_first = first_cycle
+        self.warm = {(name, off // EXTENT + k) for name, pairs in (warm or {}).items()
+                     for off, length in zip(pairs[0::2], pairs[1::2])
+                     for k in range(-(-length // EXTENT))}   # (name, extent) preset at first_cycle
+        self.durable_upto = first_cycle - 1   # what the log was told the source holds durably
+        self.extent_bound = None              # extents of a cycle <= this one cleared at the last commit
+        self.log = dirtylog.DirtyLog(self.state, self.devs, REGION, first_cycle, preset, hot=HOT,
+                                     warm=warm and {d.dev: warm[d.name] for d in self.devs})
         dirtylog.prune(self.state, self.log.file)
 
     def teardown(self):
@@ -67,12 +80,25 @@ class DirtyLogModel(RuleBasedStateMachine):
         offset = data.draw(st.integers(0, d.size - 1))
         length = data.draw(st.integers(1, d.size - offset))
         self.log.mark(self.cycle, d.dev, offset, length)
+        self.version += 1
         for r in range(offset // REGION, (offset + length - 1) // REGION + 1):
             self.last[(d.name, r)] = self.cycle
+            self.cache[(d.name, r)] = self.version
 
     @rule()
     def rp(self):
+        self.at_rp[self.cycle] = dict(self.cache)
         self.cycle += 1
+
+    @rule()
+    def sync_sources(self):
+        """The driver's source sync: the newest cycle whose writes all ended (the closed one;
+        the model's writes end at once), then an fdatasync of the source (it also makes the
+        open cycle's writes so far durable), then the log is told."""
+        ended = self.cycle - 1
+        self.disk = dict(self.cache)
+        self.log.durable(ended)
+        self.durable_upto = max(self.durable_upto, ended)
 
     @precondition(lambda self: self.committed < self.cycle - 1)
     @rule(data=st.data())
@@ -80,21 +106,34 @@ class DirtyLogModel(RuleBasedStateMachine):
         self.committed = data.draw(st.integers(self.committed + 1, self.cycle - 1))
         self.log.commit(self.committed)
         self.cleared_upto = self.committed
+        self.extent_bound = min(self.committed - HOT, self.durable_upto)
+        self.replica = dict(self.at_rp[self.committed])
 
     @rule(skip=st.integers(1, 5), power_lost=st.booleans())
     def crash_and_restart(self, skip, power_lost):
         """kill -9 (the page cache kept the regions' marks) or power loss (only the extents'
-        were synced): only the file is left. The next run starts with those marks preset, at a
-        fresh cycle id, and nothing committed since."""
+        were synced, and the source's writes only as far as they were made durable): only the
+        files are left. Every region where the source then differs from the replica is in the
+        marks the restart resyncs. The next run starts with those marks preset, at a fresh cycle
+        id, and nothing committed since; as the driver does, it starts with the crashed run's
+        extents marked too (after kill -9 the source may hold their writes only in its page
+        cache, so power loss may yet take them)."""
         marks, _ = dirtylog.read(self.state, self.log.describe(),
                                  "another boot" if power_lost else None)
+        warm, _ = dirtylog.read(self.state, self.log.describe(), extents=True)
         self.log = None
+        if power_lost:
+            self.cache = dict(self.disk)
+        differ = {key for key in set(self.cache) | set(self.replica)
+                  if self.cache.get(key, 0) != self.replica.get(key, 0)}
+        assert differ <= regions(marks), "the restart would leave source and replica differing"
         first = self.cycle + skip
         preset = {d.dev: marks[d.name] for d in self.devs}
         units = {d.name: -(-d.size // REGION) for d in self.devs}
         self.last = {(name, r): first for name, r in regions(marks) if r < units[name]}
         self.cleared_upto = None
-        self.open_log(first, preset)
+        self.committed, self.at_rp = first - 1, {}
+        self.open_log(first, preset, warm)
 
     @invariant()
     def every_uncommitted_write_is_marked(self):
@@ -116,6 +155,18 @@ class DirtyLogModel(RuleBasedStateMachine):
         assert uncommitted <= extents
 
     @invariant()
+    def what_power_loss_would_leave_differing_is_in_a_synced_extent(self):
+        """The source's disk (its page cache lost) against the replica: every region that
+        differs is in an extent the restart after power loss would resync."""
+        if getattr(self, "log", None) is None:
+            return
+        per = EXTENT // REGION
+        extents = {(name, r // per) for name, r in on_disk(self.state, self.log, power_lost=True)}
+        differ = {(name, r // per) for name, r in set(self.disk) | set(self.replica)
+                  if self.disk.get((name, r), 0) != self.replica.get((name, r), 0)}
+        assert differ <= extents, "power loss would leave source and replica differing, unmarked"
+
+    @invariant()
     def marks_clear_once_committed_and_cool(self):
         if getattr(self, "log", None) is None:
             return
@@ -127,8 +178,9 @@ class DirtyLogModel(RuleBasedStateMachine):
             per = EXTENT // REGION
             extents = {(name, r // per) for name, r in on_disk(self.state, self.log, True)}
             hot = {(name, r // per) for (name, r), c in self.last.items()
-                   if c > self.cleared_upto - HOT}
-            assert extents <= hot, "committed extents that cooled down stay marked"
+                   if c > self.extent_bound}
+            hot |= self.warm if self.cycle_first > self.extent_bound else set()
+            assert extents <= hot, "committed extents that cooled down and are durable stay marked"
         assert self.log.stats()["marked"] == len(marked)
 
 
@@ -213,3 +265,25 @@ def test_warm_extents_are_preset_as_extents_only(tmp_path):
     assert log.stats()["marks"] == 0 and log.stats()["syncs"] == 0
     log.mark(1, 0, 0, REGION)                 # a cold one: marked, and synced
     assert log.stats()["marks"] == 1 and log.stats()["syncs"] == 1
+
+
+def test_an_extent_stays_marked_until_its_writes_are_durable_on_the_source(tmp_path):
+    """A committed, cooled-down extent whose writes the source may hold only in its page cache
+    (no source sync since) survives the commits: power loss could still take them from the
+    source after the replica got them. Once the sources are durable up to its last write, the
+    next commit clears it; the regions never wait for that."""
+    log = dirtylog.DirtyLog(str(tmp_path), devices(EXTENT // REGION), REGION, 1, hot=HOT)
+
+    def extents():
+        return {r // (EXTENT // REGION) for _, r in on_disk(str(tmp_path), log, power_lost=True)}
+    log.mark(1, 0, 0, REGION)
+    assert not log.sync_due(HOT), "nothing is cool yet: no source sync is worth it"
+    log.commit(HOT)
+    assert on_disk(str(tmp_path), log) == set(), "the region's mark waits for nothing"
+    assert log.sync_due(1 + HOT)
+    log.commit(1 + HOT)
+    assert extents() == {0}, "cleared before the source was durable"
+    log.durable(1)
+    assert not log.sync_due(1 + HOT)
+    log.commit(1 + HOT)
+    assert extents() == set()
