@@ -201,7 +201,8 @@ class DirtyLog:
         return {"region": self.region, "regions": st.regions, "marked": st.marked,
                 "marked_bytes": st.marked * self.region, "extent": self.extent,
                 "extents": st.extents, "extents_marked": st.extents_marked, "marks": st.marks,
-                "syncs": st.syncs, "cleared": st.cleared, "sync_errors": st.sync_errors}
+                "syncs": st.syncs, "cleared": st.cleared, "sync_errors": st.sync_errors,
+                "durable_cycle": self._durable}
 
 
 def read(state_dir, described, current_boot=None, extents=False):
