@@ -115,6 +115,9 @@ class Journal:
         self.seq = seq
         self.folder = folder
         self._renamed = False   # a compaction's rename not yet durable
+        # Made from a spare: blocks outside its own ranges are the spare's until its commit is
+        # trimmed (``Store._trim_inherited``).
+        self.reused = reuse is not None
         self.data_path = os.path.join(folder, f"{seq}.data")
         self.log_path = os.path.join(folder, f"{seq}.log")
         if create:
@@ -280,6 +283,7 @@ class Store:
         self._readers = set()    # one token per read of a newest RP in progress (see read)
         self._spares = {}        # name -> a folded journal's data file to reuse (see _retire)
         self._retired = []       # (name, journal) folded, their files not yet deleted (_reap)
+        self._inherited = []     # committed journals made from a spare (_trim_inherited)
         self._reap_lock = threading.Lock()
         self._held = False       # writes wait: a commit or promotion, or folding over --journal-max
         self.pending_bytes = 0   # written since the last commit (a restart counts afresh)
@@ -371,11 +375,33 @@ class Store:
         with self._reap_lock:
             while self._retired:
                 name, j = self._retired.pop(0)
-                if keep:
-                    self._retire(name, j)
-                else:
-                    j.unlink()
+                try:
+                    if keep:
+                        self._retire(name, j)
+                    else:
+                        j.unlink()
+                except OSError as e:   # the fold thread must go on: folds bound the journals
+                    log.error("journal %d: its files cannot be deleted (%s); the next start "
+                              "deletes them", j.seq, e.strerror or e)
                 del j   # the last reference, unless a read still holds its map: the file closes
+
+    def _trim_inherited(self):
+        """Punch, in each committed journal made from a spare, the blocks outside its own
+        ranges: the spare's, which no read or fold of it touches but which would otherwise
+        stay on disk, uncounted, as long as its RP is retained (past ``--journal-max``). Its
+        RP's reads and folds touch only its ranges, so this runs outside every lock but
+        ``_reap_lock`` (which keeps a journal's files from being retired meanwhile). A journal
+        already folded is skipped; a failure is logged (the blocks go when it is folded)."""
+        with self._reap_lock:
+            while self._inherited:
+                name, j = self._inherited.pop(0)
+                try:
+                    _trim_outside(j.data_path, j.pairs, self.sizes[name])
+                except FileNotFoundError:
+                    pass
+                except (OSError, BackendError) as e:
+                    log.warning("journal %d: the blocks it took over from a spare stay until it "
+                                "is folded (%s)", j.seq, e)
 
     def _retire(self, name, j):
         """Delete folded journal ``j``, but keep its data file as the export's spare (one at
@@ -464,7 +490,12 @@ class Store:
         if self._direct:
             return None, None, self.bases[name]
         j = self.pending[name]
-        return j, (None if length is None else j.reserve()), j.data
+        try:
+            slot = None if length is None else j.reserve()
+        except BaseException:   # the log could not grow: this write fails, the rest go on
+            self._inflight.pop()
+            raise
+        return j, slot, j.data
 
     def _leave(self):
         self._inflight.pop()
@@ -556,7 +587,8 @@ class Store:
 
     def _grace(self):
         """Wait for the reads of newest RPs in progress now (see ``read``); they end within
-        a few system calls. Later ones take a map that has the RP being folded."""
+        a few system calls. Later ones take the map as it is then: the caller changed it
+        first, or (a fold) changes the base only where that map reads the folded journal."""
         before = set(self._readers)
         while not before.isdisjoint(self._readers):
             time.sleep(QUIESCE_POLL)
@@ -704,8 +736,8 @@ class Store:
         them) and go back into the pending writes (``_unprepare``), so a live copier leaves
         at most one prepared RP. A repeat is a no-op. EINVAL where only a one-phase commit
         fits: another session than the committed one (its cycle ids start afresh), or a cycle
-        not after every committed and prepared one. Before the first commit the targets show
-        the initial sync as it lands: there is nothing to hide, so the writes are only made
+        not after every committed and prepared one. Before the first commit the initial sync
+        lands in the targets, which serve no reads until a commit: the writes are only made
         durable."""
         with self._fold_lock:
             r = self.record
@@ -820,6 +852,8 @@ class Store:
         for name, j in journals.items():
             j.seal()
             self.journals[j.seq] = j
+            if j.reused:
+                self._inherited.append((name, j))
             if not prepare:
                 self.latest[name] = self.latest[name].overlaid(j.pairs, j)
             self.pending[name] = fresh[name]
@@ -873,7 +907,6 @@ class Store:
 
     def _fold_loop(self):
         while True:
-            self._throttle(False)
             with self._cond:
                 self._cond.wait_for(lambda: self._stopping or self._due(), timeout=1.0)
                 if self._stopping:
@@ -898,6 +931,7 @@ class Store:
                         break
             self._throttle(False)
             self._reap()
+            self._trim_inherited()
 
     def _compact_logs(self):
         """Compact the pending logs that grew (``Journal.compact``), writes held meanwhile.

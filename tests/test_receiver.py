@@ -402,6 +402,80 @@ def test_a_committed_log_is_cut_to_its_entries(tmp_path):
         s.close()
 
 
+def test_journal_max_bounds_the_disk_with_journals_made_from_spares(tmp_path):
+    """Each pending journal takes the last fold's data file (a spare); its committed RP must
+    not keep that file's old blocks on disk, uncounted, beside its own: the journal directory
+    stays within --journal-max plus a few cycles, as README says."""
+    cycle_bytes, journal_max = 2 * MiB, 16 * MiB
+    s = open_store(tmp_path, size=64 * MiB, keep=(1000, None), journal_max=journal_max)
+    try:
+        s.commit("a", 1, 1.0)
+        for c in range(2, 40):   # each cycle a fresh range: nothing overlaps
+            s.write("", os.urandom(cycle_bytes), (c % 32) * cycle_bytes)
+            s.commit("a", c, float(c))
+            with s._fold_lock:   # as the fold thread does
+                for _ in range(s._due()):
+                    s._fold_one()
+            s._reap()
+            s._trim_inherited()
+        on_disk = sum(os.stat(os.path.join(s.folder, e)).st_blocks * 512 for e in os.listdir(s.folder))
+        assert s.retained_bytes() <= journal_max
+        assert on_disk <= journal_max + 3 * cycle_bytes + 2 * MiB, f"{on_disk / MiB:.1f} MiB on disk"
+    finally:
+        s.close()
+
+
+def test_a_write_whose_log_cannot_grow_fails_alone(tmp_path, monkeypatch):
+    """A failed growth of the pending log (ENOMEM from mmap) fails that write; it must not
+    stay counted as in flight, or every later commit, fence and fold would wait for it."""
+    s = open_store(tmp_path)
+    try:
+        s.commit("a", 1, 1.0)
+        j = s.pending[""]
+        s.write("", b"\x01" * BLOCK, 0)
+
+        def cannot_grow(need):
+            raise OSError(errno.ENOMEM, "cannot map the log")
+        monkeypatch.setattr(j, "slots", 1)   # the next write needs a slot past the mapping
+        monkeypatch.setattr(j, "_grow", cannot_grow)
+        with pytest.raises(OSError):
+            s.write("", b"\x02" * BLOCK, BLOCK)
+        assert not s._inflight
+        monkeypatch.undo()
+        done = threading.Thread(target=s.commit, args=("a", 2, 2.0), daemon=True)
+        done.start()
+        done.join(30)
+        assert not done.is_alive(), "the commit waits for a write that failed"
+        assert read_rp(s, 2)[:BLOCK] == b"\x01" * BLOCK
+    finally:
+        s.close()
+
+
+def test_the_fold_thread_goes_on_when_a_journal_cannot_be_deleted(tmp_path, monkeypatch):
+    """A folded journal whose files cannot be deleted (EIO) is logged and left for the next
+    start; the fold thread must go on folding, or nothing would bound the journals."""
+    def cannot_delete(self):
+        raise OSError(errno.EIO, "cannot delete")
+
+    def cannot_trim(*args):
+        raise OSError(errno.EIO, "cannot trim")
+    monkeypatch.setattr(stores.Journal, "unlink", cannot_delete)
+    monkeypatch.setattr(stores, "_trim_outside", cannot_trim)   # so no spare is kept either
+    s = open_store(tmp_path, keep=(1, None))
+    s.start()
+    try:
+        s.commit("a", 1, 1.0)
+        for c in range(2, 6):
+            s.write("", bytes([c]) * BLOCK, c * BLOCK)
+            s.commit("a", c, float(c))
+            wait_until(lambda: len(s.record["rps"]) == 1, 30, f"RPs before {c} folded")
+        assert s._fold_thread.is_alive()
+        assert read_rp(s, 5)[2 * BLOCK:6 * BLOCK] == b"".join(bytes([c]) * BLOCK for c in range(2, 6))
+    finally:
+        monkeypatch.undo()
+        s.close()
+
+
 def test_the_pending_log_is_compacted_while_commits_fail(tmp_path, monkeypatch):
     """Commits that keep failing leave one pending journal taking every retried cycle's
     writes; its log must stay near the size of their union, not grow 16 bytes a write."""
