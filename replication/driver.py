@@ -20,7 +20,7 @@ Locks:
 
 * ``Session._cond`` guards the controller (its state, records, carry), the pending RP
   request, the stopping flag, the published report (``last_report``, ``last_report_cycle``),
-  the count of requests retried on connections since closed, ``_recorded_upto`` (the newest
+  the count of requests retried on connections since closed, ``_performed_upto`` (the newest
   commit performed), ``_asked`` (the newest cycle requested), ``_rerecord`` and which
   dirty-region log is open (``dirty``). The worker holds it only to hand the machine an
   event, never while it performs an action, so ``status`` and ``request_rp`` answer at once
@@ -201,7 +201,7 @@ class Session:
         self.dirty = None
         self._warm = {}   # {name: extents} the last run left hot at its clean stop
         self.resync_bytes = 0   # what this run started by copying for a sync or a crash
-        self._recorded_upto = 0   # newest commit whose Commit action was performed
+        self._performed_upto = 0   # newest commit whose Commit action was performed
         self._record_at = None    # time.monotonic() of this run's last record at a commit
         self._asked = 0   # newest cycle request_rp named: its commit writes the record
         self._rerecord = False    # the record must be written now (the dirty-region log failed)
@@ -280,7 +280,7 @@ class Session:
             for report in plan.resume.values():
                 carry = carry.merged_with(report, self.sizes)
             self.resync_bytes = carry.byte_count() if plan.full or plan.crashed else 0
-            self._recorded_upto = plan.committed_cycle
+            self._performed_upto = plan.committed_cycle
         if self.state_dir is not None:
             # Before the first write is served (nbdkit calls this after binding its sockets,
             # before accepting a client, so a start that fails earlier leaves the last record
@@ -376,7 +376,7 @@ class Session:
         requested with ``request_rp``, see ``_record_due``). True if it was."""
         def done():
             return self.controller.done_upto() >= cycle and \
-                (not self.replicated or self._recorded_upto >= cycle)
+                (not self.replicated or self._performed_upto >= cycle)
         with self._cond:
             return self._cond.wait_for(lambda: done() or self._stopping, timeout) and done()
 
@@ -577,7 +577,7 @@ class Session:
                 self.dirty.commit(action.cycle)
                 self._sync_sources_if_due(action.cycle)
             with self._cond:
-                self._recorded_upto = action.cycle
+                self._performed_upto = action.cycle
                 self._cond.notify_all()
         if action.outage is not None:
             log.info("replica back: cycle %d committed after %.1f s of failures", action.cycle,
@@ -602,8 +602,8 @@ class Session:
         record, and once ``RECORD_INTERVAL`` s passed since the last. O(1)."""
         with self._cond:
             wanted = max(self.controller.rp_wanted, self._asked)
-            requested = self._recorded_upto < wanted <= cycle
-            rerecord = self._rerecord
+            requested = self._performed_upto < wanted <= cycle
+            rerecord, self._rerecord = self._rerecord, False   # this record drops the log
         now = time.monotonic()
         if self._record_at is None or requested or rerecord or \
                 (self.receivers is not None and self.receivers.has_receivers()) or \
