@@ -39,8 +39,9 @@ MIN_REGION, MAX_REGION = 4096, 1 << 30
 EXTENT = 1 << 20   # the durable level; the region if that is larger
 # Cycles an extent stays marked after its last write was committed: a new extent mark costs an
 # msync the writer waits for, so an extent written at least every few cycles stays marked. What
-# it costs after power loss: the extents written in the last HOT_CYCLES cycles, resynced though
-# they may be equal (after kill -9 the regions say more precisely).
+# it costs after power loss: the extents written in the last HOT_CYCLES cycles (and since the
+# sources' last sync: ``durable``), resynced though they may be equal (after kill -9 the regions
+# say more precisely).
 HOT_CYCLES = 4
 PREFIX, SUFFIX = "dirty-", ".map"
 BOOT_ID = "/proc/sys/kernel/random/boot_id"
