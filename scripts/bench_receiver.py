@@ -216,7 +216,7 @@ def bench_lag(work, seconds, kind, retention=RETAIN_ALL, size=1 << 30):
             first = ask(lag_at, {"cmd": "status"})["committed_cycle"]
             progress(f"fio 4k zipf random writes for {seconds} s, 1 s cycles, into {kind}"
                      + (f" {' '.join(retention)}" if rctl else ""))
-            fio = procs.start(["fio", "--name=bench", "--ioengine=nbd", f"--uri={suri}", "--rw=randwrite",
+            fio = procs.start(["fio", "--name=bench", "--thread", "--ioengine=nbd", f"--uri={suri}", "--rw=randwrite",
                                "--bs=4k", "--iodepth=16", "--size=100%", "--random_distribution=zipf:1.1",
                                "--norandommap", f"--runtime={seconds}", "--time_based",
                                "--output=/dev/null"], cwd=work)

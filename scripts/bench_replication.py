@@ -178,7 +178,7 @@ def bench_cycles(work, size, seconds, cycle):
             _ask(server, {"cmd": "rp", "wait": True, "timeout": 600}, 700)
         label = "not replicating" if cycle is None else f"{cycle:g} s cycles"
         progress(f"fio 4k zipf random writes for {seconds} s, {label}")
-        fio = procs.start(["fio", "--name=bench", "--ioengine=nbd", f"--uri={server['uri']}",
+        fio = procs.start(["fio", "--name=bench", "--thread", "--ioengine=nbd", f"--uri={server['uri']}",
                            "--rw=randwrite", "--bs=4k", "--iodepth=16", "--size=100%",
                            "--random_distribution=zipf:1.1", "--norandommap", f"--runtime={seconds}",
                            "--time_based", "--output-format=json"], stdout=subprocess.PIPE, cwd=work)

@@ -56,7 +56,7 @@ def run(work, args):
                     wait_for=ctl)
         nbdrep("rp", "--wait", "--control", ctl)
         step(f"host writes: fio 4k random writes for {args.seconds} s while cycles run")
-        fio = procs.start(["fio", "--name=demo", "--ioengine=nbd", f"--uri={src_uri}", "--rw=randwrite",
+        fio = procs.start(["fio", "--name=demo", "--thread", "--ioengine=nbd", f"--uri={src_uri}", "--rw=randwrite",
                            "--bs=4k", "--iodepth=16", f"--runtime={args.seconds}", "--time_based",
                            "--size=100%", "--output=/dev/null"])
         for _ in range(args.seconds // 3 + 1):

@@ -55,6 +55,19 @@ class Procs:
         self.procs.remove(proc)
         return status
 
+    def kill(self, proc):
+        """SIGKILL one process by pid now and reap it; returns its exit status. For fio whose
+        server was killed under it: its nbd engine then polls the dead connection in a loop
+        and ignores SIGTERM. Start fio with ``--thread`` so that its jobs die with its pid
+        (by default each job is a forked process, which would outlive it)."""
+        if proc.poll() is None:
+            try:
+                os.kill(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.procs.remove(proc)
+        return proc.wait()
+
     def stop_all(self):
         while self.procs:
             stop(self.procs.pop())

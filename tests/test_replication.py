@@ -62,7 +62,7 @@ def test_initial_sync_then_fio_randwrite_converges(replicated, tmp_path):
     first = server.rp()
     assert server.status()["committed_cycle"] >= first
     fio = subprocess.run(
-        ["fio", "--name=rw", "--ioengine=nbd", f"--uri={server.uri}", "--rw=randwrite", "--bs=4k",
+        ["fio", "--name=rw", "--thread", "--ioengine=nbd", f"--uri={server.uri}", "--rw=randwrite", "--bs=4k",
          "--iodepth=16", "--numjobs=1", "--size=100%", "--runtime=20", "--time_based",
          "--output=/dev/null"], cwd=tmp_path, timeout=120)
     assert fio.returncode == 0
@@ -247,7 +247,7 @@ def test_every_block_written_once_reaches_the_replica_under_short_cycles(replica
                                             params=["delay-write=2ms"])
     server.rp()
     fio = subprocess.run(
-        ["fio", "--name=once", "--ioengine=nbd", f"--uri={server.uri}", "--rw=randwrite", "--bs=4k",
+        ["fio", "--name=once", "--thread", "--ioengine=nbd", f"--uri={server.uri}", "--rw=randwrite", "--bs=4k",
          "--iodepth=32", "--numjobs=1", "--size=100%", "--output=/dev/null"],
         cwd=tmp_path, timeout=300)
     assert fio.returncode == 0
@@ -264,7 +264,7 @@ def test_replica_killed_at_random_moments_under_fio_converges(procs, nbdkit, rep
     server, src, dst, rsock, replica = replicated(32 * MiB, cycle=0.2, random_mib=8)
     server.rp()
     rng = random.Random(12393603)
-    fio = procs.start(["fio", "--name=kill", "--ioengine=nbd", f"--uri={server.uri}", "--rw=randwrite",
+    fio = procs.start(["fio", "--name=kill", "--thread", "--ioengine=nbd", f"--uri={server.uri}", "--rw=randwrite",
                        "--bs=4k", "--iodepth=8", "--size=100%", "--time_based", "--runtime=300",
                        "--output=/dev/null"], cwd=tmp_path)
     try:
