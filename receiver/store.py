@@ -698,12 +698,8 @@ class Store:
         Refused on a metadata connection of an ``epoch`` a fence made old (a dropped copier's
         late commit would make the new one's partial writes an RP)."""
         with self._fold_lock:
+            self._admit_record("commit", epoch)
             r = self.record
-            if r["promoted"] is not None:
-                raise OSError(errno.EROFS, "the targets were promoted: this receiver receives no more")
-            if epoch is not None and epoch < self.meta_epoch:
-                raise OSError(errno.ESHUTDOWN, "a commit record on a metadata connection opened "
-                              "before the copier's last fence: refused")
             if r["prepared"]:   # the commit of a prepared cycle, or of a later one
                 self._publish(cycle, session_id)
                 r = self.record
@@ -727,6 +723,15 @@ class Store:
                 self._commit(session_id, cycle, rp_time)
         self._wake()
 
+    def _admit_record(self, what, epoch):
+        """Refuse a ``what`` ("commit", "prepare") record once the targets were promoted, or on
+        a metadata connection of an ``epoch`` a fence made old. Caller holds ``_fold_lock``."""
+        if self.record["promoted"] is not None:
+            raise OSError(errno.EROFS, "the targets were promoted: this receiver receives no more")
+        if epoch is not None and epoch < self.meta_epoch:
+            raise OSError(errno.ESHUTDOWN, f"a {what} record on a metadata connection opened "
+                          "before the copier's last fence: refused")
+
     def prepare(self, session_id, cycle, rp_time, epoch=None, decided=None):
         """Phase one of a commit across several receivers: make every export's pending writes
         RP ``cycle``, durable but not shown (``prepared`` in the record), until the commit of
@@ -740,12 +745,8 @@ class Store:
         lands in the targets, which serve no reads until a commit: the writes are only made
         durable."""
         with self._fold_lock:
+            self._admit_record("prepare", epoch)
             r = self.record
-            if r["promoted"] is not None:
-                raise OSError(errno.EROFS, "the targets were promoted: this receiver receives no more")
-            if epoch is not None and epoch < self.meta_epoch:
-                raise OSError(errno.ESHUTDOWN, "a prepare record on a metadata connection opened "
-                              "before the copier's last fence: refused")
             if any(p["cycle"] == cycle and p["session_id"] == session_id for p in r["prepared"]):
                 return
             newest = max([r["committed_cycle"] or 0] + [p["cycle"] for p in r["prepared"]])

@@ -202,6 +202,20 @@ def marked_after_crash(state):
     return {name: sum(pairs[1::2]) for name, pairs in marks.items()}
 
 
+def restart_resyncs_exactly(site, killed, marked, cycle):
+    """Start the source again after ``killed`` (its Server) was killed with kill -9, with
+    ``cycle`` s cycles: its first RP must resync exactly the ``marked`` bytes and leave the
+    replica equal to the source. Returns the new Server."""
+    os.unlink(killed.control)   # left by the killed run; the new one is waited for by it
+    server = site.serve("--cycle", cycle)
+    server.rp()
+    status = server.status()
+    assert status["start"].startswith("resync after a crash") and not status["last_stop_clean"]
+    assert status["resync"]["bytes_total"] == status["resync"]["bytes_done"] == marked
+    assert same(site.src, site.dst)
+    return server
+
+
 def test_source_killed_at_random_moments_resyncs_only_marked_regions_and_converges(procs, nbdkit,
                                                                                    tmp_path):
     """kill -9 of the source's nbdkit under fio at a random moment, ten rounds. fio writes the
@@ -233,13 +247,7 @@ def test_source_killed_at_random_moments_resyncs_only_marked_regions_and_converg
         procs.kill(fio)   # its server died under it: fio ignores SIGTERM then
         marked = marked_after_crash(os.path.join(site.tmp, "state"))[""]
         assert 0 < marked <= 8 * MiB
-        os.unlink(server.control)   # left by the killed run; the new one is waited for by it
-        server = site.serve("--cycle", "0.2")
-        server.rp()
-        status = server.status()
-        assert status["start"].startswith("resync after a crash") and not status["last_stop_clean"]
-        assert status["resync"]["bytes_total"] == status["resync"]["bytes_done"] == marked
-        assert same(site.src, site.dst)
+        server = restart_resyncs_exactly(site, server, marked, "0.2")
 
 
 def test_a_block_device_served_without_replication_in_between_is_resynced(procs, nbdkit, kernel,

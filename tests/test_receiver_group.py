@@ -53,6 +53,16 @@ def write_generation(rs, g):
         h.shutdown()
 
 
+def write_source(server, g):
+    """Write generation ``g`` into both exports of the source ``server``, flushed."""
+    for k in range(2):
+        h = nbd.NBD()
+        h.connect_uri(f"nbd+unix:///e{k}?socket={server.sock}")
+        h.pwrite(generation(g, SIZE), 0)
+        h.flush()
+        h.shutdown()
+
+
 def shown(rs):
     return [generations_in(r.read(f"e{k}")) for k, r in enumerate(rs)]
 
@@ -190,12 +200,7 @@ def test_a_source_commits_two_receivers_together(procs, tmp_path):
     server = Server(procs, str(tmp_path), [f"e{k}={s}" for k, s in enumerate(srcs)],
                     [f"e{k}={r.uri(f'e{k}')}" for k, r in enumerate(rs)], extra=["--cycle", "3600"])
     for g in (1, 2, 3):
-        for k in range(2):
-            h = nbd.NBD()
-            h.connect_uri(f"nbd+unix:///e{k}?socket={server.sock}")
-            h.pwrite(generation(g, SIZE), 0)
-            h.flush()
-            h.shutdown()
+        write_source(server, g)
         cycle = server.rp()
         for r in rs:
             status = r.status()
@@ -222,17 +227,9 @@ def test_a_source_killed_between_the_phases(procs, nbdkit, tmp_path, crash):
                     [f"e0={rs[0].uri('e0')}", f"e1=nbd+unix:///e1?socket={psock}"],
                     extra=["--cycle", "3600"])
 
-    def write(g):
-        for k in range(2):
-            h = nbd.NBD()
-            h.connect_uri(f"nbd+unix:///e{k}?socket={server.sock}")
-            h.pwrite(generation(g, SIZE), 0)
-            h.flush()
-            h.shutdown()
-
-    write(1)
+    write_source(server, 1)
     one = server.rp()   # two-phase from now on: both receivers showed the session
-    write(2)
+    write_source(server, 2)
     nbdrep("rp", "--control", server.control)
     if crash == "amid the prepares":
         wait_until(lambda: rs[0].status()["prepared"], 120, "the first receiver prepared", poll=0.01)
@@ -258,7 +255,7 @@ def test_a_source_killed_between_the_phases(procs, nbdkit, tmp_path, crash):
         server = Server(procs, str(tmp_path), [f"e{k}={s}" for k, s in enumerate(srcs)],
                         [f"e0={rs[0].uri('e0')}", f"e1=nbd+unix:///e1?socket={psock}"],
                         extra=["--cycle", "3600"])
-        write(3)
+        write_source(server, 3)
         three = server.rp()
         for r in rs:
             cycles = [rp["cycle"] for rp in r.status()["rps"]]   # the resync after kill -9 too
