@@ -50,6 +50,7 @@ class Backend:
         self.path = path
         self.readonly = readonly
         self.fd = _open_source(path, readonly)
+        self._flush_error = None   # the errno of the first failed flush (see flush)
         self.is_block = stat.S_ISBLK(os.fstat(self.fd).st_mode)
         self.size = _device_size(self.fd, self.is_block)
         if self.size == 0:
@@ -102,8 +103,22 @@ class Backend:
         return OSError(rc, f"{os.strerror(rc)} writing {length} bytes at {offset} in {self.path}")
 
     def flush(self):
-        """Make every completed write durable. Cost: one fdatasync."""
-        os.fdatasync(self.fd)
+        """Make every completed write durable. Cost: one fdatasync.
+
+        A failure is sticky: Linux reports a write-back error once per open file, to
+        whichever fdatasync asks first (the session's source sync, or a host's FLUSH), and
+        marks the pages clean, so the next fdatasync succeeds with the write lost. Once one
+        failed, every later flush raises the same error until the file is opened again (a
+        restart): no host is told a lost write is durable, the dirty-region log never counts
+        it as durable on the source, and a stop is not recorded as clean."""
+        if self._flush_error is not None:
+            raise OSError(self._flush_error, f"{os.strerror(self._flush_error)}: an earlier "
+                          f"flush of {self.path} failed, so writes since its open may be lost")
+        try:
+            os.fdatasync(self.fd)
+        except OSError as e:
+            self._flush_error = e.errno or errno.EIO
+            raise
 
     def zero(self, offset, length, may_trim, fast):
         """Make the range read as zeros, cheaper than writing them where the source allows.

@@ -390,8 +390,10 @@ class Store:
         ranges: the spare's, which no read or fold of it touches but which would otherwise
         stay on disk, uncounted, as long as its RP is retained (past ``--journal-max``). Its
         RP's reads and folds touch only its ranges, so this runs outside every lock but
-        ``_reap_lock`` (which keeps a journal's files from being retired meanwhile). A journal
-        already folded is skipped; a failure is logged (the blocks go when it is folded)."""
+        ``_reap_lock`` (a retire would rename its file into a spare meanwhile). A journal whose
+        files went meanwhile (folded, taken back into the pending writes, a promotion) is
+        skipped as its open finds no file; another failure is logged (the blocks go with the
+        journal)."""
         with self._reap_lock:
             while self._inherited:
                 name, j = self._inherited.pop(0)

@@ -121,7 +121,7 @@ class Site:
             raise RuntimeError("nbdrep serve did not stop cleanly")
 
     def fio(self, server, seconds, extra, iolog=None, wait_for_end=True):
-        cmd = ["fio", "--name=bench", "--ioengine=nbd", f"--uri=nbd+unix:///?socket={self.sock}",
+        cmd = ["fio", "--name=bench", "--thread", "--ioengine=nbd", f"--uri=nbd+unix:///?socket={self.sock}",
                "--rw=randwrite", "--bs=4k", "--iodepth=16", "--size=100%", "--time_based",
                f"--runtime={seconds}", "--norandommap", "--randrepeat=0", "--output-format=json", *extra]
         if iolog:

@@ -349,3 +349,31 @@ def test_a_write_writes_all_of_any_buffer_and_names_a_failure(tmp_path):
         with pytest.raises(OSError) as err:
             backend.pwrite(b"x", 0)
         assert err.value.errno == errno.EBADF and "writing 1 bytes at 0" in str(err.value)
+
+
+def test_a_failed_flush_fails_every_later_one(tmp_path, monkeypatch):
+    """Linux reports a write-back error to the first fdatasync only; a second one succeeds
+    with the write lost. A host's FLUSH after the session's source sync met the error must
+    fail too, and so must the sync after it (the dirty-region log would count it durable)."""
+    b = Backend(make_image(str(tmp_path / "src.img"), 1 << 20))
+    try:
+        b.pwrite(b"\x01" * 4096, 0)
+        real, calls = os.fdatasync, []
+
+        def write_back_failed_once(fd):
+            calls.append(fd)
+            if len(calls) == 1:
+                raise OSError(errno.EIO, os.strerror(errno.EIO))
+            real(fd)
+        monkeypatch.setattr(os, "fdatasync", write_back_failed_once)
+        for _ in range(3):
+            with pytest.raises(OSError) as e:
+                b.flush()
+            assert e.value.errno == errno.EIO
+    finally:
+        b.close()
+    b = Backend(str(tmp_path / "src.img"))   # a restart opens the file again
+    try:
+        b.flush()
+    finally:
+        b.close()
