@@ -161,6 +161,13 @@ def open_store(tmp_path, size=MiB, **kw):
     return Store(str(tmp_path / "state"), [("", target)], **kw)
 
 
+def commit_block_0(store, cycles):
+    """Commit each of ``cycles`` (session "a") with block 0 written to the cycle's number."""
+    for cycle in cycles:
+        store.write("", bytes([cycle]) * BLOCK, 0)
+        store.commit("a", cycle, float(cycle))
+
+
 def read_rp(store, cycle, size=MiB):
     extents = store.attach("", cycle)
     assert extents is not None, f"RP {cycle} not retained"
@@ -196,9 +203,7 @@ def test_a_new_session_folds_the_old_rps_but_not_past_a_pin(tmp_path):
     s = open_store(tmp_path)
     try:
         s.commit("a", 1, 1.0)
-        for cycle in (2, 3):
-            s.write("", bytes([cycle]) * BLOCK, 0)
-            s.commit("a", cycle, float(cycle))
+        commit_block_0(s, (2, 3))
         pinned = s.attach("", 2)
         s.write("", b"\x07" * BLOCK, 0)
         with pytest.raises(OSError):
@@ -366,9 +371,7 @@ def test_promote_to_the_base_rp_keeps_its_rp_time(tmp_path):
     s = open_store(tmp_path)
     try:
         s.commit("a", 1, 1.0)
-        for cycle in (2, 3):
-            s.write("", bytes([cycle]) * BLOCK, 0)
-            s.commit("a", cycle, float(cycle))
+        commit_block_0(s, (2, 3))
         with s._fold_lock:
             s._fold_one()
             s._fold_one()
