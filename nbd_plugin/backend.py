@@ -50,7 +50,7 @@ class Backend:
         self.path = path
         self.readonly = readonly
         self.fd = _open_source(path, readonly)
-        self._flush_error = None   # the errno of the first failed flush (see flush)
+        self.flush_error = None   # the errno of the first failed flush (see flush)
         self.is_block = stat.S_ISBLK(os.fstat(self.fd).st_mode)
         self.size = _device_size(self.fd, self.is_block)
         if self.size == 0:
@@ -111,13 +111,13 @@ class Backend:
         failed, every later flush raises the same error until the file is opened again (a
         restart): no host is told a lost write is durable, the dirty-region log never counts
         it as durable on the source, and a stop is not recorded as clean."""
-        if self._flush_error is not None:
-            raise OSError(self._flush_error, f"{os.strerror(self._flush_error)}: an earlier "
+        if self.flush_error is not None:
+            raise OSError(self.flush_error, f"{os.strerror(self.flush_error)}: an earlier "
                           f"flush of {self.path} failed, so writes since its open may be lost")
         try:
             os.fdatasync(self.fd)
         except OSError as e:
-            self._flush_error = e.errno or errno.EIO
+            self.flush_error = e.errno or errno.EIO
             raise
 
     def zero(self, offset, length, may_trim, fast):

@@ -236,7 +236,6 @@ class Session:
         self._buffers = None
         self._reader = None   # _reader_thread
         self._syncer = self._sync = None   # _sync_sources_if_due: its thread, its last job
-        self._sync_failed = False   # a source sync failed: no later one is tried (see there)
 
     def _plan(self, resync_full):
         record = records.load(self.state_dir) if self.state_dir else None
@@ -675,11 +674,12 @@ class Session:
         every source on a thread of its own (never in the cycle's path), then tell the log up
         to which cycle. That cycle is taken first, on the worker, which alone closes cycles:
         every cycle before the open one has ended all its writes (drained), but one whose
-        drain timed out. A failed fdatasync advances nothing, then or later (``Backend.flush``
-        fails for good once it failed: the lost writes never become durable): the extents
-        stay marked until a restart, which resyncs them after a crash."""
-        if self._sync_failed or self._sync is not None and not self._sync.done() or \
-                not self.dirty.sync_due(committed):
+        drain timed out. Once a flush of a source failed (``Backend.flush_error``: this
+        sync's or a host's FLUSH), none is tried again: its lost writes never become
+        durable, so the extents stay marked until a restart, which resyncs them after a
+        crash."""
+        if any(d.backend.flush_error for d in self.devices) or \
+                self._sync is not None and not self._sync.done() or not self.dirty.sync_due(committed):
             return
         if self._syncer is None:
             self._syncer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="nbdrep-sync")
@@ -691,7 +691,6 @@ class Session:
             for d in self.devices:
                 d.backend.flush()
         except OSError as e:
-            self._sync_failed = True
             log.error("source sync failed (%s): writes may be lost on the source; the "
                       "dirty-region log keeps every extent written since marked until a "
                       "restart", e.strerror or e)
