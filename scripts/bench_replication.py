@@ -3,6 +3,7 @@
 
     .venv/bin/python scripts/bench_replication.py [--dir /var/tmp] [--seconds 30] [--size 1G]
                                                   [--cycles 1,0.5,0.25] [--rounds 1] [--no-copier]
+                                                  [--pin [--rate 24700]]
 
 1. Bytes: fio 4k random writes (zipf-skewed, so blocks are rewritten within a cycle, as real
    workloads do) with 1 s cycles. Every cycle's report is collected from the control socket;
@@ -19,7 +20,18 @@
    and after each round of those runs, gives the front end's IOPS replicating against not
    replicating: each run against the mean of its round's two. With --rounds N the rounds
    repeat (lags pooled, ratios as median and range): on a shared machine IOPS drift by half
-   within minutes, so one round says little.
+   within minutes, so one round says little. Every run also counts the CPU each side took per
+   write (fio, the source's nbdkit split into fio's connection and the rest, the replica's
+   nbdkit) from /proc, and how busy each core was.
+
+   With --pin, as a deployment runs it, where the replica is another machine: the replica's
+   nbdkit runs on CPU 1 only, and the source (``nbdrep serve``, its nbdkit with the copier's
+   threads) and fio on CPU 0 only, in the runs replicating and in those not replicating
+   alike, so that the front end has one core in both and the replica's cost lands where
+   another machine would carry it. Each round then also runs, pinned, the same fio
+   unthrottled, the same with ``--dirty-region 0`` (the dirty-region log and its source
+   syncs off: their share), and fio held to --rate IOPS (the issue's load), each setup after
+   its own run not replicating; the unpinned runs are the measurement without --pin.
 4. What a cycle costs when it carries little: the replication worker in this process (no
    nbdkit; the same Session, a real ``nbdkit file`` replica), a trickle of 4k writes (100 per
    second) and the shortest of --cycles; the worker's time per step of a cycle (RP and drain,
@@ -29,6 +41,7 @@ Everything runs on unix sockets in a temporary folder under --dir, removed after
 """
 import argparse
 import collections
+import itertools
 import os
 import random
 import shutil
@@ -50,20 +63,36 @@ from nbd_plugin.params import parse_size  # noqa: E402
 
 CHUNK = 64 << 10
 ROUNDS = 3
+SOURCE_CPU, REPLICA_CPU = 0, 1   # --pin: the front end's core and the replica's "other machine"
+
+
+class Setup(collections.namedtuple("Setup", "label pin rate dirty_region")):
+    """How a lag/IOPS run is made: pinned or not, fio's rate (None: as fast as it goes), the
+    source's ``--dirty-region`` (None: the default)."""
+
+
+UNPINNED = Setup("unpinned", False, None, None)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dir", default="/var/tmp", help="where the images go (default: %(default)s)")
     ap.add_argument("--size", default="1G", help="image size (default: %(default)s)")
-    ap.add_argument("--seconds", type=int, default=30, help="fio run time (default: %(default)s)")
+    ap.add_argument("--seconds", type=int, default=None,
+                    help="fio run time of each lag run (default: 30, 10 with --pin)")
     ap.add_argument("--cycles", default="1,0.5,0.25",
                     help="cycle lengths in seconds for the lag runs (default: %(default)s)")
-    ap.add_argument("--rounds", type=int, default=1,
-                    help="rounds of the lag runs, each between two runs not replicating (default: %(default)s)")
+    ap.add_argument("--rounds", type=int, default=None,
+                    help="rounds of the lag runs, each between two runs not replicating (default: 1, 3 with --pin)")
+    ap.add_argument("--pin", action="store_true",
+                    help=f"also run the source and fio on CPU {SOURCE_CPU} only, the replica on CPU {REPLICA_CPU}")
+    ap.add_argument("--rate", type=int, default=24700,
+                    help="with --pin, the IOPS of the throttled runs (default: %(default)s, the issue's load)")
     ap.add_argument("--no-copier", action="store_true", help="skip part 2, the copier against nbdcopy")
     ap.add_argument("--png", default=os.path.join(os.path.dirname(HERE), "docs", "bench_replication_lag.png"))
     args = ap.parse_args()
+    seconds = args.seconds if args.seconds is not None else 10 if args.pin else 30
+    rounds = args.rounds if args.rounds is not None else 3 if args.pin else 1
     size = parse_size(args.size, "--size")
     try:
         cycles = [float(c) for c in args.cycles.split(",")]
@@ -71,27 +100,47 @@ def main():
         ap.error(f"--cycles must be comma-separated seconds, not {args.cycles!r}")
     if not cycles or min(cycles) <= 0:
         ap.error("--cycles must be positive numbers of seconds")
-    if args.rounds < 1:
-        ap.error("--rounds must be at least 1")
+    if rounds < 1 or seconds < 3:
+        ap.error("--rounds must be at least 1 and --seconds at least 3")
+    if args.rate < 1:
+        ap.error("--rate must be a positive number of IOPS")
+    if args.pin and not {SOURCE_CPU, REPLICA_CPU} <= os.sched_getaffinity(0):
+        ap.error(f"--pin needs CPUs {SOURCE_CPU} and {REPLICA_CPU}, this process may use "
+                 f"{sorted(os.sched_getaffinity(0))}")
+    # Each group: the setup of its runs not replicating, then the setups replicating after it.
+    groups = [(UNPINNED, [UNPINNED])]
+    if args.pin:
+        pinned = Setup("pinned", True, None, None)
+        rated = Setup(f"pinned, {args.rate:,} IOPS", True, args.rate, None)
+        groups += [(pinned, [pinned, Setup("pinned, --dirty-region 0", True, None, "0")]),
+                   (rated, [rated])]
+    started = time.monotonic()
     work = tempfile.mkdtemp(prefix="nbdrep-bench-", dir=args.dir)
     try:
         sync = None if args.no_copier else bench_copier(work, size)
-        unreplicated = [bench_cycles(work, size, args.seconds, None)]
-        runs = {c: [] for c in cycles}
-        for _ in range(args.rounds):
-            for c in cycles:
-                runs[c].append(bench_cycles(work, size, args.seconds, c))
-            unreplicated.append(bench_cycles(work, size, args.seconds, None))
-            for c in cycles:   # against this round's runs not replicating, before and after
-                runs[c][-1]["base"] = (unreplicated[-2]["iops"] + unreplicated[-1]["iops"]) / 2
+        bases, runs = collections.defaultdict(list), collections.defaultdict(list)
+        for r in range(rounds):
+            for base, setups in groups:
+                bases[base].append(bench_cycles(work, size, seconds, None, base))
+                for c, setup in itertools.product(cycles, setups):   # the setups interleaved
+                    # Part 1's reports from one run only: asking for them costs the source CPU.
+                    wanted = r == 0 and setup == UNPINNED and c == cycles[0]
+                    runs[setup, c].append(bench_cycles(work, size, seconds, c, setup, reports=wanted))
+        for base, setups in groups:   # each round's runs against its runs not replicating, before and after
+            bases[base].append(bench_cycles(work, size, seconds, None, base))
+            for setup, c in itertools.product(setups, cycles):
+                for r, run in enumerate(runs[setup, c]):
+                    run["base"] = (bases[base][r]["iops"] + bases[base][r + 1]["iops"]) / 2
         steps = bench_steps(work, min(cycles))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     if sync is not None:
         print_copier(sync)
-    print_tables(runs, unreplicated, steps, min(cycles))
-    plot_lag(runs, args.png)
+    print_tables(groups, cycles, runs, bases, steps, min(cycles))
+    plot_lag(groups, cycles, runs, args.png)
     print(f"\nlag plot: {args.png}")
+    print(f"whole benchmark: {time.monotonic() - started:.0f} s; load average now "
+          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
 def progress(text):
@@ -158,9 +207,10 @@ def _time_nbdcopy(procs, work, src, rsock):
 
 # -- parts 1 and 3: cycles under fio ---------------------------------------------------------------
 
-def bench_cycles(work, size, seconds, cycle):
+def bench_cycles(work, size, seconds, cycle, setup=UNPINNED, reports=False):
     """fio 4k zipf random writes for ``seconds`` against nbdrep with ``cycle`` s cycles, or,
-    with ``cycle`` None, tracking without a replica (the IOPS to compare with)."""
+    with ``cycle`` None, tracking without a replica (the IOPS to compare with), made as
+    ``setup`` says; with ``reports``, every cycle's report too (for part 1)."""
     src, dst = os.path.join(work, "src.img"), os.path.join(work, "dst.img")
     for path in (src, dst):
         if os.path.exists(path):
@@ -168,27 +218,139 @@ def bench_cycles(work, size, seconds, cycle):
         with open(path, "wb") as f:
             f.truncate(size)
     run = tempfile.mkdtemp(prefix="run-", dir=work)   # sockets and a fresh state: an initial sync
+    source_cpu, replica_cpu = (SOURCE_CPU, REPLICA_CPU) if setup.pin else (None, None)
+    load = os.getloadavg()[0]
     with Procs() as procs:
         rsock = os.path.join(run, "r-cycles.sock")
+        replica = None
         if cycle is None:
-            server = _serve(procs, run, src, None, cycle="1")
+            server = _serve(procs, run, src, None, "1", setup.dirty_region, source_cpu)
         else:
-            procs.start(["nbdkit", "-f", "--exit-with-parent", "-U", rsock, "file", dst], wait_for=rsock)
-            server = _serve(procs, run, src, rsock, cycle=str(cycle))
+            replica = procs.start(["nbdkit", "-f", "--exit-with-parent", "-U", rsock, "file", dst],
+                                  wait_for=rsock, preexec_fn=pinned(replica_cpu))
+            server = _serve(procs, run, src, rsock, str(cycle), setup.dirty_region, source_cpu)
             _ask(server, {"cmd": "rp", "wait": True, "timeout": 600}, 700)
+        source = _child(server["proc"].pid, "nbdkit")
+        session_tids = set(os.listdir(f"/proc/{source}/task"))   # before fio's connection
         label = "not replicating" if cycle is None else f"{cycle:g} s cycles"
-        progress(f"fio 4k zipf random writes for {seconds} s, {label}")
+        progress(f"fio 4k zipf random writes for {seconds} s, {label}, {setup.label}")
+        rate = [] if setup.rate is None else [f"--rate_iops={setup.rate}"]
         fio = procs.start(["fio", "--name=bench", "--thread", "--ioengine=nbd", f"--uri={server['uri']}",
                            "--rw=randwrite", "--bs=4k", "--iodepth=16", "--size=100%",
                            "--random_distribution=zipf:1.1", "--norandommap", f"--runtime={seconds}",
-                           "--time_based", "--output-format=json"], stdout=subprocess.PIPE, cwd=work)
-        samples, reports = _sample(server, fio, seconds + 120, replicated=cycle is not None)
+                           "--time_based", "--output-format=json", *rate],
+                           stdout=subprocess.PIPE, cwd=work, preexec_fn=pinned(source_cpu))
+        pids = {"fio": fio.pid, "serve": server["proc"].pid, "source": source}
+        if replica is not None:
+            pids["replica"] = replica.pid
+        sampled = _sample(server, fio, seconds, seconds + 120, cycle is not None, reports, pids)
         fio_out = fio_report(fio.stdout.read().decode())
         if cycle is not None:
             _ask(server, {"cmd": "rp", "wait": True, "timeout": 600}, 700)
         status = _ask(server, {"cmd": "status"})
-    return {"lag": samples, "reports": reports, "status": status,
-            "iops": fio_out["jobs"][0]["write"]["iops"]}
+    iops = fio_out["jobs"][0]["write"]["iops"]
+    first, last = sampled["window"]
+    pins = _pins(last, pids, source_cpu, replica_cpu)
+    return {"lag": sampled["lag"], "reports": sampled["reports"], "status": status, "iops": iops,
+            "cpu": _cpu_use(first, last, session_tids, iops), "pins": pins, "load": load,
+            "source_syncs": sampled["source_syncs"]}
+
+
+def pinned(cpu):
+    """A ``preexec_fn`` that confines the child to ``cpu`` before it runs its program, so that
+    every thread and process it starts inherits that (None: no confinement)."""
+    return None if cpu is None else lambda: os.sched_setaffinity(0, {cpu})
+
+
+def _child(pid, name, timeout=30):
+    """The pid of ``pid``'s child process called ``name`` (nbdrep serve's nbdkit)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for entry in filter(str.isdigit, os.listdir("/proc")):
+            stat = _stat(f"/proc/{entry}/stat")
+            if stat and stat["ppid"] == pid and stat["comm"] == name:
+                return int(entry)
+        time.sleep(0.05)
+    raise RuntimeError(f"pid {pid} has no child {name!r} after {timeout} s")
+
+
+def _stat(path):
+    """A task's comm, ppid, CPU ticks (user + system) and the CPU it last ran on, from a
+    /proc .../stat file; None if the task is gone."""
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError:
+        return None
+    fields = text[text.rindex(")") + 2:].split()   # fields[0] is stat's field 3
+    return {"comm": text[text.index("(") + 1:text.rindex(")")], "ppid": int(fields[1]),
+            "ticks": int(fields[11]) + int(fields[12]), "psr": int(fields[36])}
+
+
+def _snapshot(pids):
+    """Now: each process's CPU ticks (its ended threads included), the source's threads one by
+    one, each task's allowed CPUs and last CPU, and the cores' busy and total ticks."""
+    procs, tasks = {}, {}
+    for name, pid in pids.items():
+        whole = _stat(f"/proc/{pid}/stat")
+        procs[name] = whole["ticks"] if whole else None
+        tasks[name] = {}
+        for tid in os.listdir(f"/proc/{pid}/task") if whole else ():
+            stat = _stat(f"/proc/{pid}/task/{tid}/stat")
+            try:
+                with open(f"/proc/{pid}/task/{tid}/status") as f:
+                    allowed = next(line.split()[1] for line in f if line.startswith("Cpus_allowed_list"))
+            except (OSError, StopIteration):
+                continue   # the thread ended meanwhile
+            if stat:
+                tasks[name][tid] = {**stat, "allowed": allowed}
+    cores = {}
+    with open("/proc/stat") as f:
+        for line in f:
+            if line.startswith("cpu") and line[3].isdigit():
+                name, *ticks = line.split()
+                ticks = [int(t) for t in ticks]
+                cores[name] = (sum(ticks) - ticks[3] - ticks[4], sum(ticks))   # busy: not idle, not iowait
+    return {"time": time.monotonic(), "procs": procs, "tasks": tasks, "cores": cores}
+
+
+def _cpu_use(first, last, session_tids, iops):
+    """Microseconds of CPU per write between two snapshots: fio; the source's nbdkit split into
+    the threads that started with fio's connection or later (the front end; a source sync's
+    thread started meanwhile too) and the rest (the session: copier, worker, control, with the
+    threads that ended); the replica's nbdkit. And each core's busy share."""
+    tick = 1e6 / os.sysconf("SC_CLK_TCK")
+    writes = iops * (last["time"] - first["time"])
+
+    def per_write(ticks):
+        return ticks * tick / writes
+
+    def delta(name):
+        before, after = first["procs"].get(name), last["procs"].get(name)
+        return None if before is None or after is None else after - before
+    new = {tid: t["ticks"] for tid, t in last["tasks"]["source"].items() if tid not in session_tids}
+    front = sum(ticks - first["tasks"]["source"].get(tid, {"ticks": 0})["ticks"] for tid, ticks in new.items())
+    out = {"fio": per_write(delta("fio")), "front end": per_write(front),
+           "session": per_write(delta("source") - front),
+           "replica": per_write(delta("replica")) if "replica" in last["procs"] else None}
+    for core, (busy, total) in last["cores"].items():
+        busy0, total0 = first["cores"][core]
+        out[core] = (busy - busy0) / max(1, total - total0)
+    return out
+
+
+def _pins(snapshot, pids, source_cpu, replica_cpu):
+    """{process: (sorted allowed CPU lists of its threads, sorted CPUs they last ran on, thread
+    count)}; with pinning, fails unless every thread of each process is confined as asked."""
+    out = {}
+    for name in pids:
+        tasks = snapshot["tasks"][name].values()
+        out[name] = (sorted({t["allowed"] for t in tasks}), sorted({t["psr"] for t in tasks}), len(tasks))
+        want = replica_cpu if name == "replica" else source_cpu
+        if want is not None and out[name][0] != [str(want)]:
+            raise RuntimeError(f"{name} (pid {pids[name]}) is not confined to CPU {want}: "
+                               f"its threads may run on {out[name][0]}")
+    return out
 
 
 def bench_steps(work, cycle, count=40, writes_per_second=100):
@@ -255,31 +417,42 @@ def bench_steps(work, cycle, count=40, writes_per_second=100):
     return steps
 
 
-def _sample(server, fio, timeout, replicated):
-    """Poll status and the newest report every 0.1 s until fio exits (bounded by timeout)."""
-    samples, reports = [], {}
+def _sample(server, fio, seconds, timeout, replicated, reports, pids):
+    """Poll status every 0.1 s until fio exits (bounded by timeout), in runs not replicating too
+    (what it costs the source is then the same); with ``reports``, the newest report once per
+    cycle. CPU snapshots: the first 1 s into fio's run (its connection made), the last while
+    fio still writes."""
+    samples, kept, durable = [], {}, set()
+    window = [None, None]
     started = time.monotonic()
     while fio.poll() is None and time.monotonic() - started < timeout:
-        if not replicated:
-            time.sleep(0.1)
-            continue
         status = _ask(server, {"cmd": "status"})
-        if status["lag"] is not None:
+        if replicated and status["lag"] is not None:
             samples.append((time.monotonic() - started, status["lag"]))
-        report = _ask(server, {"cmd": "report"})
-        if report["cycle"] is not None:
-            reports.setdefault(report["cycle"], report["exports"][""])
+        if status.get("dirty_log"):
+            durable.add(status["dirty_log"]["durable_cycle"])
+        if reports and status["cycle"] - 1 not in kept:
+            report = _ask(server, {"cmd": "report"})
+            if report["cycle"] is not None:
+                kept.setdefault(report["cycle"], report["exports"][""])
+        elapsed = time.monotonic() - started
+        if 1 <= elapsed <= seconds - 0.5:
+            snapshot = _snapshot(pids)
+            window = [window[0] or snapshot, snapshot]
         time.sleep(0.1)
-    return samples, reports
+    if window[0] is window[1]:
+        raise RuntimeError(f"fio ran too short to measure CPU: {seconds} s")
+    return {"lag": samples, "reports": kept, "window": window, "source_syncs": max(0, len(durable) - 1)}
 
 
-def _serve(procs, work, src, rsock, cycle):
+def _serve(procs, work, src, rsock, cycle, dirty_region=None, cpu=None):
     tag = os.path.basename(rsock).split(".")[0] if rsock else "unreplicated"
     sock, ctl = os.path.join(work, f"s-{tag}.sock"), os.path.join(work, f"c-{tag}.sock")
     replica = ["--replica", f"nbd+unix:///?socket={rsock}"] if rsock else []
+    dirty = [] if dirty_region is None else ["--dirty-region", dirty_region]
     proc = procs.start(nbdrep_cmd("serve", "--source", src, "--socket", sock, "--control", ctl,
-                                  "--state", os.path.join(work, "state"), "--cycle", cycle, *replica),
-                       wait_for=ctl, stdout=subprocess.DEVNULL)
+                                  "--state", os.path.join(work, "state"), "--cycle", cycle, *replica, *dirty),
+                       wait_for=ctl, stdout=subprocess.DEVNULL, preexec_fn=pinned(cpu))
     return {"proc": proc, "control": ctl, "uri": f"nbd+unix:///?socket={sock}"}
 
 
@@ -318,12 +491,12 @@ def print_copier(sync):
           f"median {median[theirs] / median[ours]:.2f}x")
 
 
-def print_tables(runs, unreplicated, steps, step_cycle):
-    cycle, run = next(((c, r[0]) for c, r in runs.items() if c == 1.0),
-                      next((c, r[0]) for c, r in runs.items()))
-    cycles = {c["cycle"]: c for c in run["status"]["cycles"]}
-    seen = [c for c in sorted(run["reports"]) if c in cycles and cycles[c]["writes"]]
-    written = sum(cycles[c]["bytes_written"] for c in seen)
+def print_tables(groups, cycles, runs, bases, steps, step_cycle):
+    cycle = 1.0 if 1.0 in cycles else cycles[0]
+    run = next(r for r in runs[UNPINNED, cycle] if r["reports"])
+    done = {c["cycle"]: c for c in run["status"]["cycles"]}
+    seen = [c for c in sorted(run["reports"]) if c in done and done[c]["writes"]]
+    written = sum(done[c]["bytes_written"] for c in seen)
     copied = sum(sum(n for _, n in run["reports"][c]["data"]) for c in seen)
     bitmap = sum(bitmap_bytes(run["reports"][c]["data"] + run["reports"][c]["zero"]) for c in seen)
     print(f"\nBytes sent for the same writes ({len(seen)} cycles of {cycle:g} s, fio 4k zipf randwrite, "
@@ -333,21 +506,67 @@ def print_tables(runs, unreplicated, steps, step_cycle):
         ("log shipping (every write)", f"{written / 2**20:.1f}", f"{written / copied:.2f}x"),
         ("64 KiB dirty bitmap", f"{bitmap / 2**20:.1f}", f"{bitmap / copied:.2f}x")]))
 
-    print("\nAchieved RPO (lag) under sustained fio 4k randwrite; IOPS against not replicating "
-          f"({', '.join(str(round(r['iops'])) for r in unreplicated)} IOPS, between the rounds)")
+    everything = [r for rs in runs.values() for r in rs] + [r for rs in bases.values() for r in rs]
+    loads = [r["load"] for r in everything]
+    print("\nAchieved RPO (lag) under sustained fio 4k randwrite; IOPS against not replicating, each "
+          f"run against its setup's runs before and after its round (load average {min(loads):.1f}-"
+          f"{max(loads):.1f})")
     rows = []
-    for c, rounds in runs.items():
-        lags = [lag for r in rounds for _, lag in r["lag"]]
-        spans = [x["commit_time"] - x["rp_time"] for r in rounds for x in r["status"]["cycles"]
-                 if x["state"] == "committed" and x["commit_time"] and x["writes"]]
-        ratios = sorted(r["iops"] / r["base"] for r in rounds)
-        spread = f" ({ratios[0]:.2f}-{ratios[-1]:.2f})" if len(ratios) > 1 else ""
-        rows.append((f"{c:g} s", str(len(lags)), f"{percentile(lags, 50):.2f}", f"{percentile(lags, 99):.2f}",
-                     f"{max(lags, default=float('nan')):.2f}", f"{percentile(spans, 50):.3f}",
-                     f"{percentile(spans, 99):.3f}", f"{statistics.median(r['iops'] for r in rounds):.0f}",
-                     f"{statistics.median(ratios):.2f}{spread}"))
-    print(format_table(("cycle", "samples", "lag p50 (s)", "lag p99 (s)", "max (s)", "RP->commit p50 (s)",
-                        "p99 (s)", "IOPS", "vs not replicating"), rows))
+    for base, setups in groups:
+        rows.append((base.label, "not replicating", "", "", "", "", "", "", ", ".join(
+            str(round(r["iops"])) for r in bases[base]), "", ""))
+        for setup, c in itertools.product(setups, cycles):
+            rounds = runs[setup, c]
+            lags = [lag for r in rounds for _, lag in r["lag"]]
+            spans = [x["commit_time"] - x["rp_time"] for r in rounds for x in r["status"]["cycles"]
+                     if x["state"] == "committed" and x["commit_time"] and x["writes"]]
+            rows.append((setup.label, f"{c:g} s", str(len(lags)), f"{percentile(lags, 50):.2f}",
+                         f"{percentile(lags, 99):.2f}", f"{max(lags, default=float('nan')):.2f}",
+                         f"{percentile(spans, 50):.3f}", f"{percentile(spans, 99):.3f}",
+                         f"{statistics.median(r['iops'] for r in rounds):.0f}",
+                         _median_range([r["iops"] / r["base"] for r in rounds]),
+                         str(round(statistics.median(r["source_syncs"] for r in rounds)))))
+    print(format_table(("setup", "cycle", "samples", "lag p50 (s)", "lag p99 (s)", "max (s)",
+                        "RP->commit p50 (s)", "p99 (s)", "IOPS", "vs not replicating", "source syncs"), rows))
+
+    off = [s for _, setups in groups for s in setups if s.dirty_region == "0"]
+    for setup in off:   # the dirty-region log's share: the same pinned fio with the log on and off
+        on = next(s for s in next(ss for _, ss in groups if setup in ss) if s.dirty_region is None)
+        print(f"\nThe dirty-region log's share ({on.label} with the log on against {setup.label}, "
+              "same rounds)")
+        print(format_table(("cycle", "IOPS log on", "IOPS log off", "on / off"), [
+            (f"{c:g} s", f"{statistics.median(r['iops'] for r in runs[on, c]):.0f}",
+             f"{statistics.median(r['iops'] for r in runs[setup, c]):.0f}",
+             _median_range([a["iops"] / b["iops"] for a, b in zip(runs[on, c], runs[setup, c])]))
+            for c in cycles]))
+
+    print("\nCPU per write (microseconds, median over the rounds; front end: the source nbdkit's threads "
+          "that started with fio's connection or later; session: the rest, with the copier) and how busy "
+          "each core was")
+    cores = sorted(k for k in everything[0]["cpu"] if k.startswith("cpu"))
+    rows = []
+    for base, setups in groups:
+        for setup, c in [(base, None)] + list(itertools.product(setups, cycles)):
+            rounds = bases[base] if c is None else runs[setup, c]
+
+            def med(key):
+                values = [r["cpu"][key] for r in rounds if r["cpu"][key] is not None]
+                return statistics.median(values) if values else None
+            rows.append((setup.label, "not replicating" if c is None else f"{c:g} s",
+                         *(f"{med(k):.2f}" if med(k) is not None else "-"
+                           for k in ("fio", "front end", "session", "replica")),
+                         *(f"{med(k):.0%}" for k in cores)))
+    print(format_table(("setup", "cycle", "fio", "front end", "session", "replica", *cores), rows))
+    pinned = [r for (setup, _), rs in runs.items() if setup.pin for r in rs] + \
+        [r for setup, rs in bases.items() if setup.pin for r in rs]
+    if pinned:
+        pins = collections.defaultdict(set)
+        for r in pinned:
+            for name, (allowed, ran, count) in r["pins"].items():
+                pins[name, tuple(allowed)].update(ran)
+        print("Pinning, checked in every pinned run (allowed CPUs of every thread; CPUs they "
+              "last ran on): " + "; ".join(f"{name} {','.join(allowed)} (ran on {sorted(ran)})"
+                                           for (name, allowed), ran in sorted(pins.items())))
 
     committed = len(steps["Commit"])
     print(f"\nWhat a cycle costs when it carries little ({committed} cycles of {step_cycle:g} s, "
@@ -362,32 +581,43 @@ def print_tables(runs, unreplicated, steps, step_cycle):
     print(format_table(("step", "calls per cycle", "median ms", "p90 ms", "ms per cycle"), rows))
 
 
+def _median_range(ratios):
+    ratios = sorted(ratios)
+    spread = f" ({ratios[0]:.2f}-{ratios[-1]:.2f})" if len(ratios) > 1 else ""
+    return f"{statistics.median(ratios):.2f}{spread}"
+
+
 STEP_NAMES = {"Arm": "arm the keep-aside", "CloseCycle": "RP and drain", "BuildReport": "report",
               "Copy": "copy", "Flush": "flush the replica", "Commit": "commit (with the record)",
               "_save_record": "  of which the record", "Publish": "publish the report",
               "Release": "release the keep-aside"}
 
 
-def plot_lag(runs, path):
-    """One panel per cycle length, side by side on one lag scale: each round's lag over its
-    fio run, the p99 of all rounds, the goal."""
+def plot_lag(groups, cycles, runs, path):
+    """One row of panels per setup replicating, one panel per cycle length, all on one lag
+    scale: each round's lag over its fio run, the p99 of all rounds, the goal."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    fig, axes = plt.subplots(1, len(runs), sharey=True, squeeze=False, figsize=(3.6 * len(runs), 3.4))
-    for ax, (cycle, rounds) in zip(axes[0], runs.items()):
-        lags = [lag for r in rounds for _, lag in r["lag"]]
-        for i, run in enumerate(rounds):
-            ax.plot([t for t, _ in run["lag"]], [lag for _, lag in run["lag"]], lw=0.8,
-                    label=f"round {i + 1}" if len(rounds) > 1 else None)
-        ax.axhline(percentile(lags, 99), color="black", ls=":", lw=0.8,
-                   label=f"p99 {percentile(lags, 99):.2f} s")
-        ax.axhline(1.0, color="red", ls="--", lw=0.8, label="goal: p99 ≤ 1 s")
-        ax.set_title(f"{cycle:g} s cycles")
-        ax.set_xlabel("seconds into the fio run")
-        ax.legend(loc="upper right", fontsize=7)
-    axes[0][0].set_ylabel("lag (s)")
+    setups = [s for _, ss in groups for s in ss]
+    fig, axes = plt.subplots(len(setups), len(cycles), sharey=True, squeeze=False,
+                             figsize=(3.6 * len(cycles), 0.4 + 3 * len(setups)))
+    for row, setup in zip(axes, setups):
+        for ax, cycle in zip(row, cycles):
+            rounds = runs[setup, cycle]
+            lags = [lag for r in rounds for _, lag in r["lag"]]
+            for i, run in enumerate(rounds):
+                ax.plot([t for t, _ in run["lag"]], [lag for _, lag in run["lag"]], lw=0.8,
+                        label=f"round {i + 1}" if len(rounds) > 1 else None)
+            ax.axhline(percentile(lags, 99), color="black", ls=":", lw=0.8,
+                       label=f"p99 {percentile(lags, 99):.2f} s")
+            ax.axhline(1.0, color="red", ls="--", lw=0.8, label="goal: p99 ≤ 1 s")
+            ax.set_title(f"{cycle:g} s cycles" if len(setups) == 1 else f"{setup.label}, {cycle:g} s cycles",
+                         fontsize=9)
+            ax.set_xlabel("seconds into the fio run")
+            ax.legend(loc="upper right", fontsize=7)
+        row[0].set_ylabel("lag (s)")
     fig.suptitle("nbdrep achieved RPO under 4k random writes", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
