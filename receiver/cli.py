@@ -7,7 +7,9 @@ import json
 import os
 import signal
 import socket
+import stat
 import subprocess
+import sys
 import time
 
 from copier.sizes import format_size
@@ -17,6 +19,7 @@ from nbd_plugin.params import ParamError
 from receiver import config as receiver_config, control as receiver_control, store as stores
 
 PLUGIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "plugin.py")
+DEFAULT_STATE = os.path.join(base.default_state_dir(), "receiver")
 
 
 class ReceiveError(ValueError):
@@ -31,7 +34,7 @@ def add_parsers(sub):
     p.add_argument("--target", action="append", required=True, metavar="[NAME=]PATH",
                    help="file or block device to receive into; NAME= as the source's export names")
     base.add_listen_arguments(p)
-    p.add_argument("--state", default=os.path.join(base.default_state_dir(), "receiver"), metavar="DIR",
+    p.add_argument("--state", default=DEFAULT_STATE, metavar="DIR",
                    help="journals and the commit record (default: %(default)s)")
     p.add_argument("--control", metavar="PATH", help="control socket (default: STATE/control.sock)")
     p.add_argument("--keep", default=receiver_config.DEFAULT_KEEP, metavar="COUNT|DURATION",
@@ -47,11 +50,13 @@ def add_parsers(sub):
     # What serve's nbdkit_command reads that receive does not offer.
     p.set_defaults(func=_receive, readonly=False)
 
-    p = sub.add_parser("rps", help="list a receiver's retained recovery points")
+    p = sub.add_parser("rps", help="list a receiver's retained recovery points (a stopped "
+                                   "receiver's from its state directory)")
     p.add_argument("--json", action="store_true", help="machine-readable")
-    p.add_argument("--group", action="append", default=[], metavar="CONTROL",
-                   help="the control socket of another receiver of the consistency group (repeat): "
-                        "show the newest RP every one of them holds")
+    p.add_argument("--group", action="append", default=[], metavar="CONTROL|DIR",
+                   help="another receiver of the consistency group (repeat), by its control socket "
+                        "or, running or not, its state directory: show the newest RP every one of "
+                        "them holds")
     _where(p)
     p.set_defaults(func=_rps)
 
@@ -74,13 +79,22 @@ def add_parsers(sub):
 
 
 def _where(p):
-    p.add_argument("--state", default=os.path.join(base.default_state_dir(), "receiver"), metavar="DIR",
+    p.add_argument("--state", default=DEFAULT_STATE, metavar="DIR",
                    help="the receiver's state directory (default: %(default)s)")
     p.add_argument("--control", metavar="PATH", help="its control socket (default: STATE/control.sock)")
 
 
 def _control(args):
-    return args.control or os.path.join(args.state, "control.sock")
+    return args.control or _state_control(args.state)
+
+
+def _state_control(state):
+    return os.path.join(state, "control.sock")
+
+
+def _running(control_path):
+    """Whether a receiver answers at ``control_path``."""
+    return os.path.exists(control_path) and base._answers(socket.AF_UNIX, control_path)
 
 
 def receive_config(args):
@@ -176,33 +190,59 @@ def _ask_at(path, message, timeout=10.0):
 
 
 def _rps(args):
-    status = _ask(args, {"cmd": "status"})
+    # --control alone does not say where its receiver's state is: the default state
+    # directory may be another receiver's.
+    state = None if args.control and args.state == DEFAULT_STATE else args.state
+    where, status, offline = _status_of(_control(args), state)
     if args.group:
-        return _group(args, status)
-    if args.json:
-        print(json.dumps(status["rps"], indent=2))
-        return 0
-    print(format_rps(status))
+        return _group(args, [(where, status, offline)] + [_member(path) for path in args.group])
+    if offline:   # with --json on stderr: stdout stays the list of RPs a running receiver gives
+        print(f"offline: no receiver answers at {_control(args)}; read from "
+              f"{os.path.join(where, stores.RECORD)}", file=sys.stderr if args.json else sys.stdout)
+    print(json.dumps(status["rps"], indent=2) if args.json else format_rps(status))
     return 0
 
 
-def _group(args, status):
+def _status_of(control_path, state):
+    """A receiver's status: asked at ``control_path``, or, with no receiver answering there,
+    read from the record in the state directory ``state`` (None: unknown). Returns (where it
+    was read, status, whether offline)."""
+    if _running(control_path):
+        return control_path, _ask_at(control_path, {"cmd": "status"}), False
+    if state is None:
+        raise ReceiveError(f"no nbdrep receiver at control socket {control_path}; to read a "
+                           "stopped one, name its state directory (--state DIR, --group DIR)")
+    try:
+        return state, receiver_control.stopped_status(state), True
+    except stores.StoreError as e:
+        raise ReceiveError(f"no nbdrep receiver at control socket {control_path}, and {e}") from None
+
+
+def _member(path):
+    """A receiver named by ``--group``: a state directory (asked at its control.sock, else
+    read offline) or a control socket."""
+    if os.path.isdir(path):
+        return _status_of(_state_control(path), path)
+    if not (os.path.exists(path) and stat.S_ISSOCK(os.stat(path).st_mode)):
+        raise ReceiveError(f"--group {path} is neither a control socket nor a state directory")
+    return _status_of(path, None)
+
+
+def _group(args, members):
     """``rps --group``: each receiver's newest committed and prepared cycles, and the group's
-    newest common RP. Exit status 1 if the receivers hold none in common."""
-    statuses = {_control(args): status}
-    for path in args.group:
-        statuses[path] = _ask_at(path, {"cmd": "status"})
-    common = receiver_control.group_rp(list(statuses.values()))
+    newest common RP; ``members`` [(where, status, offline)], as ``_status_of`` returns.
+    Exit status 1 if the receivers hold none in common."""
+    common = receiver_control.group_rp([s for _, s, _ in members])
     if args.json:
         print(json.dumps({"group_rp": common, "receivers": {
-            path: {"session_id": s["session_id"], "committed_cycle": s["committed_cycle"],
-                   "prepared": [p["cycle"] for p in s["prepared"]]} for path, s in statuses.items()}},
-            indent=2))
+            where: {"session_id": s["session_id"], "committed_cycle": s["committed_cycle"],
+                    "prepared": [p["cycle"] for p in s["prepared"]], "offline": offline}
+            for where, s, offline in members}}, indent=2))
         return 0 if common is not None else 1
-    for path, s in statuses.items():
+    for where, s, offline in members:
         prepared = ",".join(str(p["cycle"]) for p in s["prepared"]) or "-"
-        print(f"{path}: session {s['session_id'] or '-'}, committed {s['committed_cycle'] or '-'}, "
-              f"prepared {prepared}")
+        print(f"{where}: session {s['session_id'] or '-'}, committed {s['committed_cycle'] or '-'}, "
+              f"prepared {prepared}" + ("   (offline: read from its record)" if offline else ""))
     if common is None:
         print("no RP is held by every receiver (another session, or folded away): the group "
               "cannot be shown at one RP; promote each to its own newest and check the data")
@@ -214,9 +254,10 @@ def _group(args, status):
 
 def format_rps(status):
     lag = "-" if status["lag"] is None else f"{status['lag']:.2f} s"
+    bound = "" if status["journal_max"] is None else f" of {format_size(status['journal_max'])}"
     head = [f"committed: {status['committed_cycle'] or '-'}   lag: {lag}   base: "
-            f"{status['base_cycle'] or '-'}   journals: {format_size(status['journal_bytes'])} of "
-            f"{format_size(status['journal_max'])}" + ("   (throttled)" if status["throttled"] else "")]
+            f"{status['base_cycle'] or '-'}   journals: {format_size(status['journal_bytes'])}{bound}"
+            + ("   (throttled)" if status["throttled"] else "")]
     rows = [("cycle", "rp_time", "commit_time", "bytes", "exports")]
     for rp in status["rps"]:
         rows.append((str(rp["cycle"]), _clock(rp["rp_time"]), _clock(rp["commit_time"]),
@@ -249,7 +290,7 @@ def _run(args, request, offline, readonly):
     """Ask the running receiver; with none running, open the state directory here (its lock
     keeps a receiver from starting meanwhile) and do it with ``offline(store)``."""
     control_path = _control(args)
-    if os.path.exists(control_path) and base._answers(socket.AF_UNIX, control_path):
+    if _running(control_path):
         _ask(args, request, timeout=3600)
         return
     cfg = receiver_config.Config()

@@ -1,4 +1,5 @@
-"""The receiver's control socket: ``nbdrep status``, ``rps`` and ``restore`` talk to it.
+"""The receiver's control socket: ``nbdrep status``, ``rps`` and ``restore`` talk to it
+(``stopped_status`` is what ``rps`` reads instead when no receiver answers).
 
 The same protocol as ``nbd_plugin.control`` (one JSON line each way), with the receiver's
 commands:
@@ -11,10 +12,12 @@ commands:
                         -> {"promoted": N}: the targets are RP N, and receive no more
 """
 import contextlib
+import json
 import os
 import stat
 
 from nbd_plugin.control import ControlServer
+from receiver import store as stores
 
 
 class ReceiverControl(ControlServer):
@@ -116,6 +119,47 @@ def group_rp(statuses):
             held.add(s["base_cycle"])
         common = held if common is None else common & held
     return max(common, default=None)
+
+
+def stopped_status(state_dir):
+    """A receiver's status read from the record in ``state_dir`` alone (``nbdrep rps`` with
+    no receiver answering): the keys of ``Store.status``, with None for what only a running
+    receiver knows (lag, pending bytes, its --keep and --journal-max). Reads only, and without
+    the state directory's lock: the record is replaced by rename, so it is read whole, old or
+    new, and a lock, even a shared one, would make a receiver starting at that instant refuse
+    to start. StoreError if there is no record or it cannot be read. O(RPs)."""
+    path = os.path.join(state_dir, stores.RECORD)
+    try:
+        with open(path, encoding="utf-8") as f:
+            r = json.load(f)
+    except (FileNotFoundError, NotADirectoryError):
+        raise stores.StoreError(f"{state_dir} is not a receiver's state directory "
+                                f"(no {stores.RECORD})") from None
+    except OSError as e:
+        raise stores.StoreError(f"receiver record {path} cannot be read ({e.strerror})") from None
+    except ValueError as e:
+        raise stores.StoreError(f"receiver record {path} cannot be read ({e})") from None
+    foreign = stores.StoreError(f"receiver record {path} is not an nbdrep receiver record of "
+                                f"version {stores.VERSION}")
+    if not isinstance(r, dict) or r.get("version") != stores.VERSION:
+        raise foreign
+    try:
+        return {
+            "role": "receiver",
+            "session_id": r["session_id"], "committed_cycle": r["committed_cycle"],
+            "rp_time": r["rp_time"], "commit_time": r["commit_time"], "lag": None,
+            "base_cycle": r["base_cycle"], "folding": r.get("folding"), "promoted": r["promoted"],
+            "journal_bytes": sum(rp["bytes"] for rp in r["rps"]), "journal_max": None,
+            "pending_bytes": None, "throttled": False, "keep": None, "pinned": [],
+            "targets": [{"name": n, "path": t["path"], "size": t["size"]} for n, t in r["targets"].items()],
+            "rps": [{"cycle": rp["cycle"], "rp_time": rp["rp_time"], "commit_time": rp["commit_time"],
+                     "bytes": rp["bytes"], "exports": sorted(rp["journals"])} for rp in r["rps"]],
+            "prepared": [{"cycle": rp["cycle"], "session_id": rp["session_id"], "rp_time": rp["rp_time"],
+                          "bytes": rp["bytes"], "exports": sorted(rp["journals"])}
+                         for rp in r.get("prepared", [])],   # none in a record older than prepares
+        }
+    except (KeyError, TypeError, AttributeError):   # hand-edited, or another program's JSON
+        raise foreign from None
 
 
 def prometheus(status):
