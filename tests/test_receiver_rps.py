@@ -10,7 +10,7 @@ import pytest
 from conftest import make_image, nbdrep
 from copier import receiver as link
 from receiver import control as receiver_control
-from test_receiver import Receiver, open_store
+from test_receiver import Receiver, generations_in, open_store
 from test_receiver_group import committed_at, meta, receivers, write_generation
 
 # What ``nbdrep rps`` shows of a receiver that the record holds too (the rest only a running
@@ -63,6 +63,11 @@ def test_rps_group_reads_stopped_receivers_from_their_records(procs, tmp_path):
     out = nbdrep("rps", "--state", rs[0].state, "--json")
     assert json.loads(out.stdout) == live[0]["rps"] and "offline" in out.stderr
     assert snapshot(*(str(tmp_path / f"r{k}") for k in range(2))) == before, "reading wrote"
+    for k, r in enumerate(rs):   # what the group RP is for: promote it on each, offline too
+        target = str(tmp_path / f"r{k}" / "target.img")
+        nbdrep("promote", "--to", "2", "--state", r.state, "--target", f"e{k}={target}")
+        with open(target, "rb") as f:
+            assert generations_in(f.read()) == [2], f"receiver {k} after promote"
 
 
 def test_rps_group_mixes_running_and_stopped_receivers(procs, tmp_path):
