@@ -7,7 +7,8 @@ sites that forwards export names (nbdkit's nbd plugin with ``dynamic-export=true
 tunnel) carries it unchanged:
 
 * READ of block 0: the receiver's state, ``MAGIC_STATE`` and JSON (session id, committed
-  cycle, its RP time), padded with NULs to ``META_SIZE``.
+  cycle, its RP time, and ``prepared``: the newest prepared cycle and its session, or null),
+  padded with NULs to ``META_SIZE``.
 * WRITE of block 0: a commit record, ``MAGIC_COMMIT`` and JSON (session id, cycle, RP time),
   padded likewise, then FLUSH. The receiver answers the write only once the commit is durable:
   every write it received on any data export since its last commit becomes the recovery point
@@ -173,20 +174,31 @@ def mismatch(state, session_id, committed_cycle):
     """Why a receiver in ``state`` cannot resume a session at ``committed_cycle``, or None.
 
     Behind by some cycles is fine: it keeps what it received after its last commit (flushed
-    before the source counted those cycles committed) and the next commit covers it."""
+    before the source counted those cycles committed) and the next commit covers it. So is a
+    prepared cycle up to ``committed_cycle`` (the source crashed amid its prepares or commits):
+    the source wrote its record before any prepare, so in its history no receiver prepared a
+    later one. A later one (the source's state directory restored from a backup, or its record
+    not written before a crash) is of a history the source no longer has, and its cycle ids
+    come again in this one: a prepare of them would be refused, a commit would show it."""
     if state.get("session_id") != session_id:
         return (f"the receiver holds session {state.get('session_id')}, not {session_id}"
                 if state.get("session_id") else "the receiver has no commit of this session")
     if (state.get("committed_cycle") or 0) > (committed_cycle or 0):
         return (f"the receiver committed cycle {state['committed_cycle']}, after this source's "
                 f"last commit {committed_cycle}: another history")
+    prepared = state.get("prepared")   # absent from a receiver that predates it
+    if isinstance(prepared, dict) and prepared.get("session_id") == session_id and \
+            (prepared.get("cycle") or 0) > (committed_cycle or 0):
+        return (f"the receiver prepared cycle {prepared['cycle']}, after this source's last "
+                f"commit {committed_cycle}: another history")
     return None
 
 
 def handshake(plan, devices):
     """The resume handshake: every source that ``plan`` (replication.record.Plan) resumes and
-    whose replica is a receiver is resynced in full instead if the receiver's session or
-    committed cycle says it holds another history (``mismatch``), with the reason logged and
+    whose replica is a receiver is resynced in full instead if the receiver's session, its
+    committed cycle or its newest prepared one says it holds another history (``mismatch``),
+    with the reason logged and
     in ``plan.how``. Receivers that agree resume with no resync. Plain exports are left to the
     plan's sampled-block check. O(devices) connections."""
     for d in devices:
@@ -277,10 +289,16 @@ class Link:
                                                                   N back into the pending writes
                                                                   where it was prepared
         a receiver after prepare      N prepared                  as "amid the commits"
+        source, its record then       N prepared on some, the     those are resynced in full
+        older than N (its state       source's record says < N    (``mismatch``); the first,
+        directory restored, or the                                one-phase commit M of the
+        record not written before                                 session discards their
+        its crash)                                                prepared RPs newer than M
         ============================  ==========================  =============================
 
         A receiver that is new to the session (a full sync) takes one-phase commits until it
-        showed the session: its older RPs are of another history anyway."""
+        showed the session: its older RPs are of another history anyway, and its prepared ones
+        newer than the commit too (``receiver.store.Store.commit`` drops them, never shown)."""
         body = {"session_id": session_id, "cycle": cycle, "rp_time": rp_time}
         self.unsettled = False
         live = [(meta, uri) for meta, uri in self._uris if meta not in self._diverged]

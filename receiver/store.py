@@ -49,7 +49,12 @@ Where a consistency group spans several receivers, the copier commits in two pha
 read sees; the commit of that cycle or a later one moves it to the RPs in one record write
 (``_publish``), as ``promote`` does when the operator decides with the source lost. A
 prepared RP the copier aborted (another receiver did not prepare it) goes back into the
-pending journals at the next prepare (``_unprepare``), so at most one waits.
+pending journals at the next prepare (``_unprepare``), so at most one waits. A prepared RP
+of the session newer than a commit or prepare of cycle M (or M itself under another RP time)
+is of a history the source abandoned (its state directory restored, or its record lost in a
+crash): its cycle ids come again in the new one. It is dropped, never shown (``_stale``), and
+the state block names the newest prepared cycle so that the source resyncs such a receiver in
+full (``copier.receiver.mismatch``) instead of trusting what it holds.
 """
 import array
 import bisect
@@ -652,10 +657,15 @@ class Store:
     # -- commit -------------------------------------------------------------------------------
 
     def state_block(self):
-        """The metadata export's contents: what the copier reads on (re)connect."""
+        """The metadata export's contents: what the copier reads on (re)connect. ``prepared``
+        names the newest prepared RP (cycle, session), or is null: a source whose record is
+        older than it resyncs this receiver in full (``copier.receiver.mismatch``); one that
+        predates the key ignores it."""
         r = self.record
+        newest = max(r["prepared"], key=lambda p: p["cycle"], default=None)
         return encode(MAGIC_STATE, {"session_id": r["session_id"], "committed_cycle": r["committed_cycle"],
-                                    "rp_time": r["rp_time"]})
+                                    "rp_time": r["rp_time"], "prepared": None if newest is None else {
+                                        "session_id": newest["session_id"], "cycle": newest["cycle"]}})
 
     def metadata_write(self, block, epoch=None):
         """Handle a record written to the metadata export on a connection of metadata
@@ -698,10 +708,22 @@ class Store:
         whose reply it lost, or one that arrives late): the pending writes are a later
         cycle's. Checked under ``_fold_lock``, which a repeat queues on behind the first.
         Refused on a metadata connection of an ``epoch`` a fence made old (a dropped copier's
-        late commit would make the new one's partial writes an RP)."""
+        late commit would make the new one's partial writes an RP).
+
+        Any other commit first drops, never shown, the prepared RPs of the session newer than
+        ``cycle`` or of ``cycle`` under another RP time (``_stale``): a source sends its records
+        in cycle order, so in its history none after ``cycle`` was prepared yet. Shown, their
+        writes would be RPs over the new history's, or stand in for its cycle.
+        After a crash at any point: before the record without them, they are prepared still
+        (hidden; the source got no answer and commits again); after it, their journal files are
+        leftovers that the start deletes, the pending writes as they were; after the commit's
+        own record, RP ``cycle``."""
         with self._fold_lock:
             self._admit_record("commit", epoch)
             r = self.record
+            if r["session_id"] != session_id or cycle > (r["committed_cycle"] or 0):
+                self._discard(self._stale(session_id, cycle, rp_time), f"commit of cycle {cycle}")
+                r = self.record
             if r["prepared"]:   # the commit of a prepared cycle, or of a later one
                 self._publish(cycle, session_id)
                 r = self.record
@@ -741,21 +763,29 @@ class Store:
         commit records the copier began to send (None: it does not know, after a restart);
         older prepared RPs are shown, newer ones were aborted (a receiver did not prepare
         them) and go back into the pending writes (``_unprepare``), so a live copier leaves
-        at most one prepared RP. A repeat is a no-op. EINVAL where only a one-phase commit
+        at most one prepared RP. A repeat (the same cycle, RP time and session: a copier
+        retrying a prepare whose reply it lost) is a no-op. EINVAL where only a one-phase commit
         fits: another session than the committed one (its cycle ids start afresh), or a cycle
-        not after every committed and prepared one. Before the first commit the initial sync
-        lands in the targets, which serve no reads until a commit: the writes are only made
-        durable."""
+        not after the committed one. Before the first commit the initial sync lands in the
+        targets, which serve no reads until a commit: the writes are only made durable.
+
+        Prepared RPs of the session newer than ``cycle``, or of ``cycle`` under another RP
+        time, are dropped first, never shown (``_stale``; ``commit`` says why, and what a crash
+        leaves), not refused: refused, every prepare of their cycle ids would fail, and the
+        group commit nothing, until the source's cycles passed them, and then a commit would
+        show them over the new history (and unprepared, their writes would join its RP)."""
         with self._fold_lock:
             self._admit_record("prepare", epoch)
             r = self.record
-            if any(p["cycle"] == cycle and p["session_id"] == session_id for p in r["prepared"]):
+            if any((p["session_id"], p["cycle"], p["rp_time"]) == (session_id, cycle, rp_time)
+                   for p in r["prepared"]):
                 return
-            newest = max([r["committed_cycle"] or 0] + [p["cycle"] for p in r["prepared"]])
-            if r["session_id"] not in (None, session_id) or cycle <= newest:
+            if r["session_id"] not in (None, session_id) or cycle <= (r["committed_cycle"] or 0):
                 raise OSError(errno.EINVAL, f"cannot prepare cycle {cycle} of session {session_id} "
-                              f"after cycle {newest} of session {r['session_id']}: commit it in one phase")
+                              f"after cycle {r['committed_cycle']} of session {r['session_id']}: "
+                              "commit it in one phase")
             with self._quiesce():
+                self._discard(self._stale(session_id, cycle, rp_time), f"prepare of cycle {cycle}")
                 if decided is not None:
                     self._publish(decided, session_id)
                     for p in reversed(self.record["prepared"]):   # newest first: newest wins
@@ -765,9 +795,9 @@ class Store:
     def _unprepare(self, p):
         """Put the aborted prepared RP ``p`` back into the pending writes: its ranges that no
         later write covers are copied into the pending journals and logged, made durable,
-        then a record without it. A crash before that record leaves ``p`` prepared and the
-        pending journals holding the same bytes again: the same RPs either way. Caller holds
-        ``_fold_lock`` with the writes out. O(p's bytes)."""
+        then a record without it (``_discard``). A crash before that record leaves ``p``
+        prepared and the pending journals holding the same bytes again: the same RPs either
+        way. Caller holds ``_fold_lock`` with the writes out. O(p's bytes)."""
         for name, seq in p["journals"].items():
             j, pending = self.journals[seq], self.pending[name]
             keep = difference(j.pairs, pending.extents(self.sizes[name]))
@@ -775,10 +805,31 @@ class Store:
                 _fold_range(j.data, pending.data, off, length)
                 pending.note(pending.reserve(), off, length)
             pending.sync()
+        self._discard([p])
+
+    def _stale(self, session_id, cycle, rp_time):
+        """The prepared RPs that a record of ``cycle`` of ``session_id`` at ``rp_time`` shows
+        to be of another history: of that session, and newer than ``cycle`` or ``cycle`` under
+        another RP time (the same cycle's prepare and commit records carry the same one)."""
+        return [p for p in self.record["prepared"] if p["session_id"] == session_id and
+                (p["cycle"] > cycle or (p["cycle"] == cycle and p["rp_time"] != rp_time))]
+
+    def _discard(self, dropped, why=None):
+        """Forget the prepared RPs ``dropped``: a record without them, then their journals'
+        files (a crash between leaves files that no record names, which a start deletes).
+        ``why``: the record that showed them stale, logged; None for an aborted one whose
+        writes went back into the pending ones. Caller holds ``_fold_lock``."""
+        if not dropped:
+            return
         with self._record_lock:
-            self._write_record(dict(self.record, prepared=[q for q in self.record["prepared"] if q is not p]))
-        for seq in p["journals"].values():
-            self.journals.pop(seq).unlink()
+            self._write_record(dict(self.record, prepared=[q for q in self.record["prepared"]
+                                                           if q not in dropped]))
+        for p in dropped:
+            if why is not None:
+                log.warning("prepared RP %d of session %s dropped, never shown: the %s says it is "
+                            "of a history the source abandoned", p["cycle"], p["session_id"], why)
+            for seq in p["journals"].values():
+                self.journals.pop(seq).unlink()
 
     def _publish(self, upto, session_id=None):
         """Show the prepared RPs up to cycle ``upto`` (all those of another session than

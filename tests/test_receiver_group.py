@@ -4,6 +4,8 @@ source lost, the newest RP every receiver holds (``nbdrep rps --group``, ``promo
 The receivers are real ``nbdrep receive`` processes; the test speaks the metadata protocol
 itself (prepare and commit records, ``copier.receiver``) so that it can stop between any two
 of the source's steps, as a source killed there would."""
+import errno
+import gc
 import json
 import os
 import signal
@@ -14,6 +16,7 @@ import pytest
 
 from conftest import Server, make_image, nbdrep, wait_until
 from copier import receiver as link
+from receiver import store as stores
 from test_receiver import (BLOCK, MiB, Receiver, generation, generations_in, kill9_nbdkit, open_store,
                            read_rp, unlink_stale)
 
@@ -148,10 +151,10 @@ def test_rps_group_says_plainly_when_no_rp_is_common(procs, tmp_path):
 class _Metadata:
     """Stand-ins for the Link's metadata connections to receivers of ``session``: every
     record written is logged as (data URI, magic); ``fail`` {data URI: magic} makes that
-    write fail."""
+    write fail; ``prepared`` {data URI: cycle}: the newest prepared cycle its state names."""
 
     def __init__(self, monkeypatch, session):
-        self.writes, self.fail, self.decided, committed = [], {}, [], {}
+        self.writes, self.fail, self.decided, self.prepared, committed = [], {}, [], {}, {}
 
         def write(u, buf):
             block = bytes(buf.to_bytearray())
@@ -168,7 +171,8 @@ class _Metadata:
             uri=u, aio_pwrite=lambda buf, offset: write(u, buf), aio_flush=lambda: None)
         monkeypatch.setattr(link, "_open", lambda u, timeout: handle(u))
         monkeypatch.setattr(link, "_read_state", lambda h, timeout: {
-            "session_id": session, "committed_cycle": committed.get(h.uri, 1)})
+            "session_id": session, "committed_cycle": committed.get(h.uri, 1),
+            "prepared": {"session_id": session, "cycle": self.prepared[h.uri]} if h.uri in self.prepared else None})
         monkeypatch.setattr(link, "_close", lambda h, timeout=1.0: None)
         monkeypatch.setattr(link, "_call", lambda h, issue, timeout, what: issue())
 
@@ -295,3 +299,169 @@ def test_a_prepare_shows_the_decided_rps_and_takes_back_the_aborted_ones(tmp_pat
         assert read_rp(s, 4)[:3 * BLOCK] == b"\x02" * BLOCK + b"\x03" * BLOCK + b"\x04" * BLOCK
     finally:
         s.close()
+
+
+def old_history(tmp_path):
+    """A store whose RP 1 (session "a") is zeros and that holds cycles 2 and 3 of an old run
+    prepared (block 0 = 2, blocks 0-1 = 3), never decided (its source lost, then restarted
+    from a copy of its state directory that says 1): the new run numbers its cycles from 2
+    again. Reopened, as after a restart. Returns the store and RP 1's image."""
+    s = open_store(tmp_path)
+    try:
+        s.commit("a", 1, 1.0)
+        s.write("", b"\x02" * BLOCK, 0)
+        s.prepare("a", 2, 2.0)
+        s.write("", b"\x03" * 2 * BLOCK, 0)
+        s.prepare("a", 3, 3.0)
+        state = link.decode(link.MAGIC_STATE, s.state_block())
+        assert state["prepared"] == {"session_id": "a", "cycle": 3}
+        assert link.mismatch(state, "a", 1) == "the receiver prepared cycle 3, after this source's " \
+            "last commit 1: another history"
+    finally:
+        s.close()
+    s = None
+    s = reopen(tmp_path)
+    return s, read_rp(s, 1)
+
+
+def reopen(tmp_path):
+    """The store on ``tmp_path`` opened again, as a start after a crash, once the caller
+    closed the old one and dropped its references: the old one's journals are let go first
+    (a simulated crash's traceback holds them in a cycle), since a pending one cuts its log
+    to its entries as it goes, under the new store's mapping of it."""
+    gc.collect()
+    return open_store(tmp_path)
+
+
+def newest(s):
+    buf = bytearray(MiB)
+    s.read("", None, buf, 0)
+    return bytes(buf)
+
+
+def journal_files(s):
+    return sorted(os.listdir(os.path.join(s.state_dir, "journal")))
+
+
+class Crash(Exception):
+    """A kill -9 at that point: the store is closed and opened again."""
+
+
+@pytest.mark.parametrize("crash", [None, "before the record without them", "before their unlink",
+                                   "before the commit's record"])
+def test_a_one_phase_commit_drops_the_prepared_rps_of_an_abandoned_history(tmp_path, monkeypatch, crash):
+    """The new run (rp_time 12.0, 13.0) writes block 1 and commits cycle 2 in one phase (the
+    receiver is resynced in full): the old run's prepared 2 and 3 are never shown, whatever
+    point a crash cuts the commit at and however often the store restarts, and RPs 2 and 3
+    are the new run's writes byte for byte (without the drop, its commit of 3 showed the old
+    run's 3 and left its own writes pending)."""
+    s, rp1 = old_history(tmp_path)
+    try:
+        new2 = rp1[:BLOCK] + b"\x12" * BLOCK + rp1[2 * BLOCK:]
+        s.write("", b"\x12" * BLOCK, BLOCK)
+        if crash is not None:
+            calls = []
+
+            def crashing(*args):   # the n-th record write, or a journal's unlink, never happens
+                calls.append(args)
+                if crash == "before their unlink" or \
+                        len(calls) == (1 if crash == "before the record without them" else 2):
+                    raise Crash()
+                return real(*args)
+            where, real = ((stores.Journal, stores.Journal.unlink) if crash == "before their unlink"
+                           else (stores, stores.write_json))
+            monkeypatch.setattr(where, "unlink" if where is stores.Journal else "write_json", crashing)
+            with pytest.raises(Crash):
+                s.commit("a", 2, 12.0)
+            monkeypatch.undo()
+            s.close()
+            s = None
+            s = reopen(tmp_path)
+            dropped = crash != "before the record without them"
+            assert [p["cycle"] for p in s.record["prepared"]] == ([] if dropped else [2, 3])
+            assert s.record["committed_cycle"] == 1 and newest(s) == rp1, "a crash showed an RP"
+            assert len(journal_files(s)) == (2 if dropped else 6), "a dropped RP's files stayed"
+        s.commit("a", 2, 12.0)   # the source's retry: it got no answer
+        assert s.record["prepared"] == [] and [rp["cycle"] for rp in s.record["rps"]] == [1, 2]
+        assert newest(s) == new2 and read_rp(s, 2) == new2
+        s.write("", b"\x13" * BLOCK, 2 * BLOCK)
+        s.commit("a", 3, 13.0)
+        s.close()
+        s = None
+        s = reopen(tmp_path)
+        new3 = new2[:2 * BLOCK] + b"\x13" * BLOCK + new2[3 * BLOCK:]
+        assert [rp["cycle"] for rp in s.record["rps"]] == [1, 2, 3] and s.record["prepared"] == []
+        assert read_rp(s, 2) == new2 and read_rp(s, 3) == new3 and newest(s) == new3
+        assert link.decode(link.MAGIC_STATE, s.state_block())["prepared"] is None
+    finally:
+        s.close()
+
+
+def test_a_prepare_drops_the_prepared_rps_of_an_abandoned_history(tmp_path):
+    """A source that resumed the receivers in two phases (one predating the check of the
+    prepared cycle) prepares the new run's cycle 2 (another RP time): the old run's 2 and 3
+    are dropped, not shown, not put back into the pending writes, and the prepare is taken
+    (it was refused: nothing committed until the cycles passed 3). A repeat of it is a no-op."""
+    s, rp1 = old_history(tmp_path)
+    try:
+        s.write("", b"\x12" * BLOCK, BLOCK)
+        s.prepare("a", 2, 12.0, decided=None)
+        assert [(p["cycle"], p["rp_time"]) for p in s.record["prepared"]] == [(2, 12.0)]
+        files = journal_files(s)
+        s.prepare("a", 2, 12.0)   # the link's retry of a prepare whose reply it lost
+        assert [(p["cycle"], p["rp_time"]) for p in s.record["prepared"]] == [(2, 12.0)]
+        assert journal_files(s) == files
+        s.close()
+        s = None
+        s = reopen(tmp_path)
+        assert newest(s) == rp1
+        s.commit("a", 2, 12.0)
+        new2 = rp1[:BLOCK] + b"\x12" * BLOCK + rp1[2 * BLOCK:]
+        assert read_rp(s, 2) == new2 and newest(s) == new2 and s.record["prepared"] == []
+        with pytest.raises(OSError) as e:
+            s.prepare("a", 2, 22.0)   # not after the committed cycle: one phase only
+        assert e.value.errno == errno.EINVAL
+        s.write("", b"\x13" * BLOCK, 2 * BLOCK)
+        s.prepare("a", 3, 13.0)
+        s.commit("a", 2, 12.0)   # a repeated commit: it says nothing of the prepared 3
+        assert [p["cycle"] for p in s.record["prepared"]] == [3]
+        s.commit("a", 3, 13.0)
+        assert read_rp(s, 3) == new2[:2 * BLOCK] + b"\x13" * BLOCK + new2[3 * BLOCK:]
+    finally:
+        s.close()
+
+
+def test_mismatch_resyncs_a_receiver_that_prepared_after_the_record_only():
+    """A prepared cycle after the source's record: another history. Up to it (the source
+    crashed amid the prepares of its recorded cycle), or of another session, or a receiver
+    whose state names no prepared cycle: the committed cycle decides, as before."""
+    at = lambda prepared, session="S": {"session_id": "S", "committed_cycle": 4,  # noqa: E731
+                                        "prepared": {"session_id": session, "cycle": prepared}}
+    assert link.mismatch(at(6), "S", 5) == ("the receiver prepared cycle 6, after this source's "
+                                            "last commit 5: another history")
+    assert link.mismatch(at(5), "S", 5) is None
+    assert link.mismatch(at(6, "T"), "S", 5) is None
+    assert link.mismatch({"session_id": "S", "committed_cycle": 4, "prepared": None}, "S", 5) is None
+    assert link.mismatch({"session_id": "S", "committed_cycle": 4}, "S", 5) is None
+    assert "committed cycle 6" in link.mismatch({"session_id": "S", "committed_cycle": 6}, "S", 5)
+
+
+def test_the_handshake_and_the_link_resync_a_receiver_that_prepared_after_the_record(monkeypatch):
+    """The start's handshake turns the resume of such a receiver into a full resync, and a
+    link (re)connecting to one sends it no commit until the session resynced it."""
+    states = {"nbd://a/x": {"session_id": "S", "committed_cycle": 4, "prepared": {"session_id": "S", "cycle": 6}},
+              "nbd://b/y": {"session_id": "S", "committed_cycle": 4, "prepared": {"session_id": "S", "cycle": 5}}}
+    monkeypatch.setattr(link, "probe", lambda uri: states[uri])
+    plan = types.SimpleNamespace(resume={0: None, 1: None}, full={}, how="resume", session_id="S",
+                                 committed_cycle=5)
+    devices = [types.SimpleNamespace(dev=k, name=f"e{k}", replica_uri=u) for k, u in enumerate(states)]
+    link.handshake(plan, devices)
+    assert list(plan.resume) == [1] and list(plan.full) == [0] and "prepared cycle 6" in plan.full[0]
+
+    fake = _Metadata(monkeypatch, "S")
+    fake.prepared = {u: s["prepared"]["cycle"] for u, s in states.items()}
+    a, b = states
+    links = link.Link([a, b], ours=[a, b])   # the handshake could not reach them
+    assert links.commit("S", 5, 5.0) == 1
+    assert fake.writes == [(b, link.MAGIC_PREPARE), (b, link.MAGIC_COMMIT)], "a commit went to a"
+    assert list(links.take_diverged()) == [link.meta_uri(a)]
