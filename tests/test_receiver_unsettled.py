@@ -16,6 +16,7 @@ import subprocess
 import psutil
 
 from conftest import Server, make_image, nbdrep, uri, wait_until
+from copier.receiver import META_SIZE
 from nbd_plugin import control
 from test_receiver import BLOCK, MiB, Receiver, generation, write_image
 from test_receiver_fence import queued
@@ -24,7 +25,7 @@ SIZE = MiB
 # The proxy holds every write this long: the window, after the source flushed a cycle, in
 # which the test stops the receiver before the commit record reaches it.
 DELAY_MS = 1500
-RECORD = 28 + 4096   # an NBD write request's header and a metadata block (copier.receiver)
+RECORD = 28 + META_SIZE   # an NBD write request: its header and a metadata block
 
 
 def waiting(pid):
@@ -34,13 +35,9 @@ def waiting(pid):
     return sum(int(line.split()[2]) for line in out.splitlines() if f"pid={pid}," in line)
 
 
-def largest_queue(pid):
-    """The most bytes waiting unread in one of the connected unix sockets of ``pid``."""
-    out = subprocess.run(["ss", "-xnpH"], capture_output=True, text=True, check=True, timeout=30).stdout
-    return max([int(line.split()[2]) for line in out.splitlines() if f"pid={pid}," in line] or [0])
-
-
 def committed(server):
+    """The newest cycle the source counts committed: flushed to the replica, whether or not
+    the receiver took its commit record yet."""
     return control.request(server.control, {"cmd": "status"}, 10)["committed_cycle"] or 0
 
 
@@ -75,7 +72,7 @@ def test_after_an_unanswered_commit_the_next_cycle_fences_before_it_writes(procs
     receiver.suspend()
     try:
         two = committed(server)
-        wait_until(lambda: largest_queue(receiver.pid) >= RECORD, 30,
+        wait_until(lambda: queued(receiver.pid) >= RECORD, 30,
                    "the commit record waiting in the stopped receiver (if it never comes, the "
                    "receiver took it before the SIGSTOP)")
         # New connections fail at once, so the source's second attempt at the record does
@@ -100,7 +97,8 @@ def test_after_an_unanswered_commit_the_next_cycle_fences_before_it_writes(procs
     wait_until(lambda: committed(server) > two, 60, "generation 3 committed on the source")
     r.wait_committed(committed(server))
     assert "fenced" in log()[mark:], "the receiver took the next cycle without a fence"
-    assert nbdrep("verify", "--quiet", server.uri, r.uri(), check=False).returncode == 0
+    out = nbdrep("verify", server.uri, r.uri(), check=False)
+    assert out.returncode == 0, out.stdout
     rps = r.status()["rps"]
     shown = [images.get(r.read(f"@{rp['cycle']}", SIZE), "a mix") for rp in rps]
     # RP ``two``: the late record landed before the fence (generation 2 alone) or was refused.
