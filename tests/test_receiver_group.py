@@ -8,6 +8,7 @@ import errno
 import gc
 import json
 import os
+import shutil
 import signal
 import types
 
@@ -465,3 +466,66 @@ def test_the_handshake_and_the_link_resync_a_receiver_that_prepared_after_the_re
     assert links.commit("S", 5, 5.0) == 1
     assert fake.writes == [(b, link.MAGIC_PREPARE), (b, link.MAGIC_COMMIT)], "a commit went to a"
     assert list(links.take_diverged()) == [link.meta_uri(a)]
+
+
+def test_a_source_restored_from_a_copy_of_its_state_never_shows_the_abandoned_prepared_cycle(
+        procs, nbdkit, tmp_path):
+    """Two receivers, the second behind a proxy that delays every write by 4 s. The source
+    commits generation 1 and stops cleanly; its state directory is copied aside. The next run
+    (generation 2 written, an RP asked) is killed with kill -9 while the proxy holds its first
+    prepare: the first receiver holds that cycle prepared, after the copy's record.
+    Generation 3 is written into the sources, the copy is put back and the source started
+    again (a VM restored from a backup): its cycle ids come again, from its resync on, and no
+    RP after the copy's on either receiver is one of the abandoned run (without the drops,
+    the first receiver refused the new run's prepare of that id and a later commit showed the
+    old prepared RP); every commit lands on both, and each replica equals its source."""
+    rs = receivers(procs, tmp_path)
+    psock = str(tmp_path / "z-proxy.sock")   # after rs[0]'s: the second to get each record
+    _, proxy = nbdkit("--filter=delay", "nbd", f"socket={rs[1].sock}", "dynamic-export=true",
+                      "delay-write=4", sock=psock)
+    srcs = [make_image(str(tmp_path / f"src{k}.img"), SIZE) for k in range(2)]
+
+    def serve():
+        return Server(procs, str(tmp_path), [f"e{k}={s}" for k, s in enumerate(srcs)],
+                      [f"e0={rs[0].uri('e0')}", f"e1=nbd+unix:///e1?socket={psock}"],
+                      extra=["--cycle", "3600"])
+
+    server = serve()
+    write_source(server, 1)
+    server.rp()
+    assert procs.stop(server.proc) == 0   # its stop commits a cycle too
+    one = rs[0].status()["committed_cycle"]
+    shutil.copytree(tmp_path / "state", tmp_path / "state.copy")
+    unlink_stale(server.control)
+    server = serve()
+    write_source(server, 2)
+    nbdrep("rp", "--control", server.control)
+    wait_until(lambda: rs[0].status()["prepared"], 120, "the first receiver prepared", poll=0.01)
+    kill9_nbdkit(procs, server.proc)
+    procs.kill(proxy)
+    held = [r.status() for r in rs]
+    assert [s["committed_cycle"] for s in held] == [one, one] and held[1]["prepared"] == []
+    two = held[0]["prepared"][-1]["cycle"]
+
+    for src in srcs:
+        with open(src, "r+b") as f:
+            f.write(generation(3, SIZE))
+    shutil.rmtree(tmp_path / "state")
+    shutil.copytree(tmp_path / "state.copy", tmp_path / "state")
+    os.unlink(psock)
+    nbdkit("nbd", f"socket={rs[1].sock}", "dynamic-export=true", sock=psock)
+    unlink_stale(server.control)
+    server = serve()
+    three = server.rp()
+    assert shown(rs) == [[3], [3]]
+    write_source(server, 4)
+    four = server.rp()
+    for k, r in enumerate(rs):
+        status = r.status()
+        assert status["committed_cycle"] == four and status["prepared"] == [], status
+        cycles = [rp["cycle"] for rp in status["rps"]]
+        assert two in cycles and three in cycles, f"the ids {cycles} did not come again"
+        assert [generations_in(r.read(f"e{k}@{c}")) for c in cycles if c > one] == \
+            [[3]] * (cycles.index(four) - cycles.index(one) - 1) + [[4]], "an RP of the abandoned run"
+        with open(srcs[k], "rb") as f:
+            assert r.read(f"e{k}") == f.read(), f"receiver {k} differs from its source"
