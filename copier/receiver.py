@@ -290,15 +290,14 @@ class Link:
                                                                   where it was prepared
         a receiver after prepare      N prepared                  as "amid the commits"
         source, its record then       N prepared on some, the     those are resynced in full
-        older than N (its state       source's record says < N    (``mismatch``); the first,
-        directory restored, or the                                one-phase commit M of the
-        record not written before                                 session discards their
-        its crash)                                                prepared RPs newer than M
+        older than N (its state       source's record says < N    (``mismatch``); the first
+        directory restored, or the                                prepare or commit M there
+        record not written before                                 drops their prepared RPs
+        its crash)                                                newer than M, never shown
         ============================  ==========================  =============================
 
         A receiver that is new to the session (a full sync) takes one-phase commits until it
-        showed the session: its older RPs are of another history anyway, and its prepared ones
-        newer than the commit too (``receiver.store.Store.commit`` drops them, never shown)."""
+        showed the session: its older RPs are of another history anyway."""
         body = {"session_id": session_id, "cycle": cycle, "rp_time": rp_time}
         self.unsettled = False
         live = [(meta, uri) for meta, uri in self._uris if meta not in self._diverged]
