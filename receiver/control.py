@@ -144,20 +144,8 @@ def stopped_status(state_dir):
     if not isinstance(r, dict) or r.get("version") != stores.VERSION:
         raise foreign
     try:
-        return {
-            "role": "receiver",
-            "session_id": r["session_id"], "committed_cycle": r["committed_cycle"],
-            "rp_time": r["rp_time"], "commit_time": r["commit_time"], "lag": None,
-            "base_cycle": r["base_cycle"], "folding": r.get("folding"), "promoted": r["promoted"],
-            "journal_bytes": sum(rp["bytes"] for rp in r["rps"]), "journal_max": None,
-            "pending_bytes": None, "throttled": False, "keep": None, "pinned": [],
-            "targets": [{"name": n, "path": t["path"], "size": t["size"]} for n, t in r["targets"].items()],
-            "rps": [{"cycle": rp["cycle"], "rp_time": rp["rp_time"], "commit_time": rp["commit_time"],
-                     "bytes": rp["bytes"], "exports": sorted(rp["journals"])} for rp in r["rps"]],
-            "prepared": [{"cycle": rp["cycle"], "session_id": rp["session_id"], "rp_time": rp["rp_time"],
-                          "bytes": rp["bytes"], "exports": sorted(rp["journals"])}
-                         for rp in r.get("prepared", [])],   # none in a record older than prepares
-        }
+        return dict(stores.record_status(r), lag=None, journal_max=None, pending_bytes=None,
+                    throttled=False, keep=None, pinned=[])
     except (KeyError, TypeError, AttributeError):   # hand-edited, or another program's JSON
         raise foreign from None
 

@@ -431,9 +431,11 @@ class Store:
             log.warning("journal %d: not kept for reuse (%s)", j.seq, e)
             j.unlink()
             return
+        # Kept before its log goes: a log that cannot be deleted (logged by ``_reap``) is a
+        # leftover the next start deletes, and must not cost the spare too.
+        self._spares[name] = spare
         with contextlib.suppress(FileNotFoundError):
             os.unlink(j.log_path)
-        self._spares[name] = spare
 
     def _write_record(self, record):
         """Replace the record crash-safely (the journal directory first, so that the files it
@@ -1030,25 +1032,31 @@ class Store:
     # -- status -------------------------------------------------------------------------------
 
     def status(self):
+        """The record's part (``record_status``) and the live figures. O(RPs)."""
         r = self.record
-        now = self.clock()
-        return {
-            "role": "receiver",
-            "session_id": r["session_id"], "committed_cycle": r["committed_cycle"],
-            "rp_time": r["rp_time"], "commit_time": r["commit_time"],
-            "lag": None if r["rp_time"] is None else now - r["rp_time"],
-            "base_cycle": r["base_cycle"], "folding": r.get("folding"), "promoted": r["promoted"],
-            "journal_bytes": self.retained_bytes(), "journal_max": self.journal_max,
-            "pending_bytes": self.pending_bytes,
-            "throttled": self._throttled,
-            "keep": {"count": self.keep_count, "seconds": self.keep_seconds},
-            "pinned": sorted(self._pins),
-            "targets": [{"name": n, "path": b.path, "size": b.size} for n, b in self.bases.items()],
-            "rps": [{"cycle": rp["cycle"], "rp_time": rp["rp_time"], "commit_time": rp["commit_time"],
-                     "bytes": rp["bytes"], "exports": sorted(rp["journals"])} for rp in r["rps"]],
-            "prepared": [{"cycle": rp["cycle"], "session_id": rp["session_id"], "rp_time": rp["rp_time"],
-                          "bytes": rp["bytes"], "exports": sorted(rp["journals"])} for rp in r["prepared"]],
-        }
+        return dict(record_status(r), lag=None if r["rp_time"] is None else self.clock() - r["rp_time"],
+                    journal_max=self.journal_max, pending_bytes=self.pending_bytes,
+                    throttled=self._throttled, keep={"count": self.keep_count, "seconds": self.keep_seconds},
+                    pinned=sorted(self._pins))
+
+
+def record_status(r):
+    """The part of a receiver's status that its record ``r`` alone says: what ``Store.status``
+    shows beside the live figures, and what ``nbdrep rps`` shows of a stopped receiver.
+    KeyError or TypeError for a record of another shape. O(RPs)."""
+    return {
+        "role": "receiver",
+        "session_id": r["session_id"], "committed_cycle": r["committed_cycle"],
+        "rp_time": r["rp_time"], "commit_time": r["commit_time"],
+        "base_cycle": r["base_cycle"], "folding": r.get("folding"), "promoted": r["promoted"],
+        "journal_bytes": sum(rp["bytes"] for rp in r["rps"]),
+        "targets": [{"name": n, "path": t["path"], "size": t["size"]} for n, t in r["targets"].items()],
+        "rps": [{"cycle": rp["cycle"], "rp_time": rp["rp_time"], "commit_time": rp["commit_time"],
+                 "bytes": rp["bytes"], "exports": sorted(rp["journals"])} for rp in r["rps"]],
+        "prepared": [{"cycle": rp["cycle"], "session_id": rp["session_id"], "rp_time": rp["rp_time"],
+                      "bytes": rp["bytes"], "exports": sorted(rp["journals"])}
+                     for rp in r.get("prepared", [])],   # none in a record older than prepares
+    }
 
 
 def _entries(log_path):

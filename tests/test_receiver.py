@@ -479,6 +479,40 @@ def test_the_fold_thread_goes_on_when_a_journal_cannot_be_deleted(tmp_path, monk
         s.close()
 
 
+def test_a_spare_is_kept_when_its_folded_log_cannot_be_deleted(tmp_path, monkeypatch):
+    """The folded journal's data file is renamed into a spare before its log is deleted: a
+    log that cannot be deleted is the next start's leftover, and the spare is still reused
+    (else it would sit on disk, unused and uncounted, until that start)."""
+    s = open_store(tmp_path)
+    real_unlink = os.unlink
+
+    def logs_cannot_go(path, *args, **kwargs):
+        if str(path).endswith(".log"):
+            raise OSError(errno.EIO, "cannot delete")
+        return real_unlink(path, *args, **kwargs)
+
+    try:
+        s.commit("a", 1, 1.0)
+        s.write("", b"\x02" * BLOCK, 0)
+        s.commit("a", 2, 2.0)
+        folded = s.record["rps"][1]["journals"][""]
+        with s._fold_lock:
+            s._fold_one()
+            s._fold_one()
+        monkeypatch.setattr(stores.os, "unlink", logs_cannot_go)
+        s._reap()   # logs the EIO
+        monkeypatch.undo()
+        assert s._spares, "the spare was dropped with its log"
+        assert os.path.exists(os.path.join(s.folder, f"{folded}.log"))   # the leftover
+        s.write("", b"\x03" * BLOCK, BLOCK)
+        s.commit("a", 3, 3.0)
+        assert not s._spares, "the next pending journal did not take the spare"
+        assert read_rp(s, 3)[:2 * BLOCK] == b"\x02" * BLOCK + b"\x03" * BLOCK
+    finally:
+        monkeypatch.undo()
+        s.close()
+
+
 def test_the_pending_log_is_compacted_while_commits_fail(tmp_path, monkeypatch):
     """Commits that keep failing leave one pending journal taking every retried cycle's
     writes; its log must stay near the size of their union, not grow 16 bytes a write."""
