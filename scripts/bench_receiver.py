@@ -18,9 +18,14 @@
    against what a journal of every write holds (the sum of the write lengths, as a per-write
    journal such as Zerto's stores), over the same cycles, and per hour.
 
+   ``--rate-iops N`` holds fio to N writes a second (fio's ``rate_iops``), so that the lag is
+   measured at a stated load rather than at whatever the front end reaches that day.
+
     .venv/bin/python scripts/bench_receiver.py [--size 512M] [--seconds 30] [--only throughput|lag]
+                                               [--rate-iops N]
 """
 import argparse
+import json
 import os
 import shutil
 import statistics
@@ -51,6 +56,8 @@ def main():
     ap.add_argument("--seconds", type=int, default=30, help="fio run for lag and journal bytes")
     ap.add_argument("--work", default=None, help="scratch directory (default: a temporary one)")
     ap.add_argument("--only", choices=("throughput", "lag"), help="run one of the two parts")
+    ap.add_argument("--rate-iops", type=int, default=None, metavar="N",
+                    help="hold fio to N writes a second in the lag runs (default: as fast as it goes)")
     args = ap.parse_args()
     work = args.work or tempfile.mkdtemp(prefix="bench-receiver-")
     os.makedirs(work, exist_ok=True)
@@ -58,10 +65,10 @@ def main():
     if args.only != "lag":
         print_throughput(size, bench_throughput(work, size))
     if args.only != "throughput":
-        run = bench_lag(work, args.seconds, "receiver")
-        folding = bench_lag(work, args.seconds, "receiver", FOLDING)
-        plain = bench_lag(work, args.seconds, "nbdkit file")
-        print_lag(run, folding, plain)
+        run = bench_lag(work, args.seconds, "receiver", rate=args.rate_iops)
+        folding = bench_lag(work, args.seconds, "receiver", FOLDING, rate=args.rate_iops)
+        plain = bench_lag(work, args.seconds, "nbdkit file", rate=args.rate_iops)
+        print_lag(run, folding, plain, args.rate_iops)
 
 
 def progress(text):
@@ -199,7 +206,7 @@ RETAIN_ALL = ("--keep", "1h", "--journal-max", "8G")
 FOLDING = ("--keep", "1h", "--journal-max", "128M")
 
 
-def bench_lag(work, seconds, kind, retention=RETAIN_ALL, size=1 << 30):
+def bench_lag(work, seconds, kind, retention=RETAIN_ALL, size=1 << 30, rate=None):
     tag = "lag-f" if kind != "receiver" else "lag-r" if retention == RETAIN_ALL else "lag-rf"
     src, dst = os.path.join(work, f"{tag}-src.img"), os.path.join(work, f"{tag}-dst.img")
     for path in (src, dst):
@@ -207,6 +214,7 @@ def bench_lag(work, seconds, kind, retention=RETAIN_ALL, size=1 << 30):
             os.unlink(path)
         with open(path, "wb") as f:
             f.truncate(size)
+    report = os.path.join(work, f"{tag}-fio.json")
     try:
         with Procs() as procs:
             uri, rctl = start_replica(procs, work, kind, dst, tag, extra=retention)
@@ -215,11 +223,12 @@ def bench_lag(work, seconds, kind, retention=RETAIN_ALL, size=1 << 30):
             lag_at = rctl or ctl
             first = ask(lag_at, {"cmd": "status"})["committed_cycle"]
             progress(f"fio 4k zipf random writes for {seconds} s, 1 s cycles, into {kind}"
-                     + (f" {' '.join(retention)}" if rctl else ""))
+                     + (f" {' '.join(retention)}" if rctl else "") + (f" at {rate} IOPS" if rate else ""))
             fio = procs.start(["fio", "--name=bench", "--thread", "--ioengine=nbd", f"--uri={suri}", "--rw=randwrite",
                                "--bs=4k", "--iodepth=16", "--size=100%", "--random_distribution=zipf:1.1",
                                "--norandommap", f"--runtime={seconds}", "--time_based",
-                               "--output=/dev/null"], cwd=work)
+                               "--output-format=json", f"--output={report}"]
+                              + ([f"--rate_iops={rate}"] if rate else []), cwd=work)
             lags = []
             started = time.monotonic()
             while fio.poll() is None and time.monotonic() - started < seconds + 120:
@@ -229,14 +238,19 @@ def bench_lag(work, seconds, kind, retention=RETAIN_ALL, size=1 << 30):
                 time.sleep(0.1)
             last = ask(ctl, {"cmd": "rp", "wait": True, "timeout": 600}, 700)["cycle"]
             cycles = {c["cycle"]: c for c in ask(ctl, {"cmd": "status"})["cycles"]}
+            with open(report) as f:   # fio's nbd engine prints a line of its own first
+                text = f.read()
+            iops = json.loads(text[text.index("{"):])["jobs"][0]["write"]["iops"]
             if rctl is None:
-                return {"lags": lags}
+                return {"lags": lags, "iops": iops}
             rstatus = ask(rctl, {"cmd": "status"})
     finally:
         remove_run(work, tag, src, dst)
+        if os.path.exists(report):
+            os.unlink(report)
     rps = [rp for rp in rstatus["rps"] if first < rp["cycle"] <= last and rp["cycle"] in cycles]
     span = rps[-1]["rp_time"] - rps[0]["rp_time"] if len(rps) > 1 else float("nan")
-    return {"lags": lags, "rps": rps, "span": span,
+    return {"lags": lags, "iops": iops, "rps": rps, "span": span,
             "union": sum(rp["bytes"] for rp in rps),
             "per_write": sum(cycles[rp["cycle"]]["bytes_written"] for rp in rps)}
 
@@ -263,10 +277,12 @@ def print_throughput(size, throughput):
               f"{median[f] / median[r]:.2f}x median (goal >= 0.8x)")
 
 
-def print_lag(run, folding, plain):
-    print("\nLag under fio 4k zipf randwrite, 1 s cycles, one run each (goal: receiver p99 <= 1.5 s)")
-    print(format_table(("replica", "samples", "p50 (s)", "p99 (s)", "max (s)"), [
-        (kind, str(len(r["lags"])), f"{percentile(r['lags'], 50):.2f}", f"{percentile(r['lags'], 99):.2f}",
+def print_lag(run, folding, plain, rate=None):
+    print("\nLag under fio 4k zipf randwrite" + (f" held to {rate} IOPS" if rate else "")
+          + ", 1 s cycles, one run each (goal: receiver p99 <= 1.5 s)")
+    print(format_table(("replica", "IOPS", "samples", "p50 (s)", "p99 (s)", "max (s)"), [
+        (kind, f"{r['iops']:,.0f}", str(len(r["lags"])), f"{percentile(r['lags'], 50):.2f}",
+         f"{percentile(r['lags'], 99):.2f}",
          f"{max(r['lags'], default=float('nan')):.2f}")
         for kind, r in (("receiver, every RP kept (its side)", run),
                         (f"receiver, {' '.join(FOLDING[2:])}: a fold a cycle (its side)", folding),
