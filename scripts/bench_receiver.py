@@ -59,6 +59,8 @@ def main():
     ap.add_argument("--rate-iops", type=int, default=None, metavar="N",
                     help="hold fio to N writes a second in the lag runs (default: as fast as it goes)")
     args = ap.parse_args()
+    if args.rate_iops is not None and args.rate_iops < 1:
+        ap.error(f"--rate-iops {args.rate_iops}: give a rate of at least 1 write a second")
     work = args.work or tempfile.mkdtemp(prefix="bench-receiver-")
     os.makedirs(work, exist_ok=True)
     size = parse_size(args.size, "--size")
@@ -236,6 +238,9 @@ def bench_lag(work, seconds, kind, retention=RETAIN_ALL, size=1 << 30, rate=None
                 if lag is not None:
                     lags.append(lag)
                 time.sleep(0.1)
+            if fio.poll() is None:
+                procs.kill(fio)
+                sys.exit(f"bench_receiver: fio into {kind} did not end {seconds + 120} s after it started")
             last = ask(ctl, {"cmd": "rp", "wait": True, "timeout": 600}, 700)["cycle"]
             cycles = {c["cycle"]: c for c in ask(ctl, {"cmd": "status"})["cycles"]}
             with open(report) as f:   # fio's nbd engine prints a line of its own first
