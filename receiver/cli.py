@@ -79,13 +79,18 @@ def add_parsers(sub):
 
 
 def _where(p):
-    p.add_argument("--state", default=DEFAULT_STATE, metavar="DIR",
-                   help="the receiver's state directory (default: %(default)s)")
+    # None, not the default itself: rps tells a --state given from one left out.
+    p.add_argument("--state", metavar="DIR",
+                   help=f"the receiver's state directory (default: {DEFAULT_STATE})")
     p.add_argument("--control", metavar="PATH", help="its control socket (default: STATE/control.sock)")
 
 
+def _state(args):
+    return args.state or DEFAULT_STATE
+
+
 def _control(args):
-    return args.control or _state_control(args.state)
+    return args.control or _state_control(_state(args))
 
 
 def _state_control(state):
@@ -192,7 +197,7 @@ def _ask_at(path, message, timeout=10.0):
 def _rps(args):
     # --control alone does not say where its receiver's state is: the default state
     # directory may be another receiver's.
-    state = None if args.control and args.state == DEFAULT_STATE else args.state
+    state = None if args.control and args.state is None else _state(args)
     where, status, offline = _status_of(_control(args), state)
     if args.group:
         return _group(args, [(where, status, offline)] + [_member(path) for path in args.group])
@@ -206,14 +211,14 @@ def _rps(args):
 def _status_of(control_path, state):
     """A receiver's status: asked at ``control_path``, or, with no receiver answering there,
     read from the record in the state directory ``state`` (None: unknown). Returns (where it
-    was read, status, whether offline)."""
+    was read, status, None, or the control socket that did not answer if read offline)."""
     if _running(control_path):
-        return control_path, _ask_at(control_path, {"cmd": "status"}), False
+        return control_path, _ask_at(control_path, {"cmd": "status"}), None
     if state is None:
         raise ReceiveError(f"no nbdrep receiver at control socket {control_path}; to read a "
                            "stopped one, name its state directory (--state DIR, --group DIR)")
     try:
-        return state, receiver_control.stopped_status(state), True
+        return state, receiver_control.stopped_status(state), control_path
     except stores.StoreError as e:
         raise ReceiveError(f"no nbdrep receiver at control socket {control_path}, and {e}") from None
 
@@ -236,13 +241,14 @@ def _group(args, members):
     if args.json:
         print(json.dumps({"group_rp": common, "receivers": {
             where: {"session_id": s["session_id"], "committed_cycle": s["committed_cycle"],
-                    "prepared": [p["cycle"] for p in s["prepared"]], "offline": offline}
+                    "prepared": [p["cycle"] for p in s["prepared"]], "offline": offline is not None}
             for where, s, offline in members}}, indent=2))
         return 0 if common is not None else 1
     for where, s, offline in members:
         prepared = ",".join(str(p["cycle"]) for p in s["prepared"]) or "-"
         print(f"{where}: session {s['session_id'] or '-'}, committed {s['committed_cycle'] or '-'}, "
-              f"prepared {prepared}" + ("   (offline: read from its record)" if offline else ""))
+              f"prepared {prepared}" + (f"   (offline: no receiver at {offline}; read from its record)"
+                                        if offline else ""))
     if common is None:
         print("no RP is held by every receiver (another session, or folded away): the group "
               "cannot be shown at one RP; promote each to its own newest and check the data")
@@ -297,7 +303,7 @@ def _run(args, request, offline, readonly):
     try:
         for t in args.target:
             cfg.add("target", t)
-        cfg.add("state", args.state)
+        cfg.add("state", _state(args))
         cfg.complete()
     except ParamError as e:
         raise ReceiveError(f"no receiver answers at {control_path}; {e}") from None

@@ -144,10 +144,32 @@ def stopped_status(state_dir):
     if not isinstance(r, dict) or r.get("version") != stores.VERSION:
         raise foreign
     try:
-        return dict(stores.record_status(r), lag=None, journal_max=None, pending_bytes=None,
-                    throttled=False, keep=None, pinned=[])
+        status = dict(stores.record_status(r), lag=None, journal_max=None, pending_bytes=None,
+                      throttled=False, keep=None, pinned=[])
     except (KeyError, TypeError, AttributeError):   # hand-edited, or another program's JSON
         raise foreign from None
+    if not _well_typed(status):
+        raise foreign
+    return status
+
+
+def _whole(v, none=True):
+    return (none and v is None) or (isinstance(v, int) and not isinstance(v, bool))
+
+
+def _time(v):
+    return v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
+
+
+def _well_typed(status):
+    """Whether the figures ``rps`` prints and compares are of their types (a record that
+    parsed may still not be a receiver's: hand-edited, another program's). O(RPs)."""
+    return (_whole(status["committed_cycle"]) and _whole(status["base_cycle"])
+            and (status["session_id"] is None or isinstance(status["session_id"], str))
+            and _time(status["rp_time"]) and _time(status["commit_time"])
+            and all(_whole(rp["cycle"], none=False) and _whole(rp["bytes"], none=False)
+                    and _time(rp["rp_time"]) and _time(rp.get("commit_time"))
+                    for rp in status["rps"] + status["prepared"]))
 
 
 def prometheus(status):

@@ -54,7 +54,8 @@ def test_rps_group_reads_stopped_receivers_from_their_records(procs, tmp_path):
         rs[0].state: {"session_id": "s", "committed_cycle": 2, "prepared": [], "offline": True},
         rs[1].state: {"session_id": "s", "committed_cycle": 1, "prepared": [2], "offline": True}}}
     text = nbdrep(*args).stdout
-    assert f"{rs[1].state}: session s, committed 1, prepared 2   (offline: read from its record)" in text
+    assert (f"{rs[1].state}: session s, committed 1, prepared 2   (offline: no receiver at "
+            f"{rs[1].state}/control.sock; read from its record)") in text
     assert "group RP: 2;" in text
     out = nbdrep("rps", "--state", rs[1].state)
     assert out.stdout.startswith(f"offline: no receiver answers at {rs[1].state}/control.sock; "
@@ -113,6 +114,8 @@ def _dead_socket(path):
                                  "record {p}/receiver.json cannot be read (Expecting"),
     ("state with another record", "no nbdrep receiver at control socket {p}/control.sock, and receiver "
                                   "record {p}/receiver.json is not an nbdrep receiver record of version 1"),
+    ("state with mistyped figures", "no nbdrep receiver at control socket {p}/control.sock, and receiver "
+                                    "record {p}/receiver.json is not an nbdrep receiver record of version 1"),
     ("control alone", "no nbdrep receiver at control socket {p}; to read a stopped one, name its "
                       "state directory (--state DIR, --group DIR)"),
 ])
@@ -131,6 +134,9 @@ def test_rps_bad_paths_are_one_line_and_exit_2(tmp_path, case, message):
         _record(p, '{"version": 1, "rps"')
     if case == "state with another record":
         _record(p, '{"version": 1}')
+    if case == "state with mistyped figures":   # parses, has every key, a cycle is a string
+        with open(os.path.join(good, "receiver.json")) as f:
+            _record(p, json.dumps(dict(json.load(f), committed_cycle="2")))
     args = (["--control", p] if case == "control alone" else
             ["--state", p, "--group", good] if case.startswith("state") else ["--state", good, "--group", p])
     before = snapshot(str(tmp_path))
