@@ -21,8 +21,11 @@
    replicating: each run against the mean of its round's two. With --rounds N the rounds
    repeat (lags pooled, ratios as median and range): on a shared machine IOPS drift by half
    within minutes, so one round says little. Every run also counts the CPU each side took per
-   write (fio, the source's nbdkit split into fio's connection and the rest, the replica's
-   nbdkit) from /proc, and how busy each core was.
+   write from /proc (fio; the source's nbdkit split into fio's connection, the dirty-region
+   log's source sync and the rest, with the copier; the replica's nbdkit) and how busy each
+   core was; a replicating run first writes 12 MiB and takes a few RPs, so that the session's
+   threads that start on first need run before fio connects, as on a server up for a while.
+   The longest time from one RP to the next shows a worker held up between cycles.
 
    With --pin, as a deployment runs it, where the replica is another machine: the replica's
    nbdkit runs on CPU 1 only, and the source (``nbdrep serve``, its nbdkit with the copier's
@@ -59,10 +62,12 @@ from benchlib import fio_report, format_table  # noqa: E402
 from procs import Procs, nbdrep_cmd  # noqa: E402
 
 from nbd_plugin import control  # noqa: E402
+from nbd_plugin.cli import DEFAULT_THREADS  # noqa: E402
 from nbd_plugin.params import parse_size  # noqa: E402
 
 CHUNK = 64 << 10
 ROUNDS = 3
+WARM_UP_BYTES, WARM_UP_RPS = 12 << 20, 6   # three 4 MiB copy batches; commits past 4 hot cycles
 SOURCE_CPU, REPLICA_CPU = 0, 1   # --pin: the front end's core and the replica's "other machine"
 
 
@@ -114,6 +119,7 @@ def main():
         rated = Setup(f"pinned, {args.rate:,} IOPS", True, args.rate, None)
         groups += [(pinned, [pinned, Setup("pinned, --dirty-region 0", True, None, "0")]),
                    (rated, [rated])]
+    part1 = 1.0 if 1.0 in cycles else cycles[0]
     started = time.monotonic()
     work = tempfile.mkdtemp(prefix="nbdrep-bench-", dir=args.dir)
     try:
@@ -124,7 +130,7 @@ def main():
                 bases[base].append(bench_cycles(work, size, seconds, None, base))
                 for c, setup in itertools.product(cycles, setups):   # the setups interleaved
                     # Part 1's reports from one run only: asking for them costs the source CPU.
-                    wanted = r == 0 and setup == UNPINNED and c == cycles[0]
+                    wanted = r == 0 and setup == UNPINNED and c == part1
                     runs[setup, c].append(bench_cycles(work, size, seconds, c, setup, reports=wanted))
         for base, setups in groups:   # each round's runs against its runs not replicating, before and after
             bases[base].append(bench_cycles(work, size, seconds, None, base))
@@ -231,6 +237,7 @@ def bench_cycles(work, size, seconds, cycle, setup=UNPINNED, reports=False):
             server = _serve(procs, run, src, rsock, str(cycle), setup.dirty_region, source_cpu)
             _ask(server, {"cmd": "rp", "wait": True, "timeout": 600}, 700)
         source = _child(server["proc"].pid, "nbdkit")
+        sync_tids = _warm_up(server, source) if cycle is not None else set()
         session_tids = set(os.listdir(f"/proc/{source}/task"))   # before fio's connection
         label = "not replicating" if cycle is None else f"{cycle:g} s cycles"
         progress(f"fio 4k zipf random writes for {seconds} s, {label}, {setup.label}")
@@ -240,6 +247,7 @@ def bench_cycles(work, size, seconds, cycle, setup=UNPINNED, reports=False):
                            "--random_distribution=zipf:1.1", "--norandommap", f"--runtime={seconds}",
                            "--time_based", "--output-format=json", *rate],
                            stdout=subprocess.PIPE, cwd=work, preexec_fn=pinned(source_cpu))
+        front_tids = _new_threads(source, session_tids)
         pids = {"fio": fio.pid, "serve": server["proc"].pid, "source": source}
         if replica is not None:
             pids["replica"] = replica.pid
@@ -252,7 +260,7 @@ def bench_cycles(work, size, seconds, cycle, setup=UNPINNED, reports=False):
     first, last = sampled["window"]
     pins = _pins(last, pids, source_cpu, replica_cpu)
     return {"lag": sampled["lag"], "reports": sampled["reports"], "status": status, "iops": iops,
-            "cpu": _cpu_use(first, last, session_tids, iops), "pins": pins, "load": load,
+            "cpu": _cpu_use(first, last, front_tids, sync_tids, iops), "pins": pins, "load": load,
             "source_syncs": sampled["source_syncs"]}
 
 
@@ -272,6 +280,37 @@ def _child(pid, name, timeout=30):
                 return int(entry)
         time.sleep(0.05)
     raise RuntimeError(f"pid {pid} has no child {name!r} after {timeout} s")
+
+
+def _warm_up(server, source, rps=WARM_UP_RPS):
+    """Start the session's threads that start on first need, as a server running for a while
+    has them, so that fio's connection brings only its own: the copy's reader (a copy of more
+    than one batch) and the dirty-region log's source sync (due once the commits are
+    ``rps`` cycles past the last sync). Returns the threads that started during the RPs: the
+    source sync's (none with the log off)."""
+    import nbd
+    client = nbd.NBD()
+    client.connect_uri(server["uri"])
+    try:
+        client.pwrite(os.urandom(WARM_UP_BYTES), 0)
+    finally:
+        client.shutdown()
+    _ask(server, {"cmd": "rp", "wait": True, "timeout": 600}, 700)
+    before = set(os.listdir(f"/proc/{source}/task"))
+    for _ in range(rps):
+        _ask(server, {"cmd": "rp", "wait": True, "timeout": 600}, 700)
+    return set(os.listdir(f"/proc/{source}/task")) - before
+
+
+def _new_threads(pid, before, timeout=30):
+    """The threads of ``pid`` not in ``before`` once there are as many as nbdkit starts for a
+    client's connection: one for the connection and its ``--threads`` workers."""
+    deadline = time.monotonic() + timeout
+    while len(set(os.listdir(f"/proc/{pid}/task")) - before) < 1 + DEFAULT_THREADS:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"pid {pid} did not start fio's connection's threads within {timeout} s")
+        time.sleep(0.01)
+    return set(os.listdir(f"/proc/{pid}/task")) - before
 
 
 def _stat(path):
@@ -314,25 +353,26 @@ def _snapshot(pids):
     return {"time": time.monotonic(), "procs": procs, "tasks": tasks, "cores": cores}
 
 
-def _cpu_use(first, last, session_tids, iops):
+def _cpu_use(first, last, front_tids, sync_tids, iops):
     """Microseconds of CPU per write between two snapshots: fio; the source's nbdkit split into
-    the threads that started with fio's connection or later (the front end; a source sync's
-    thread started meanwhile too) and the rest (the session: copier, worker, control, with the
-    threads that ended); the replica's nbdkit. And each core's busy share."""
+    the threads of fio's connection (the front end), the dirty-region log's source sync and the
+    rest (the session's: copier, worker, control, with the threads that ended); the replica's
+    nbdkit. And each core's busy share."""
     tick = 1e6 / os.sysconf("SC_CLK_TCK")
     writes = iops * (last["time"] - first["time"])
 
     def per_write(ticks):
         return ticks * tick / writes
 
-    def delta(name):
-        before, after = first["procs"].get(name), last["procs"].get(name)
-        return None if before is None or after is None else after - before
-    new = {tid: t["ticks"] for tid, t in last["tasks"]["source"].items() if tid not in session_tids}
-    front = sum(ticks - first["tasks"]["source"].get(tid, {"ticks": 0})["ticks"] for tid, ticks in new.items())
-    out = {"fio": per_write(delta("fio")), "front end": per_write(front),
-           "session": per_write(delta("source") - front),
-           "replica": per_write(delta("replica")) if "replica" in last["procs"] else None}
+    def used(tids):
+        return sum(t["ticks"] - first["tasks"]["source"].get(tid, {"ticks": 0})["ticks"]
+                   for tid, t in last["tasks"]["source"].items() if tid in tids)
+    front, sync = used(front_tids), used(sync_tids)
+    whole = {name: None if first["procs"].get(name) is None or last["procs"].get(name) is None
+             else last["procs"][name] - first["procs"][name] for name in last["procs"]}
+    out = {"fio": per_write(whole["fio"]), "front end": per_write(front), "source sync": per_write(sync),
+           "session": per_write(whole["source"] - front - sync),
+           "replica": per_write(whole["replica"]) if "replica" in whole else None}
     for core, (busy, total) in last["cores"].items():
         busy0, total0 = first["cores"][core]
         out[core] = (busy - busy0) / max(1, total - total0)
@@ -492,8 +532,7 @@ def print_copier(sync):
 
 
 def print_tables(groups, cycles, runs, bases, steps, step_cycle):
-    cycle = 1.0 if 1.0 in cycles else cycles[0]
-    run = next(r for r in runs[UNPINNED, cycle] if r["reports"])
+    cycle, run = next((c, r) for (_, c), rs in runs.items() for r in rs if r["reports"])
     done = {c["cycle"]: c for c in run["status"]["cycles"]}
     seen = [c for c in sorted(run["reports"]) if c in done and done[c]["writes"]]
     written = sum(done[c]["bytes_written"] for c in seen)
@@ -513,21 +552,27 @@ def print_tables(groups, cycles, runs, bases, steps, step_cycle):
           f"{max(loads):.1f})")
     rows = []
     for base, setups in groups:
-        rows.append((base.label, "not replicating", "", "", "", "", "", "", ", ".join(
+        rows.append((base.label, "not replicating", "", "", "", "", "", "", "", ", ".join(
             str(round(r["iops"])) for r in bases[base]), "", ""))
         for setup, c in itertools.product(setups, cycles):
             rounds = runs[setup, c]
             lags = [lag for r in rounds for _, lag in r["lag"]]
             spans = [x["commit_time"] - x["rp_time"] for r in rounds for x in r["status"]["cycles"]
                      if x["state"] == "committed" and x["commit_time"] and x["writes"]]
+            # The longest wait from one RP to the next: a worker held up between cycles.
+            gaps = [b["rp_time"] - a["rp_time"] for r in rounds for a, b in
+                    zip(sorted(r["status"]["cycles"], key=lambda x: x["cycle"]),
+                        sorted(r["status"]["cycles"], key=lambda x: x["cycle"])[1:]) if b["writes"]]
             rows.append((setup.label, f"{c:g} s", str(len(lags)), f"{percentile(lags, 50):.2f}",
                          f"{percentile(lags, 99):.2f}", f"{max(lags, default=float('nan')):.2f}",
                          f"{percentile(spans, 50):.3f}", f"{percentile(spans, 99):.3f}",
+                         f"{max(gaps, default=float('nan')):.2f}",
                          f"{statistics.median(r['iops'] for r in rounds):.0f}",
                          _median_range([r["iops"] / r["base"] for r in rounds]),
                          str(round(statistics.median(r["source_syncs"] for r in rounds)))))
     print(format_table(("setup", "cycle", "samples", "lag p50 (s)", "lag p99 (s)", "max (s)",
-                        "RP->commit p50 (s)", "p99 (s)", "IOPS", "vs not replicating", "source syncs"), rows))
+                        "RP->commit p50 (s)", "p99 (s)", "RP to RP max (s)", "IOPS", "vs not replicating",
+                        "source syncs"), rows))
 
     off = [s for _, setups in groups for s in setups if s.dirty_region == "0"]
     for setup in off:   # the dirty-region log's share: the same pinned fio with the log on and off
@@ -540,9 +585,9 @@ def print_tables(groups, cycles, runs, bases, steps, step_cycle):
              _median_range([a["iops"] / b["iops"] for a, b in zip(runs[on, c], runs[setup, c])]))
             for c in cycles]))
 
-    print("\nCPU per write (microseconds, median over the rounds; front end: the source nbdkit's threads "
-          "that started with fio's connection or later; session: the rest, with the copier) and how busy "
-          "each core was")
+    print("\nCPU per write (microseconds, median over the rounds; of the source's nbdkit, front end: the threads "
+          "of fio's connection; source sync: the dirty-region log's; session: the rest, with the copier) and how "
+          "busy each core was")
     cores = sorted(k for k in everything[0]["cpu"] if k.startswith("cpu"))
     rows = []
     for base, setups in groups:
@@ -554,9 +599,10 @@ def print_tables(groups, cycles, runs, bases, steps, step_cycle):
                 return statistics.median(values) if values else None
             rows.append((setup.label, "not replicating" if c is None else f"{c:g} s",
                          *(f"{med(k):.2f}" if med(k) is not None else "-"
-                           for k in ("fio", "front end", "session", "replica")),
+                           for k in ("fio", "front end", "session", "source sync", "replica")),
                          *(f"{med(k):.0%}" for k in cores)))
-    print(format_table(("setup", "cycle", "fio", "front end", "session", "replica", *cores), rows))
+    print(format_table(("setup", "cycle", "fio", "front end", "session", "source sync", "replica", *cores),
+                       rows))
     pinned = [r for (setup, _), rs in runs.items() if setup.pin for r in rs] + \
         [r for setup, rs in bases.items() if setup.pin for r in rs]
     if pinned:
