@@ -12,6 +12,7 @@ the proxy hands it the commit record while it is stopped.
 """
 import os
 import subprocess
+import time
 
 import psutil
 
@@ -89,9 +90,17 @@ def test_after_an_unanswered_commit_the_next_cycle_fences_before_it_writes(procs
         nbdrep("rp", "--control", server.control)
         wait_until(lambda: waiting(receiver.pid) > connecting or queued(receiver.pid) >= held + BLOCK,
                    60, "the source's next cycle reaching the receiver")
-        sent = queued(receiver.pid) - held
-        assert sent < BLOCK, (f"cycle {two + 1} sent {sent} bytes on connections of cycle {two}, whose "
-                              "commit record may still land: no fence first")
+        # A new connection shows at once, but the proxy holds writes DELAY_MS: writes on the
+        # old connections would arrive up to that late, so watch them that long and a second
+        # more (an absence can only be watched for, over a bounded window).
+        deadline = time.monotonic() + DELAY_MS / 1000 + 1
+        while True:
+            sent = queued(receiver.pid) - held
+            assert sent < BLOCK, (f"cycle {two + 1} sent {sent} bytes on connections of cycle {two}, "
+                                  "whose commit record may still land: no fence first")
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(0.05)
     finally:
         receiver.resume()
     wait_until(lambda: committed(server) > two, 60, "generation 3 committed on the source")
