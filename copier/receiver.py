@@ -294,6 +294,11 @@ class Link:
         directory restored, or the                                prepare or commit M there
         record not written before                                 drops their prepared RPs
         its crash)                                                newer than M, never shown
+        source, its record then       N shown on some, the        those are resynced in full
+        older than N (its state       source's record says < N    (``mismatch``); their first
+        directory restored)                                       commit M (one phase, a newer
+                                                                  RP time) folds their RPs into
+                                                                  the base and shows M
         ============================  ==========================  =============================
 
         A receiver that is new to the session (a full sync) takes one-phase commits until it

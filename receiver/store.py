@@ -55,6 +55,15 @@ is of a history the source abandoned (its state directory restored, or its recor
 crash): its cycle ids come again in the new one. It is dropped, never shown (``_stale``), and
 the state block names the newest prepared cycle so that the source resyncs such a receiver in
 full (``copier.receiver.mismatch``) instead of trusting what it holds.
+
+Every commit record carries its RP's time (the source's clock at the RP). A commit of the
+session's committed cycle K or an older one is a repeat (the same RP time) or a late one (an
+older one) and changes nothing, unless its RP time is newer than RP K's and a fence came
+after K's commit (``_abandons``): its source's state went back to a record older than K
+(restored from a backup or a VM snapshot), the handshake resynced this receiver in full, and
+the new run's cycle ids come again. That commit, like a new session's first, folds every
+retained RP into the base images, which the record then names as no RP, before it commits:
+an RP id never names images of two histories, here or across a group (``rps --group``).
 """
 import array
 import bisect
@@ -301,6 +310,9 @@ class Store:
         # older. Numbers of this process: a restart ends every older connection anyway.
         self.meta_epoch = 0
         self._fences = 0
+        # A fence came after the newest commit (see ``_abandons``). A start counts as one: no
+        # connection opened before it lives.
+        self._fenced = True
         self._fold_lock = threading.Lock()
         self._record_lock = threading.Lock()
         self._fold_thread = None
@@ -701,6 +713,7 @@ class Store:
         with self._fold_lock, self._quiesce():
             self._fences += 1
             self.epochs[name] = self.meta_epoch = self._fences
+            self._fenced = True
         log.info("export %r fenced: its connections opened before refuse every request", name)
         return self._fences
 
@@ -708,9 +721,11 @@ class Store:
         """Make every export's pending writes RP ``cycle``, durably and at once. A commit of
         the session's committed cycle or an older one is a no-op (a copier retrying a commit
         whose reply it lost, or one that arrives late): the pending writes are a later
-        cycle's. Checked under ``_fold_lock``, which a repeat queues on behind the first.
-        Refused on a metadata connection of an ``epoch`` a fence made old (a dropped copier's
-        late commit would make the new one's partial writes an RP).
+        cycle's. Unless it abandons the committed history (``_abandons``: a newer RP time
+        than the committed RP's, after a fence): then it is a new run's, which its source
+        numbers from an older record again. Checked under ``_fold_lock``, which a repeat
+        queues on behind the first. Refused on a metadata connection of an ``epoch`` a fence
+        made old (a dropped copier's late commit would make the new one's partial writes an RP).
 
         Any other commit first drops, never shown, the prepared RPs of the session newer than
         ``cycle`` or of ``cycle`` under another RP time (``_stale``): a source sends its records
@@ -719,35 +734,69 @@ class Store:
         After a crash at any point: before the record without them, they are prepared still
         (hidden; the source got no answer and commits again); after it, their journal files are
         leftovers that the start deletes, the pending writes as they were; after the commit's
-        own record, RP ``cycle``."""
+        own record, RP ``cycle``.
+
+        A commit whose cycle ids come again (a new session's not after a retained RP, or one
+        that abandons the history) folds every retained RP into the base images first, so that
+        no RP id names images of two histories, and its record names no RP in the base images
+        (they hold one of the old history, under the new RPs). EBUSY while any RP is attached:
+        the new ids do not order against its id, and a fold of a new RP could change the base
+        under it. A crash amid those folds or after them, before the commit's record, leaves
+        the old history's newest RP served, whole (a start finishes a fold cut short), and the
+        new run's writes pending; the source got no answer and commits again."""
         with self._fold_lock:
             self._admit_record("commit", epoch)
             r = self.record
-            if r["session_id"] != session_id or cycle > (r["committed_cycle"] or 0):
+            abandons = self._abandons(session_id, cycle, rp_time)
+            if r["session_id"] != session_id or cycle > (r["committed_cycle"] or 0) or abandons:
                 self._discard(self._stale(session_id, cycle, rp_time), f"commit of cycle {cycle}")
                 r = self.record
             if r["prepared"]:   # the commit of a prepared cycle, or of a later one
                 self._publish(cycle, session_id)
                 r = self.record
-            if r["session_id"] == session_id and cycle <= (r["committed_cycle"] or 0):
+            if not abandons and r["session_id"] == session_id and cycle <= (r["committed_cycle"] or 0):
                 if self._unsure:   # the copier's retry of a commit whose record may not be durable
                     with self._record_lock:
                         self._write_record(self.record)   # raises while it still cannot be
                 return
-            if r["rps"] and cycle <= r["rps"][-1]["cycle"]:
-                # A new session numbers its cycles afresh: RP names must stay unique, so the
-                # retained RPs go into the base, but none newer than an attached one.
-                pinned = min(self._pins) if self._pins else None
-                if pinned is not None and r["rps"][-1]["cycle"] > pinned:
-                    raise OSError(errno.EBUSY, f"session {session_id} restarts at cycle {cycle}, which "
-                                  f"needs retained RPs folded, and RP {pinned} is attached as an export")
-                log.info("cycle %d after cycle %d (session %s): the retained RPs go into the base",
-                         cycle, r["rps"][-1]["cycle"], session_id)
+            again = abandons or bool(r["rps"] and cycle <= r["rps"][-1]["cycle"])
+            if again:
+                if self._pins:
+                    raise OSError(errno.EBUSY, f"cycle {cycle} of session {session_id} needs the retained "
+                                  f"RPs folded (its id comes again), and RPs {sorted(self._pins)} are "
+                                  "attached as exports")
+                if abandons:
+                    log.warning("cycle %d of session %s has a newer RP time than committed cycle %d: "
+                                "its source abandoned that history (its state restored); the retained "
+                                "RPs go into the base", cycle, session_id, r["committed_cycle"])
+                else:
+                    log.info("cycle %d after cycle %d (session %s): the retained RPs go into the base",
+                             cycle, r["rps"][-1]["cycle"], session_id)
                 while self.record["rps"]:
                     self._fold_one()
             with self._quiesce():
-                self._commit(session_id, cycle, rp_time)
+                self._commit(session_id, cycle, rp_time, unnamed_base=again)
         self._wake()
+
+    def _abandons(self, session_id, cycle, rp_time):
+        """Whether a commit of ``cycle`` of ``session_id`` at ``rp_time`` comes from a new run
+        of the session that abandoned the committed history: its source's state went back to
+        a record older than the committed cycle (restored from a backup or a VM snapshot), and
+        its cycle ids come again. True for a cycle not after the committed one at an RP time
+        newer than the committed RP's, once a fence came after that commit. The RP time tells
+        it from a repeat, which carries the RP time of the RP it repeats, and from a late
+        commit, which carries an older one (as ``_stale`` tells a prepared RP of another
+        history by its RP time). The fence keeps a source clock stepped back from making a
+        late commit look new: such a record travels on a metadata connection opened before
+        the commit it came late for, and is admitted only if no fence came since that
+        connection opened, so only while none came after that commit; a new run fences before
+        it writes (a start counts as a fence). A new run whose source clock is behind the
+        committed RP time is taken for a repeat, as it always was: the old history is served
+        until the new run's cycles pass it, and its next commit then covers every write it
+        sent. Caller holds ``_fold_lock``."""
+        r = self.record
+        return (self._fenced and r["session_id"] == session_id and r["rp_time"] is not None
+                and cycle <= (r["committed_cycle"] or 0) and rp_time > r["rp_time"])
 
     def _admit_record(self, what, epoch):
         """Refuse a ``what`` ("commit", "prepare") record once the targets were promoted, or on
@@ -848,13 +897,15 @@ class Store:
                                     prepared=[p for p in r["prepared"] if p not in shown],
                                     session_id=last["session_id"], committed_cycle=last["cycle"],
                                     rp_time=last["rp_time"], commit_time=last["commit_time"]))
+        self._fenced = False
         for rp in shown:
             for name, seq in rp["journals"].items():
                 j = self.journals[seq]
                 self.latest[name] = self.latest[name].overlaid(j.pairs, j)
 
-    def _commit(self, session_id, cycle, rp_time, prepare=False):
-        """Make the pending writes RP ``cycle``: shown, or only ``prepare``d. Caller holds
+    def _commit(self, session_id, cycle, rp_time, prepare=False, unnamed_base=False):
+        """Make the pending writes RP ``cycle``: shown, or only ``prepare``d. ``unnamed_base``:
+        the record names no RP in the base images from then on (see ``commit``). Caller holds
         ``_fold_lock`` and the writes out."""
         now = self.clock()
         journals, fresh = {}, {}
@@ -869,7 +920,7 @@ class Store:
             with self._record_lock:
                 self._write_record(dict(self.record, session_id=session_id, committed_cycle=cycle,
                                         rp_time=rp_time, commit_time=now, rps=[rp]))
-            self._direct = False
+            self._direct = self._fenced = False
             self.pending_bytes = 0
             return
         try:
@@ -890,6 +941,8 @@ class Store:
             else:
                 new = dict(self.record, session_id=session_id, committed_cycle=cycle, rp_time=rp_time,
                            commit_time=now, rps=self.record["rps"] + [rp], pending=pending)
+                if unnamed_base:
+                    new.update(base_cycle=None, base_rp_time=None)
             with self._record_lock:
                 try:
                     self._write_record(new)
@@ -901,6 +954,8 @@ class Store:
                     # record's fsync makes it durable); the copier hears of the failure.
                     self.record, unsure = new, e
                     self._unsure = True   # until a record write is durable, a repeat redoes it
+                if not prepare:
+                    self._fenced = False   # see _abandons
         except BaseException:
             for j in fresh.values():
                 j.unlink()

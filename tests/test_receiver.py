@@ -214,7 +214,7 @@ def test_a_new_session_folds_the_old_rps_but_not_past_a_pin(tmp_path):
         s.detach(2)
         s.commit("b", 1, 10.0)
         assert [rp["cycle"] for rp in s.record["rps"]] == [1]
-        assert s.record["base_cycle"] == 3
+        assert s.record["base_cycle"] is None and not s.retained(3)   # RP 3 of "a", no RP of "b"
         assert read_rp(s, 1)[:BLOCK] == b"\x07" * BLOCK
     finally:
         s.close()

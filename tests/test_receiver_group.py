@@ -18,8 +18,8 @@ import pytest
 from conftest import Server, make_image, nbdrep, wait_until
 from copier import receiver as link
 from receiver import store as stores
-from test_receiver import (BLOCK, MiB, Receiver, generation, generations_in, kill9_nbdkit, open_store,
-                           read_rp, unlink_stale)
+from test_receiver import (BLOCK, MiB, Receiver, commit_block_0, generation, generations_in, kill9_nbdkit,
+                           open_store, read_rp, unlink_stale)
 
 SIZE = MiB
 
@@ -428,6 +428,127 @@ def test_a_prepare_drops_the_prepared_rps_of_an_abandoned_history(tmp_path):
         assert [p["cycle"] for p in s.record["prepared"]] == [3]
         s.commit("a", 3, 13.0)
         assert read_rp(s, 3) == new2[:2 * BLOCK] + b"\x13" * BLOCK + new2[3 * BLOCK:]
+    finally:
+        s.close()
+
+
+def committed_history(tmp_path):
+    """A store with RPs 1-5 of session "a" (RP 1 zeros, RP k block 0 written k), left open
+    right after the commit of 5 (no fence since). Returns the store and RP 5's image."""
+    s = open_store(tmp_path)
+    s.commit("a", 1, 1.0)
+    commit_block_0(s, (2, 3, 4, 5))
+    return s, read_rp(s, 5)
+
+
+def new_run(s, cycle=3, rp_time=13.0):
+    """The new run of a source restored to its record of cycle 2: its copier fences, resyncs
+    the receiver in full (``b"\\x33"`` everywhere) and commits ``cycle`` in one phase.
+    Returns that image."""
+    image = b"\x33" * MiB
+    s.fence("")
+    s.write("", image, 0)
+    s.commit("a", cycle, rp_time)
+    return image
+
+
+def cycles_of(s):
+    return [(rp["cycle"], rp["rp_time"]) for rp in s.record["rps"]]
+
+
+@pytest.mark.parametrize("crash", [None, "amid the folds", "before the commit's record"])
+def test_a_new_run_of_the_session_makes_its_cycles_the_rps_of_their_ids(tmp_path, monkeypatch, crash):
+    """The source restored to its record of cycle 2 while the receiver committed 5: its new
+    run (RP times 13.0, 14.0) commits 3 and 4 after its full resync. RPs 3 and 4 are the new
+    run's images byte for byte and the newest RP is its newest, the old RPs 3-5 are gone and
+    the base images, which hold the old RP 5, are no RP. A crash amid the folds (a fold's
+    copy done, its record not) or after them, before the commit's record, leaves the old RP 5
+    served whole; the source's retry then commits. (Without the rule both commits were
+    repeats: RP 5 of the old run served, the new run's writes pending.)"""
+    s, old5 = committed_history(tmp_path)
+    try:
+        if crash is not None:
+            real = stores.write_json
+
+            def crashing(path, record):   # this record write never happens: kill -9
+                if (record.get("base_cycle") == 3 and record.get("folding") is None
+                        if crash == "amid the folds" else record["committed_cycle"] == 3):
+                    raise Crash()
+                return real(path, record)
+            monkeypatch.setattr(stores, "write_json", crashing)
+            with pytest.raises(Crash):
+                new_run(s)
+            monkeypatch.undo()
+            s.close()
+            s = None
+            s = reopen(tmp_path)
+            assert s.record["committed_cycle"] == 5 and newest(s) == old5, "a crash showed no RP or a mix"
+            assert [c for c, _ in cycles_of(s)] == ([4, 5] if crash == "amid the folds" else [])
+            assert s.record["base_cycle"] == (3 if crash == "amid the folds" else 5)
+            s.commit("a", 3, 13.0)   # the source's retry (a start counts as a fence)
+            new3 = b"\x33" * MiB
+        else:
+            new3 = new_run(s)
+        assert cycles_of(s) == [(3, 13.0)] and s.record["base_cycle"] is None and not s.retained(5)
+        assert newest(s) == new3 and read_rp(s, 3) == new3
+        s.write("", b"\x44" * BLOCK, BLOCK)
+        s.commit("a", 4, 14.0)
+        new4 = new3[:BLOCK] + b"\x44" * BLOCK + new3[2 * BLOCK:]
+        s.close()
+        s = None
+        s = reopen(tmp_path)
+        assert cycles_of(s) == [(3, 13.0), (4, 14.0)] and s.record["base_cycle"] is None
+        assert read_rp(s, 3) == new3 and read_rp(s, 4) == new4 and newest(s) == new4
+        assert link.decode(link.MAGIC_STATE, s.state_block())["committed_cycle"] == 4
+    finally:
+        s.close()
+
+
+def test_a_repeat_a_late_commit_or_a_clock_behind_leaves_the_history(tmp_path):
+    """With the new run at cycle 4 (RP time 14.0) and its cycle 5's writes pending, these
+    change nothing: a repeat of 4, a late commit of 3 (13.0), the old run's late commit of 4
+    (4.0), a late commit of 3 at a newer RP time (the source's clock stepped back after it)
+    while no fence came since the commit of 4, and, after a fence, a new run whose clock is
+    behind the committed RP time (taken for a repeat, as before the rule). Then 5 commits."""
+    s, _ = committed_history(tmp_path)
+    try:
+        new3 = new_run(s)
+        s.write("", b"\x44" * BLOCK, BLOCK)
+        s.commit("a", 4, 14.0)
+        new4 = new3[:BLOCK] + b"\x44" * BLOCK + new3[2 * BLOCK:]
+        s.write("", b"\x55" * BLOCK, 2 * BLOCK)
+        files = journal_files(s)
+        for cycle, rp_time, fence in ((4, 14.0, False), (3, 13.0, False), (4, 4.0, False),
+                                      (3, 20.0, False), (3, 9.0, True)):
+            if fence:
+                s.fence("")
+            s.commit("a", cycle, rp_time)
+            assert cycles_of(s) == [(3, 13.0), (4, 14.0)], f"the commit of {cycle} at {rp_time}"
+            assert newest(s) == new4 and journal_files(s) == files
+        s.commit("a", 5, 15.0)
+        assert read_rp(s, 5) == new4[:2 * BLOCK] + b"\x55" * BLOCK + new4[3 * BLOCK:]
+    finally:
+        s.close()
+
+
+def test_a_new_run_waits_while_any_rp_is_attached(tmp_path):
+    """An attached RP, the oldest or the newest, refuses the new run's commit (EBUSY) and
+    reads the same meanwhile: folded, the newest one's base would change under it with the
+    new run's RPs folded later (their ids are below its own). Detached, the commit goes."""
+    s, old5 = committed_history(tmp_path)
+    try:
+        for cycle in (2, 5):
+            pinned = s.attach("", cycle)
+            with pytest.raises(OSError) as e:
+                new_run(s)
+            assert e.value.errno == errno.EBUSY
+            buf = bytearray(MiB)
+            s.read("", pinned, buf, 0)
+            assert buf[:BLOCK] == bytes([cycle]) * BLOCK
+            s.detach(cycle)
+            assert [c for c, _ in cycles_of(s)] == [1, 2, 3, 4, 5] and newest(s) == old5
+        s.commit("a", 3, 13.0)
+        assert cycles_of(s) == [(3, 13.0)] and newest(s) == b"\x33" * MiB
     finally:
         s.close()
 
