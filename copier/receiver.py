@@ -302,7 +302,8 @@ class Link:
         ============================  ==========================  =============================
 
         A receiver that is new to the session (a full sync) takes one-phase commits until it
-        showed the session: its older RPs are of another history anyway."""
+        showed the session: its older RPs are of another history anyway. So does one that
+        committed cycles after the source's, until it took one (it refuses a prepare of them)."""
         body = {"session_id": session_id, "cycle": cycle, "rp_time": rp_time}
         self.unsettled = False
         live = [(meta, uri) for meta, uri in self._uris if meta not in self._diverged]
@@ -386,7 +387,10 @@ class Link:
             if why is not None:
                 self._diverged[meta] = why
                 log.error("receiver %s: %s; no commit goes there before a full resync", meta, why)
-            elif state is not None and state.get("session_id") == session_id:
+            elif state is not None and mismatch(state, session_id, cycle) is None:
+                # Of this session and history. One that holds cycles after ``cycle`` (one being
+                # resynced after its source's state was restored) takes one-phase commits until
+                # it took one: it refuses a prepare of an id it committed.
                 self._ours.add(meta)
             self._seen_receiver = self._seen_receiver or state is not None
             self._handles[meta] = h

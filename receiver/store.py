@@ -897,7 +897,7 @@ class Store:
                                     prepared=[p for p in r["prepared"] if p not in shown],
                                     session_id=last["session_id"], committed_cycle=last["cycle"],
                                     rp_time=last["rp_time"], commit_time=last["commit_time"]))
-        self._fenced = False
+        self._fenced = False   # see _abandons
         for rp in shown:
             for name, seq in rp["journals"].items():
                 j = self.journals[seq]

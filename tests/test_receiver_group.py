@@ -553,6 +553,59 @@ def test_a_new_run_waits_while_any_rp_is_attached(tmp_path):
         s.close()
 
 
+def test_a_source_restored_to_an_older_record_makes_its_cycles_the_rps_of_their_ids(procs, tmp_path):
+    """Two receivers committed cycles past the record a source's state directory is then
+    restored to (a VM put back from a backup), generation 3 in its sources meanwhile. Its new
+    run resyncs both in full and commits ids they had committed already: each shows
+    generation 3 at once (without the rule both served the abandoned generation 2 until the
+    new ids passed the old ones), every RP after the record's is the new run's, the group
+    RP is the new run's newest, and each replica equals its source."""
+    rs = receivers(procs, tmp_path)
+    srcs = [make_image(str(tmp_path / f"src{k}.img"), SIZE) for k in range(2)]
+
+    def serve():
+        unlink_stale(str(tmp_path / "state" / "control.sock"))
+        return Server(procs, str(tmp_path), [f"e{k}={s}" for k, s in enumerate(srcs)],
+                      [f"e{k}={r.uri(f'e{k}')}" for k, r in enumerate(rs)], extra=["--cycle", "3600"])
+
+    server = serve()
+    write_source(server, 1)
+    server.rp()
+    assert procs.stop(server.proc) == 0
+    one = rs[0].status()["committed_cycle"]
+    shutil.copytree(tmp_path / "state", tmp_path / "state.copy")
+    server = serve()
+    write_source(server, 2)
+    for _ in range(3):
+        server.rp()
+    assert procs.stop(server.proc) == 0
+    old = [r.status()["committed_cycle"] for r in rs]
+    assert shown(rs) == [[2], [2]] and min(old) >= one + 3
+
+    for src in srcs:
+        with open(src, "r+b") as f:
+            f.write(generation(3, SIZE))
+    shutil.rmtree(tmp_path / "state")
+    shutil.copytree(tmp_path / "state.copy", tmp_path / "state")
+    server = serve()
+    three = server.rp()
+    assert three < min(old), "the new run's ids did not come again: nothing tested"
+    assert shown(rs) == [[3], [3]], "the abandoned run's RP is served"
+    for k, r in enumerate(rs):
+        status = r.status()
+        assert status["committed_cycle"] == three and status["base_cycle"] is None, status
+        assert [generations_in(r.read(f"e{k}@{rp['cycle']}")) for rp in status["rps"]] == [[3]] * \
+            len(status["rps"]), "an RP of the abandoned run"
+    assert json.loads(group(rs, "--json").stdout)["group_rp"] == three
+    write_source(server, 4)
+    four = server.rp()
+    for k, r in enumerate(rs):
+        assert r.status()["committed_cycle"] == four
+        assert generations_in(r.read(f"e{k}@{three}")) == [3]
+        with open(srcs[k], "rb") as f:
+            assert r.read(f"e{k}") == f.read(), f"receiver {k} differs from its source"
+
+
 def test_mismatch_resyncs_a_receiver_that_prepared_after_the_record_only():
     """A prepared cycle after the source's record: another history. Up to it (the source
     crashed amid the prepares of its recorded cycle), or of another session, or a receiver
