@@ -18,7 +18,8 @@ tunnel) carries it unchanged:
   consistency group spans several receivers (``Link.commit``): the receiver makes its pending
   writes RP ``cycle`` durably but does not show it; the commit record of ``cycle`` or a later
   one shows it.
-* WRITE of block 0: a fence record, ``MAGIC_FENCE`` and JSON (session id, export name), before
+* WRITE of block 0: a fence record, ``MAGIC_FENCE`` and JSON (session id, export name, the
+  session's committed cycle: its prepared RPs after that one are of an abandoned history), before
   the copier opens data connections to that export (``Link.fence``). The receiver answers once
   every write already inside it is done, and from then on refuses (ESHUTDOWN) every write,
   zero, trim and flush on a connection to that export opened before the fence, and every
@@ -178,8 +179,9 @@ def mismatch(state, session_id, committed_cycle):
     prepared cycle up to ``committed_cycle`` (the source crashed amid its prepares or commits):
     the source wrote its record before any prepare, so in its history no receiver prepared a
     later one. A later one (the source's state directory restored from a backup, or its record
-    not written before a crash) is of a history the source no longer has, and its cycle ids
-    come again in this one: a prepare of them would be refused, a commit would show it."""
+    not written before a crash) is of a history the source no longer has, and so is what the
+    receiver took after it: it is resynced in full, and its first fence, which carries
+    ``committed_cycle``, drops those prepared RPs (``receiver.store.Store.fence``)."""
     if state.get("session_id") != session_id:
         return (f"the receiver holds session {state.get('session_id')}, not {session_id}"
                 if state.get("session_id") else "the receiver has no commit of this session")
@@ -340,10 +342,12 @@ class Link:
         """Before opening data connections to ``data_uri``: if its server is a receiver, make it
         refuse, from now on, the writes of every connection to that export opened before (see
         the module's docstring), once those already inside it are done. ``committed_cycle``:
-        the session's newest commit, for the history check of a first connection. Fences a
+        the session's newest commit, for the history check of a first connection and, in the
+        fence record, for the receiver to drop the session's prepared RPs after it. Fences a
         receiver found holding another history too (the full resync's writes need it). Raises
         ReplicaError if a receiver does not take the fence: no data may go there unfenced."""
-        block = encode(MAGIC_FENCE, {"session_id": session_id, "export": export_name(data_uri)})
+        block = encode(MAGIC_FENCE, {"session_id": session_id, "export": export_name(data_uri),
+                                     "committed_cycle": committed_cycle})
         self._send(meta_uri(data_uri), data_uri, session_id, committed_cycle, block, "fencing",
                    diverged_ok=True)
 

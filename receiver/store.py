@@ -49,11 +49,16 @@ Where a consistency group spans several receivers, the copier commits in two pha
 read sees; the commit of that cycle or a later one moves it to the RPs in one record write
 (``_publish``), as ``promote`` does when the operator decides with the source lost. A
 prepared RP the copier aborted (another receiver did not prepare it) goes back into the
-pending journals at the next prepare (``_unprepare``), so at most one waits. A prepared RP
-of the session newer than a commit or prepare of cycle M (or M itself under another RP time)
-is of a history the source abandoned (its state directory restored, or its record lost in a
-crash): its cycle ids come again in the new one. It is dropped, never shown (``_stale``), and
-the state block names the newest prepared cycle so that the source resyncs such a receiver in
+pending journals at the next prepare (``_unprepare``), so at most one waits. The source
+records cycle N before it prepares N, so a prepared RP of its session newer than its
+committed cycle is of a history it abandoned (its state directory restored, or its record
+not written before a crash). Every copy fences first, and the fence record carries the
+source's committed cycle: the fence drops those RPs, never shown (``fence``), whatever ids
+the new run uses (a record taken while the source ran makes it number from far above; one
+taken after a clean stop, from the record's next cycle, so its ids come again). A commit or
+prepare of cycle M drops, the same way, the session's prepared RPs newer than M or of M under
+another RP time (``_stale``), for a record that reaches a receiver before any fence. The
+state block names the newest prepared cycle so that the source resyncs such a receiver in
 full (``copier.receiver.mismatch``) instead of trusting what it holds.
 
 Every commit record carries its RP's time (the source's clock at the RP). A commit of the
@@ -691,7 +696,12 @@ class Store:
                 name = next(iter(self.sizes))
             if name not in self.sizes:
                 raise OSError(errno.ENOENT, f"fence of {name!r}: no such export")
-            return self.fence(name)
+            req = decode(MAGIC_FENCE, block)
+            committed = req.get("committed_cycle")   # absent from an older source's fences
+            if not (committed is None or type(committed) is int) or \
+                    not isinstance(req.get("session_id"), (str, type(None))):
+                raise OSError(errno.EINVAL, f"bad fence record: {req!r}")
+            return self.fence(name, req.get("session_id"), committed)
         prepare = bytes(block[:len(MAGIC_PREPARE)]) == MAGIC_PREPARE
         req = decode(MAGIC_PREPARE if prepare else MAGIC_COMMIT, block)
         try:
@@ -705,12 +715,22 @@ class Store:
             self.commit(session, cycle, rp_time, epoch)
         return epoch
 
-    def fence(self, name):
+    def fence(self, name, session_id=None, committed_cycle=None):
         """Open a new epoch of export ``name`` (``copier.receiver.Link.fence``, before the
         copier opens data connections to it): once the writes inside the receiver are done,
         refuse those of connections to ``name`` opened before, and the commit records of
-        metadata connections opened before. Returns the new epoch. Waits for a fold."""
+        metadata connections opened before. Returns the new epoch. Waits for a fold.
+
+        ``committed_cycle``: the newest cycle that source ``session_id`` counts committed
+        (None: not said). It records a cycle before it prepares it, so the session's prepared
+        RPs after that cycle are of a history it abandoned: dropped, never shown, before any
+        write of the new one arrives (``_discard``: a crash before its record leaves them
+        prepared, and the next fence drops them)."""
         with self._fold_lock, self._quiesce():
+            if session_id is not None and committed_cycle is not None:
+                self._discard([p for p in self.record["prepared"] if p["session_id"] == session_id
+                               and p["cycle"] > committed_cycle],
+                              f"fence of a source at committed cycle {committed_cycle}")
             self._fences += 1
             self.epochs[name] = self.meta_epoch = self._fences
             self._fenced = True

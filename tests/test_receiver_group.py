@@ -398,6 +398,38 @@ def test_a_one_phase_commit_drops_the_prepared_rps_of_an_abandoned_history(tmp_p
         s.close()
 
 
+def test_a_fence_drops_the_prepared_rps_after_the_sources_committed_cycle(tmp_path):
+    """A source restarted from a record taken while it ran numbers its cycles from far above
+    the old run's (``replication.driver``'s reserve), so no commit or prepare id says which
+    prepared RPs it abandoned; its fence says its committed cycle. Prepared RPs after it are
+    dropped, never shown, and the new run's first commit is RP 1's image with its write over
+    it (without the drop, that commit showed the old run's 2 and 3 as RPs). A fence at the
+    cycle of a prepared RP (the source crashed amid that RP's prepares, after its record)
+    keeps it, and the next commit shows it."""
+    s, rp1 = old_history(tmp_path)
+    try:
+        fence = link.encode(link.MAGIC_FENCE, {"session_id": "a", "export": "", "committed_cycle": 2})
+        s.metadata_write(fence)
+        assert [p["cycle"] for p in s.record["prepared"]] == [2], "a fence dropped a prepared RP it recorded"
+        s.metadata_write(link.encode(link.MAGIC_FENCE, {"session_id": "b", "export": "",
+                                                         "committed_cycle": 1}))
+        assert [p["cycle"] for p in s.record["prepared"]] == [2], "another session's fence dropped one"
+        s.metadata_write(link.encode(link.MAGIC_FENCE, {"session_id": "a", "export": "",
+                                                         "committed_cycle": 1}))
+        assert s.record["prepared"] == [] and len(journal_files(s)) == 2, "the abandoned RPs stayed"
+        far = 1 + (1 << 20)
+        s.write("", b"\x12" * BLOCK, BLOCK)
+        s.commit("a", far, 12.0)
+        assert [rp["cycle"] for rp in s.record["rps"]] == [1, far]
+        assert newest(s) == rp1[:BLOCK] + b"\x12" * BLOCK + rp1[2 * BLOCK:]
+        with pytest.raises(OSError) as e:
+            s.metadata_write(link.encode(link.MAGIC_FENCE, {"session_id": "a", "export": "",
+                                                             "committed_cycle": "1"}))
+        assert e.value.errno == errno.EINVAL
+    finally:
+        s.close()
+
+
 def test_a_prepare_drops_the_prepared_rps_of_an_abandoned_history(tmp_path):
     """A source that resumed the receivers in two phases (one predating the check of the
     prepared cycle) prepares the new run's cycle 2 (another RP time): the old run's 2 and 3
