@@ -16,7 +16,7 @@
 3. Achieved RPO: lag (now minus the RP time of the newest committed cycle) sampled every
    0.1 s during a fio run like part 1's for each of --cycles (part 1 is the 1 s run); p50/p99,
    each cycle's time from RP to commit, and a PNG plot of lag over time, one panel per cycle
-   length, side by side. The same fio run against nbdrep tracking without a replica, before
+   length side by side, a row per setup. The same fio run against nbdrep tracking without a replica, before
    and after each round of those runs, gives the front end's IOPS replicating against not
    replicating: each run against the mean of its round's two. With --rounds N the rounds
    repeat (lags pooled, ratios as median and range): on a shared machine IOPS drift by half
