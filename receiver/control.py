@@ -12,7 +12,6 @@ commands:
                         -> {"promoted": N}: the targets are RP N, and receive no more
 """
 import contextlib
-import json
 import os
 import stat
 
@@ -128,21 +127,11 @@ def stopped_status(state_dir):
     the state directory's lock: the record is replaced by rename, so it is read whole, old or
     new, and a lock, even a shared one, would make a receiver starting at that instant refuse
     to start. StoreError if there is no record or it cannot be read. O(RPs)."""
-    path = os.path.join(state_dir, stores.RECORD)
-    try:
-        with open(path, encoding="utf-8") as f:
-            r = json.load(f)
-    except (FileNotFoundError, NotADirectoryError):
-        raise stores.StoreError(f"{state_dir} is not a receiver's state directory "
-                                f"(no {stores.RECORD})") from None
-    except OSError as e:
-        raise stores.StoreError(f"receiver record {path} cannot be read ({e.strerror})") from None
-    except ValueError as e:
-        raise stores.StoreError(f"receiver record {path} cannot be read ({e})") from None
-    foreign = stores.StoreError(f"receiver record {path} is not an nbdrep receiver record of "
-                                f"version {stores.VERSION}")
-    if not isinstance(r, dict) or r.get("version") != stores.VERSION:
-        raise foreign
+    r = stores.read_record(state_dir)
+    if r is None:
+        raise stores.StoreError(f"{state_dir} is not a receiver's state directory (no {stores.RECORD})")
+    foreign = stores.StoreError(f"receiver record {os.path.join(state_dir, stores.RECORD)} is not "
+                                f"an nbdrep receiver record of version {stores.VERSION}")
     try:
         status = dict(stores.record_status(r), lag=None, journal_max=None, pending_bytes=None,
                       throttled=False, keep=None, pinned=[])

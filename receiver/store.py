@@ -869,6 +869,7 @@ class Store:
         then a record without it (``_discard``). A crash before that record leaves ``p``
         prepared and the pending journals holding the same bytes again: the same RPs either
         way. Caller holds ``_fold_lock`` with the writes out. O(p's bytes)."""
+        self._not_attached([p])
         for name, seq in p["journals"].items():
             j, pending = self.journals[seq], self.pending[name]
             keep = difference(j.pairs, pending.extents(self.sizes[name]))
@@ -889,9 +890,11 @@ class Store:
         """Forget the prepared RPs ``dropped``: a record without them, then their journals'
         files (a crash between leaves files that no record names, which a start deletes).
         ``why``: the record that showed them stale, logged; None for an aborted one whose
-        writes went back into the pending ones. Caller holds ``_fold_lock``."""
+        writes went back into the pending ones. EBUSY, nothing changed, while an attached RP
+        export reads one of them. Caller holds ``_fold_lock``."""
         if not dropped:
             return
+        self._not_attached(dropped)
         with self._record_lock:
             self._write_record(dict(self.record, prepared=[q for q in self.record["prepared"]
                                                            if q not in dropped]))
@@ -901,6 +904,15 @@ class Store:
                             "of a history the source abandoned", p["cycle"], p["session_id"], why)
             for seq in p["journals"].values():
                 self.journals.pop(seq).unlink()
+
+    def _not_attached(self, prepared):
+        """EBUSY if an attached RP export reads any of the ``prepared`` RPs (its map holds
+        every RP up to its own): dropped under it, its name would stay on an image that is no
+        RP any more, and may come again for another. Caller holds ``_fold_lock``."""
+        held = [p["cycle"] for p in prepared if any(c >= p["cycle"] for c in self._pins)]
+        if held:
+            raise OSError(errno.EBUSY, f"prepared RPs {held} are read by the attached RP exports "
+                          f"{sorted(self._pins)}; detach them first")
 
     def _publish(self, upto, session_id=None):
         """Show the prepared RPs up to cycle ``upto`` (all those of another session than
@@ -1076,7 +1088,7 @@ class Store:
                         log.error("cannot compact the pending log of %r: %s", name, e)
 
     def retained_bytes(self):
-        return sum(rp["bytes"] for rp in self.record["rps"])
+        return _retained_bytes(self.record)
 
     def _fold_one(self):
         """Copy the oldest retained RP's journals into the base images and forget it.
@@ -1124,7 +1136,7 @@ def record_status(r):
         "session_id": r["session_id"], "committed_cycle": r["committed_cycle"],
         "rp_time": r["rp_time"], "commit_time": r["commit_time"],
         "base_cycle": r["base_cycle"], "folding": r.get("folding"), "promoted": r["promoted"],
-        "journal_bytes": sum(rp["bytes"] for rp in r["rps"]),
+        "journal_bytes": _retained_bytes(r),
         "targets": [{"name": n, "path": t["path"], "size": t["size"]} for n, t in r["targets"].items()],
         "rps": [{"cycle": rp["cycle"], "rp_time": rp["rp_time"], "commit_time": rp["commit_time"],
                  "bytes": rp["bytes"], "exports": sorted(rp["journals"])} for rp in r["rps"]],
@@ -1132,6 +1144,10 @@ def record_status(r):
                       "bytes": rp["bytes"], "exports": sorted(rp["journals"])}
                      for rp in r.get("prepared", [])],   # none in a record older than prepares
     }
+
+
+def _retained_bytes(r):
+    return sum(rp["bytes"] for rp in r["rps"])
 
 
 def _entries(log_path):
@@ -1153,24 +1169,36 @@ def _on_disk(state_dir):
         return None
 
 
-def load(state_dir, targets, sizes):
-    """The record in ``state_dir`` for ``targets`` [(name, path)] of ``sizes`` {name: bytes},
-    or a new one; StoreError if it cannot be read or is another receiver's. Reads only."""
+def read_record(state_dir):
+    """The record in ``state_dir`` as its JSON says, None if there is none; StoreError if it
+    cannot be read or is not a receiver's record of this version. Reads only, no lock."""
     path = os.path.join(state_dir, RECORD)
-    expected = {n: {"path": os.path.realpath(p), "size": sizes[n]} for n, p in targets}
     try:
         with open(path, encoding="utf-8") as f:
             record = json.load(f)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except (OSError, ValueError) as e:
+        raise StoreError(f"receiver record {path} cannot be read "
+                         f"({e.strerror if isinstance(e, OSError) else e})") from None
+    if not isinstance(record, dict) or record.get("version") != VERSION:
+        raise StoreError(f"receiver record {path} is not an nbdrep receiver record of version {VERSION}")
+    return record
+
+
+def load(state_dir, targets, sizes):
+    """The record in ``state_dir`` for ``targets`` [(name, path)] of ``sizes`` {name: bytes},
+    or a new one; StoreError if it cannot be read or is another receiver's. Reads only."""
+    expected = {n: {"path": os.path.realpath(p), "size": sizes[n]} for n, p in targets}
+    try:
+        record = read_record(state_dir)
+    except StoreError as e:
+        raise StoreError(f"{e}; move the state directory away to start afresh") from None
+    if record is None:
         return {"version": VERSION, "session_id": None, "committed_cycle": None, "rp_time": None,
                 "commit_time": None, "base_cycle": None, "base_rp_time": None, "folding": None,
                 "next_seq": 1, "rps": [], "prepared": [],
                 "pending": {}, "targets": expected, "promoted": None}
-    except (OSError, ValueError) as e:
-        raise StoreError(f"receiver record {path} cannot be read ({e}); move the state "
-                         "directory away to start afresh") from None
-    if not isinstance(record, dict) or record.get("version") != VERSION:
-        raise StoreError(f"receiver record {path} is not an nbdrep receiver record of version {VERSION}")
     if record["targets"] != expected:
         raise StoreError(f"state directory {state_dir} holds the journals of other "
                          f"targets ({_describe(record['targets'])}); use another --state")

@@ -405,7 +405,8 @@ def test_a_fence_drops_the_prepared_rps_after_the_sources_committed_cycle(tmp_pa
     dropped, never shown, and the new run's first commit is RP 1's image with its write over
     it (without the drop, that commit showed the old run's 2 and 3 as RPs). A fence at the
     cycle of a prepared RP (the source crashed amid that RP's prepares, after its record)
-    keeps it, and the next commit shows it."""
+    keeps it. Not under an attached export that reads one (EBUSY): its name would stay on an
+    image that is no RP any more."""
     s, rp1 = old_history(tmp_path)
     try:
         fence = link.encode(link.MAGIC_FENCE, {"session_id": "a", "export": "", "committed_cycle": 2})
@@ -414,8 +415,13 @@ def test_a_fence_drops_the_prepared_rps_after_the_sources_committed_cycle(tmp_pa
         s.metadata_write(link.encode(link.MAGIC_FENCE, {"session_id": "b", "export": "",
                                                          "committed_cycle": 1}))
         assert [p["cycle"] for p in s.record["prepared"]] == [2], "another session's fence dropped one"
-        s.metadata_write(link.encode(link.MAGIC_FENCE, {"session_id": "a", "export": "",
-                                                         "committed_cycle": 1}))
+        abandoned = link.encode(link.MAGIC_FENCE, {"session_id": "a", "export": "", "committed_cycle": 1})
+        assert s.attach("", 2) is not None   # an operator's look at it, with the source lost
+        with pytest.raises(OSError) as e:
+            s.metadata_write(abandoned)
+        assert e.value.errno == errno.EBUSY and [p["cycle"] for p in s.record["prepared"]] == [2]
+        s.detach(2)
+        s.metadata_write(abandoned)
         assert s.record["prepared"] == [] and len(journal_files(s)) == 2, "the abandoned RPs stayed"
         far = 1 + (1 << 20)
         s.write("", b"\x12" * BLOCK, BLOCK)
