@@ -13,8 +13,10 @@ writes the replication record when it is due (``_record_due``: at most once per
 ``RECORD_INTERVAL`` s, unless an RP was requested or a replica is a receiver), commits to
 the receivers (closing the data connections if a record may land late), clears the
 dirty-region log's marks the commit covers and appends the cycle history (``_committed``).
-When the log's extents wait for the sources to be durable, a thread of its own fdatasyncs
-them (``_sync_sources_if_due``).
+Every record after the start's is written by a thread of its own, in the order submitted
+(``_save_record``); the worker waits for it but for a periodic one, which nothing waits for.
+When the log's extents wait for the sources to be durable, another thread fdatasyncs them
+(``_sync_sources_if_due``).
 
 Locks:
 
@@ -82,10 +84,15 @@ PERSIST_RESERVE = 5.0
 # The record is written at a commit at most once per this many seconds (unless ``_record_due``
 # says otherwise): its two fsyncs and a rename were the largest and most variable fixed cost of
 # a cycle (0.5-17 ms under load, scripts/bench_replication.py), once per commit; at the default
-# 1 s cycles every commit is still recorded, at 0.25 s one in four.
+# 1 s cycles every commit is still recorded, at 0.25 s one in four. Those periodic records are
+# written behind the worker, on the record thread, while it goes on to the next RP: a device
+# flush of the state directory's disk held up by a neighbour's fsyncs kept the worker in fsync
+# for over 2.5 s, and no RP was taken meanwhile (issue 11).
 #
-# Why a record that names an older commit than the replica holds is safe. It is written only
-# here, after the replicas' flush, so it never names a cycle the replica does not hold. After
+# Why a record that names an older commit than the replica holds is safe. It is made only
+# here, after the replicas' flush, so it never names a cycle the replica does not hold, however
+# late the record thread writes it; records land in the order made, so a newer one is never
+# replaced by an older (the stop's waits for those before it). After
 # a crash a record of a run in progress makes plan() resync what the dirty-region log marked,
 # and dl_commit clears a mark only once a commit covered every write to it, whatever the
 # record says (dirtylog.c): so every part that may differ is marked however old the record's
@@ -96,7 +103,8 @@ PERSIST_RESERVE = 5.0
 # ``next_cycle``, reserved ``records.RESERVE`` ids ahead, which a second of cycles cannot use
 # up. What it costs: after a crash, status shows the older commit until the first new one. A
 # receiver that took a newer commit than the record names would read as another history and
-# be resynced in full, so where any replica is a receiver every commit is recorded first.
+# be resynced in full, so where any replica is a receiver every commit is recorded first, and
+# the worker waits for it.
 RECORD_INTERVAL = 1.0
 KINDS = (KIND_DATA, KIND_ZERO, KIND_TRIM)
 
@@ -236,6 +244,7 @@ class Session:
         self._buffers = None
         self._reader = None   # _reader_thread
         self._syncer = self._sync = None   # _sync_sources_if_due: its thread, its last job
+        self._recorder = self._record = None   # _save_record: its thread, its last unwaited job
 
     def _plan(self, resync_full):
         record = records.load(self.state_dir) if self.state_dir else None
@@ -297,7 +306,8 @@ class Session:
                     warm={d.dev: self._warm[d.name] for d in self.devices
                           if d.name in self._warm and d.dev in plan.resume})
                 self.hook.log_to(self.dirty)
-            self._write_record(False, None, plan.committed_cycle, plan.rp_time)
+            records.save(self.state_dir, self._make_record(False, None, plan.committed_cycle,
+                                                           plan.rp_time))
             dirtylog.prune(self.state_dir, self.dirty.file if self.dirty else None)
         if plan is not None:
             for reason in sorted(set(plan.full.values())):
@@ -467,6 +477,8 @@ class Session:
         finally:
             if self._syncer is not None:   # first: the log is closed once the worker ended
                 self._syncer.shutdown()
+            if self._recorder is not None:   # a record written behind lands before stop returns
+                self._recorder.shutdown()
             self._close_replicas()
             if self._reader is not None:
                 self._reader.shutdown()
@@ -565,8 +577,9 @@ class Session:
         self._publish(action.report, action.cycle)
         diverged = {}
         if action.point_in_time:
-            if self._record_due(action.cycle):
-                self._save_record(clean=False)
+            wait = self._record_due(action.cycle)
+            if wait is not None:
+                self._save_record(clean=False, wait=wait)
             if self.receivers is not None:   # receivers show the cycle only now
                 self.receivers.commit(self.plan.session_id, action.cycle,
                                       self.controller.committed_rp_time)
@@ -596,21 +609,23 @@ class Session:
 
     def _record_due(self, cycle):
         """Whether the commit of ``cycle`` writes the record (``RECORD_INTERVAL`` says why it
-        may not): yes for the run's first commit, a requested RP (``wait_for`` returns with it
-        recorded; a request may name a cycle a timer's RP is already closing), where a replica
-        is a receiver, while the last write failed or the dirty-region log must leave the
-        record, and once ``RECORD_INTERVAL`` s passed since the last. O(1)."""
+        may not), and whether the worker waits for it: None for no record; True (waited for)
+        for a requested RP (``wait_for`` returns with it recorded; a request may name a cycle a
+        timer's RP is already closing), where a replica is a receiver (recorded before it takes
+        the commit), while the last write failed (its error stays in status until one is
+        written) or the dirty-region log must leave the record; False (written behind) for
+        the run's first commit and once ``RECORD_INTERVAL`` s passed since the last. O(1)."""
         with self._cond:
             wanted = max(self.controller.rp_wanted, self._asked)
             requested = self._performed_upto < wanted <= cycle
             rerecord, self._rerecord = self._rerecord, False   # this record drops the log
         now = time.monotonic()
-        if self._record_at is None or requested or rerecord or \
-                (self.receivers is not None and self.receivers.has_receivers()) or \
-                self.record_error is not None or now - self._record_at >= RECORD_INTERVAL:
+        wait = requested or rerecord or self.record_error is not None or \
+            (self.receivers is not None and self.receivers.has_receivers())
+        if wait or self._record_at is None or now - self._record_at >= RECORD_INTERVAL:
             self._record_at = now
-            return True
-        return False
+            return wait
+        return None
 
     def _persist(self, action):
         """Record the stop. A clean one adds the open cycle's TEs to what is outstanding: the
@@ -638,16 +653,34 @@ class Session:
                  "without a clean record (the next start resyncs what the dirty-region log "
                  "marked, in full without the log)", what)
 
-    def _save_record(self, clean, outstanding=None, exact=False):
-        """Write the record; True if it was. One that cannot be written (a full state
-        directory) is logged and shown in status, never a failed cycle: the record on disk then
-        is an older one of a run in progress, so the next start resyncs what the dirty-region
-        log marked (in full without the log), which is safe."""
+    def _save_record(self, clean, outstanding=None, exact=False, wait=True):
+        """Make the record now and write it on the record thread, after every record made
+        before it. ``wait``: return once it is written, True if it was; else return None at
+        once (a periodic record: nothing waits for it, and a newer one replaces it if its write
+        has not started yet, so they never queue up behind a slow disk)."""
         if self.state_dir is None:
             return True
+        record = self._make_record(clean, outstanding, self.controller.committed_cycle,
+                                   self.controller.committed_rp_time, exact)
+        previous, self._record = self._record, None
+        if previous is not None and not previous.cancel() and previous.done():
+            previous.result()   # a bug's exception, raised on the worker as it was before
+        if self._recorder is None:
+            self._recorder = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="nbdrep-record")
+        job = self._recorder.submit(self._store_record, record)
+        if wait:
+            return job.result()
+        self._record = job
+        return None
+
+    def _store_record(self, record):
+        """Write ``record`` (the record thread); True if it was. One that cannot be written (a
+        full state directory) is logged and shown in status, never a failed cycle: the record
+        on disk then is an older one of a run in progress, so the next start resyncs what the
+        dirty-region log marked (in full without the log), which is safe; the next commit's
+        record is waited for (``_record_due``)."""
         try:
-            self._write_record(clean, outstanding, self.controller.committed_cycle,
-                               self.controller.committed_rp_time, exact)
+            records.save(self.state_dir, record)
         except OSError as e:
             if self.record_error is None:
                 log.error("cannot write the replication record in %s (%s); until it can be "
@@ -658,15 +691,17 @@ class Session:
         self.record_error = None
         return True
 
-    def _write_record(self, clean, outstanding, committed_cycle, rp_time, exact=False):
-        """``exact``: the open cycle is the next id (a stop); otherwise ids are reserved ahead."""
-        records.save(self.state_dir, records.make(
+    def _make_record(self, clean, outstanding, committed_cycle, rp_time, exact=False):
+        """The record's content as of now (the tracker's open cycle, the dirty-region log's
+        state), made by the caller, never on the record thread. ``exact``: the open cycle is the next id (a stop); otherwise ids are
+        reserved ahead."""
+        return records.make(
             self.plan.session_id, clean=clean, committed_cycle=committed_cycle, rp_time=rp_time,
             next_cycle=self.tracker.cycle + (0 if exact else records.RESERVE),
             sources={d.name: records.identity(d.path, d.backend.fd, d.size) for d in self.devices},
             replicas={d.name: {"uri": d.replica_uri, "size": d.replica_size} for d in self.devices},
             outstanding=outstanding, names={d.dev: d.name for d in self.devices},
-            dirty_log=self.dirty.describe() if self.dirty and not self.dirty.sync_error else None))
+            dirty_log=self.dirty.describe() if self.dirty and not self.dirty.sync_error else None)
 
     def _sync_sources_if_due(self, committed):
         """Let the dirty-region log clear extents whose writes are committed: once a commit
