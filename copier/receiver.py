@@ -234,8 +234,12 @@ class Link:
     another history, gets no increment committed over it (logged) until the caller took it
     from ``take_diverged`` to resync it in full."""
 
-    def __init__(self, data_uris, timeout=META_TIMEOUT, ours=()):
+    def __init__(self, data_uris, timeout=META_TIMEOUT, ours=(), committed=None):
         self._uris = sorted({meta_uri(u): u for u in data_uris}.items())
+        # The session's newest commit before the next ``commit`` (at first the one it resumes
+        # from), and the receivers fenced since this link was made (``_fence_first``).
+        self._committed = committed
+        self._fenced = set()
         self._timeout = timeout
         self._handles = {}   # meta URI -> nbd handle of a receiver; None: a plain export
         # Meta URIs of receivers that hold this session: those that showed it, and from the
@@ -293,14 +297,16 @@ class Link:
         a receiver after prepare      N prepared                  as "amid the commits"
         source, its record then       N prepared on some, the     those are resynced in full
         older than N (its state       source's record says < N    (``mismatch``); the first
-        directory restored, or the                                prepare or commit M there
-        record not written before                                 drops their prepared RPs
-        its crash)                                                newer than M, never shown
+        directory restored, or the                                fence there (before any
+        record not written before                                 record: ``_fence_first``)
+        its crash)                                                drops their prepared RPs
+                                                                  after the record, never shown
         source, its record then       N shown on some, the        those are resynced in full
-        older than N (its state       source's record says < N    (``mismatch``); their first
-        directory restored)                                       commit M (one phase, a newer
-                                                                  RP time) folds their RPs into
-                                                                  the base and shows M
+        older than N (as above)       source's record says < N    (``mismatch``); after the
+                                                                  first fence their first
+                                                                  commit M, whatever its id,
+                                                                  folds their RPs into the base
+                                                                  and shows M
         ============================  ==========================  =============================
 
         A receiver that is new to the session (a full sync) takes one-phase commits until it
@@ -308,6 +314,9 @@ class Link:
         committed cycles after the source's, until it took one (it refuses a prepare of them)."""
         body = {"session_id": session_id, "cycle": cycle, "rp_time": rp_time}
         self.unsettled = False
+        before, self._committed = self._committed, cycle   # the source counts it committed
+        if not self._fence_first(session_id, before, cycle):
+            return 0
         live = [(meta, uri) for meta, uri in self._uris if meta not in self._diverged]
         # The receivers: a plain export's handle is None (one not connected yet is not in
         # _ours either, so that commit is one-phase).
@@ -338,6 +347,24 @@ class Link:
                 self.unsettled = True
         return done
 
+    def _fence_first(self, session_id, committed_cycle, cycle):
+        """Fence each receiver this link has not fenced yet, before the first record it sends
+        there: a run whose first cycles copied nothing (empty reports) commits without a copy,
+        so without the copy's fence, and the fence is what tells a receiver the source's
+        committed cycle (``committed_cycle``: before this commit), by which it drops and folds
+        away the RPs of a history the source abandoned (``receiver.store.Store.fence``). False,
+        logged, if one could not be fenced: no receiver is sent the commit of ``cycle``."""
+        for meta, data_uri in self._uris:
+            if meta in self._fenced or meta in self._diverged:
+                continue
+            try:
+                self.fence(data_uri, session_id, committed_cycle)
+            except ReplicaError as e:
+                log.warning("receiver %s could not be fenced before its first commit record (%s): "
+                            "no receiver shows cycle %d; the next commit covers it", meta, e, cycle)
+                return False
+        return True
+
     def fence(self, data_uri, session_id, committed_cycle):
         """Before opening data connections to ``data_uri``: if its server is a receiver, make it
         refuse, from now on, the writes of every connection to that export opened before (see
@@ -348,8 +375,9 @@ class Link:
         ReplicaError if a receiver does not take the fence: no data may go there unfenced."""
         block = encode(MAGIC_FENCE, {"session_id": session_id, "export": export_name(data_uri),
                                      "committed_cycle": committed_cycle})
-        self._send(meta_uri(data_uri), data_uri, session_id, committed_cycle, block, "fencing",
-                   diverged_ok=True)
+        meta = meta_uri(data_uri)
+        self._send(meta, data_uri, session_id, committed_cycle, block, "fencing", diverged_ok=True)
+        self._fenced.add(meta)
 
     def _send(self, meta, data_uri, session_id, cycle, block, what, diverged_ok=False):
         """Write the metadata ``block`` to the receiver of ``data_uri`` and FLUSH; False if its

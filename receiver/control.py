@@ -12,6 +12,7 @@ commands:
                         -> {"promoted": N}: the targets are RP N, and receive no more
 """
 import contextlib
+import math
 import os
 import stat
 
@@ -146,8 +147,9 @@ def _whole(v, none=True):
     return (none and v is None) or (isinstance(v, int) and not isinstance(v, bool))
 
 
-def _time(v):
-    return v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
+def _time(v, none=True):
+    return (none and v is None) or (isinstance(v, (int, float)) and not isinstance(v, bool)
+                                    and math.isfinite(v))
 
 
 def _well_typed(status):
@@ -157,7 +159,9 @@ def _well_typed(status):
             and (status["session_id"] is None or isinstance(status["session_id"], str))
             and _time(status["rp_time"]) and _time(status["commit_time"])
             and all(_whole(rp["cycle"], none=False) and _whole(rp["bytes"], none=False)
-                    and _time(rp["rp_time"]) and _time(rp.get("commit_time"))
+                    and _time(rp["rp_time"], none=False)
+                    and _time(rp.get("commit_time"), none="commit_time" not in rp)
+                    and all(isinstance(name, str) for name in rp["exports"])
                     for rp in status["rps"] + status["prepared"]))
 
 

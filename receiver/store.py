@@ -61,14 +61,15 @@ another RP time (``_stale``), for a record that reaches a receiver before any fe
 state block names the newest prepared cycle so that the source resyncs such a receiver in
 full (``copier.receiver.mismatch``) instead of trusting what it holds.
 
-Every commit record carries its RP's time (the source's clock at the RP). A commit of the
-session's committed cycle K or an older one is a repeat (the same RP time) or a late one (an
-older one) and changes nothing, unless its RP time is newer than RP K's and a fence came
-after K's commit (``_abandons``): its source's state went back to a record older than K
-(restored from a backup or a VM snapshot), the handshake resynced this receiver in full, and
-the new run's cycle ids come again. That commit, like a new session's first, folds every
-retained RP into the base images, which the record then names as no RP, before it commits:
-an RP id never names images of two histories, here or across a group (``rps --group``).
+The same fence says whether the committed history is the source's: a receiver that
+committed cycle K of the session after the fence's committed cycle holds a history the
+source abandoned (its state directory restored from a backup or a VM snapshot, or its record
+not written before a crash), and the source resyncs it in full. The session's next commit,
+whatever its cycle id (from the record's next cycle again after a clean stop, or from far
+above), is then taken like a new session's first: it folds every retained RP into the base
+images, which the record then names as no RP, before it commits, so an RP id never names
+images of two histories, here or across a group (``rps --group``). No clock decides it: a
+source restored with its clock put back is told apart as well.
 """
 import array
 import bisect
@@ -315,9 +316,10 @@ class Store:
         # older. Numbers of this process: a restart ends every older connection anyway.
         self.meta_epoch = 0
         self._fences = 0
-        # A fence came after the newest commit (see ``_abandons``). A start counts as one: no
-        # connection opened before it lives.
-        self._fenced = True
+        # The session whose last fence showed this receiver holding commits of a history it
+        # abandoned (see ``fence``): its next commit folds them away. Until that commit; a
+        # restart forgets it, and the source's next connection fences again.
+        self._abandoned = None
         self._fold_lock = threading.Lock()
         self._record_lock = threading.Lock()
         self._fold_thread = None
@@ -722,18 +724,26 @@ class Store:
         metadata connections opened before. Returns the new epoch. Waits for a fold.
 
         ``committed_cycle``: the newest cycle that source ``session_id`` counts committed
-        (None: not said). It records a cycle before it prepares it, so the session's prepared
-        RPs after that cycle are of a history it abandoned: dropped, never shown, before any
-        write of the new one arrives (``_discard``: a crash before its record leaves them
-        prepared, and the next fence drops them)."""
+        (None: not said). It records a cycle before it prepares or commits it anywhere, and
+        fences every receiver before its first record there, so the session's RPs after that
+        cycle are of a history it abandoned. Prepared ones are dropped, never shown, before
+        any write of the new one arrives (``_discard``: a crash before its record leaves them
+        prepared, and the next fence drops them); committed ones are folded away by the
+        session's next commit (``commit``)."""
         with self._fold_lock, self._quiesce():
+            r = self.record
             if session_id is not None and committed_cycle is not None:
-                self._discard([p for p in self.record["prepared"] if p["session_id"] == session_id
+                self._discard([p for p in r["prepared"] if p["session_id"] == session_id
                                and p["cycle"] > committed_cycle],
                               f"fence of a source at committed cycle {committed_cycle}")
+                if r["session_id"] == session_id and (r["committed_cycle"] or 0) > committed_cycle:
+                    log.warning("session %s is at committed cycle %d, and this receiver committed "
+                                "%d: a history its source abandoned (its state restored); its next "
+                                "commit folds the retained RPs into the base", session_id,
+                                committed_cycle, r["committed_cycle"])
+                    self._abandoned = session_id
             self._fences += 1
             self.epochs[name] = self.meta_epoch = self._fences
-            self._fenced = True
         log.info("export %r fenced: its connections opened before refuse every request", name)
         return self._fences
 
@@ -741,9 +751,8 @@ class Store:
         """Make every export's pending writes RP ``cycle``, durably and at once. A commit of
         the session's committed cycle or an older one is a no-op (a copier retrying a commit
         whose reply it lost, or one that arrives late): the pending writes are a later
-        cycle's. Unless it abandons the committed history (``_abandons``: a newer RP time
-        than the committed RP's, after a fence): then it is a new run's, which its source
-        numbers from an older record again. Checked under ``_fold_lock``, which a repeat
+        cycle's. Unless a fence showed the committed history abandoned (``fence``): then it is
+        the session's new run's, whatever its id. Checked under ``_fold_lock``, which a repeat
         queues on behind the first. Refused on a metadata connection of an ``epoch`` a fence
         made old (a dropped copier's late commit would make the new one's partial writes an RP).
 
@@ -767,7 +776,7 @@ class Store:
         with self._fold_lock:
             self._admit_record("commit", epoch)
             r = self.record
-            abandons = self._abandons(session_id, cycle, rp_time)
+            abandons = self._abandoned == session_id
             if r["session_id"] != session_id or cycle > (r["committed_cycle"] or 0) or abandons:
                 self._discard(self._stale(session_id, cycle, rp_time), f"commit of cycle {cycle}")
                 r = self.record
@@ -785,11 +794,7 @@ class Store:
                     raise OSError(errno.EBUSY, f"cycle {cycle} of session {session_id} needs the retained "
                                   f"RPs folded (its id comes again), and RPs {sorted(self._pins)} are "
                                   "attached as exports")
-                if abandons:
-                    log.warning("cycle %d of session %s has a newer RP time than committed cycle %d: "
-                                "its source abandoned that history (its state restored); the retained "
-                                "RPs go into the base", cycle, session_id, r["committed_cycle"])
-                else:
+                if not abandons:
                     log.info("cycle %d after cycle %d (session %s): the retained RPs go into the base",
                              cycle, r["rps"][-1]["cycle"], session_id)
                 while self.record["rps"]:
@@ -797,26 +802,6 @@ class Store:
             with self._quiesce():
                 self._commit(session_id, cycle, rp_time, unnamed_base=again)
         self._wake()
-
-    def _abandons(self, session_id, cycle, rp_time):
-        """Whether a commit of ``cycle`` of ``session_id`` at ``rp_time`` comes from a new run
-        of the session that abandoned the committed history: its source's state went back to
-        a record older than the committed cycle (restored from a backup or a VM snapshot), and
-        its cycle ids come again. True for a cycle not after the committed one at an RP time
-        newer than the committed RP's, once a fence came after that commit. The RP time tells
-        it from a repeat, which carries the RP time of the RP it repeats, and from a late
-        commit, which carries an older one (as ``_stale`` tells a prepared RP of another
-        history by its RP time). The fence keeps a source clock stepped back from making a
-        late commit look new: such a record travels on a metadata connection opened before
-        the commit it came late for, and is admitted only if no fence came since that
-        connection opened, so only while none came after that commit; a new run fences before
-        it writes (a start counts as a fence). A new run whose source clock is behind the
-        committed RP time is taken for a repeat, as it always was: the old history is served
-        until the new run's cycles pass it, and its next commit then covers every write it
-        sent. Caller holds ``_fold_lock``."""
-        r = self.record
-        return (self._fenced and r["session_id"] == session_id and r["rp_time"] is not None
-                and cycle <= (r["committed_cycle"] or 0) and rp_time > r["rp_time"])
 
     def _admit_record(self, what, epoch):
         """Refuse a ``what`` ("commit", "prepare") record once the targets were promoted, or on
@@ -929,7 +914,6 @@ class Store:
                                     prepared=[p for p in r["prepared"] if p not in shown],
                                     session_id=last["session_id"], committed_cycle=last["cycle"],
                                     rp_time=last["rp_time"], commit_time=last["commit_time"]))
-        self._fenced = False   # see _abandons
         for rp in shown:
             for name, seq in rp["journals"].items():
                 j = self.journals[seq]
@@ -952,7 +936,7 @@ class Store:
             with self._record_lock:
                 self._write_record(dict(self.record, session_id=session_id, committed_cycle=cycle,
                                         rp_time=rp_time, commit_time=now, rps=[rp]))
-            self._direct = self._fenced = False
+            self._direct = False
             self.pending_bytes = 0
             return
         try:
@@ -987,7 +971,7 @@ class Store:
                     self.record, unsure = new, e
                     self._unsure = True   # until a record write is durable, a repeat redoes it
                 if not prepare:
-                    self._fenced = False   # see _abandons
+                    self._abandoned = None
         except BaseException:
             for j in fresh.values():
                 j.unlink()

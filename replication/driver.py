@@ -238,7 +238,8 @@ class Session:
         self._replicas = {}
         self.receivers = (ReceiverLink([d.replica_uri for d in self.devices if d.replica_uri],
                                        ours=[d.replica_uri for d in self.devices
-                                             if d.dev in self.plan.resume])
+                                             if d.dev in self.plan.resume],
+                                       committed=self.plan.committed_cycle)
                           if self.replicated else None)
         self._retried_before = 0   # requests retried on replica connections since closed
         self._buffers = None

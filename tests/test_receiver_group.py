@@ -181,10 +181,10 @@ class _Metadata:
 def test_the_link_prepares_on_every_receiver_before_any_commit(monkeypatch):
     fake = _Metadata(monkeypatch, "S")
     a, b = "nbd://a/x", "nbd://b/y"
-    links = link.Link([a, b], ours=[a, b])
-    assert links.commit("S", 2, 2.0) == 2
-    assert fake.writes == [(a, link.MAGIC_PREPARE), (b, link.MAGIC_PREPARE),
-                           (a, link.MAGIC_COMMIT), (b, link.MAGIC_COMMIT)]
+    links = link.Link([a, b], ours=[a, b], committed=1)
+    assert links.commit("S", 2, 2.0) == 2   # fenced first: they had no record of this link
+    assert fake.writes == [(a, link.MAGIC_FENCE), (b, link.MAGIC_FENCE), (a, link.MAGIC_PREPARE),
+                           (b, link.MAGIC_PREPARE), (a, link.MAGIC_COMMIT), (b, link.MAGIC_COMMIT)]
     fake.writes.clear()
     fake.fail[b] = link.MAGIC_PREPARE
     assert links.commit("S", 3, 3.0) == 0, "a cycle shown on a receiver that another did not prepare"
@@ -193,8 +193,10 @@ def test_the_link_prepares_on_every_receiver_before_any_commit(monkeypatch):
     assert links.commit("S", 4, 4.0) == 2
     assert fake.decided == [None, None, 2, 2, 2], "a prepare does not say 3 was aborted"
     fake.writes.clear()
-    single = link.Link([a], ours=[a])   # one receiver: a commit is atomic by itself
-    assert single.commit("S", 5, 5.0) == 1 and fake.writes == [(a, link.MAGIC_COMMIT)]
+    single = link.Link([a], ours=[a], committed=4)   # one receiver: a commit is atomic by itself
+    assert single.commit("S", 5, 5.0) == 1 and fake.writes == [(a, link.MAGIC_FENCE), (a, link.MAGIC_COMMIT)]
+    fake.writes.clear()
+    assert single.commit("S", 6, 6.0) == 1 and fake.writes == [(a, link.MAGIC_COMMIT)], "fenced twice"
 
 
 def test_a_source_commits_two_receivers_together(procs, tmp_path):
@@ -480,11 +482,11 @@ def committed_history(tmp_path):
 
 
 def new_run(s, cycle=3, rp_time=13.0):
-    """The new run of a source restored to its record of cycle 2: its copier fences, resyncs
-    the receiver in full (``b"\\x33"`` everywhere) and commits ``cycle`` in one phase.
-    Returns that image."""
+    """The new run of a source restored to its record of cycle 2: its copier fences (saying
+    its committed cycle, 2), resyncs the receiver in full (``b"\\x33"`` everywhere) and
+    commits ``cycle`` in one phase. Returns that image."""
     image = b"\x33" * MiB
-    s.fence("")
+    s.fence("", "a", 2)
     s.write("", image, 0)
     s.commit("a", cycle, rp_time)
     return image
@@ -523,7 +525,8 @@ def test_a_new_run_of_the_session_makes_its_cycles_the_rps_of_their_ids(tmp_path
             assert s.record["committed_cycle"] == 5 and newest(s) == old5, "a crash showed no RP or a mix"
             assert [c for c, _ in cycles_of(s)] == ([4, 5] if crash == "amid the folds" else [])
             assert s.record["base_cycle"] == (3 if crash == "amid the folds" else 5)
-            s.commit("a", 3, 13.0)   # the source's retry (a start counts as a fence)
+            s.fence("", "a", 2)   # the source's retry: it connects, so it fences, again
+            s.commit("a", 3, 13.0)
             new3 = b"\x33" * MiB
         else:
             new3 = new_run(s)
@@ -542,12 +545,12 @@ def test_a_new_run_of_the_session_makes_its_cycles_the_rps_of_their_ids(tmp_path
         s.close()
 
 
-def test_a_repeat_a_late_commit_or_a_clock_behind_leaves_the_history(tmp_path):
+def test_a_repeat_or_a_late_commit_leaves_the_history(tmp_path):
     """With the new run at cycle 4 (RP time 14.0) and its cycle 5's writes pending, these
     change nothing: a repeat of 4, a late commit of 3 (13.0), the old run's late commit of 4
-    (4.0), a late commit of 3 at a newer RP time (the source's clock stepped back after it)
-    while no fence came since the commit of 4, and, after a fence, a new run whose clock is
-    behind the committed RP time (taken for a repeat, as before the rule). Then 5 commits."""
+    (4.0), a late commit of 3 at a newer RP time (the source's clock stepped back after it),
+    and the same after a fence of the source at its committed cycle 4, or of an older source
+    that does not say its committed cycle. Then 5 commits."""
     s, _ = committed_history(tmp_path)
     try:
         new3 = new_run(s)
@@ -556,15 +559,38 @@ def test_a_repeat_a_late_commit_or_a_clock_behind_leaves_the_history(tmp_path):
         new4 = new3[:BLOCK] + b"\x44" * BLOCK + new3[2 * BLOCK:]
         s.write("", b"\x55" * BLOCK, 2 * BLOCK)
         files = journal_files(s)
-        for cycle, rp_time, fence in ((4, 14.0, False), (3, 13.0, False), (4, 4.0, False),
-                                      (3, 20.0, False), (3, 9.0, True)):
+        for cycle, rp_time, fence in ((4, 14.0, None), (3, 13.0, None), (4, 4.0, None),
+                                      (3, 20.0, None), (3, 20.0, ("a", 4)), (3, 20.0, (None, None))):
             if fence:
-                s.fence("")
+                s.fence("", *fence)
             s.commit("a", cycle, rp_time)
             assert cycles_of(s) == [(3, 13.0), (4, 14.0)], f"the commit of {cycle} at {rp_time}"
             assert newest(s) == new4 and journal_files(s) == files
         s.commit("a", 5, 15.0)
         assert read_rp(s, 5) == new4[:2 * BLOCK] + b"\x55" * BLOCK + new4[3 * BLOCK:]
+    finally:
+        s.close()
+
+
+def test_the_fence_not_the_clock_tells_a_new_run(tmp_path):
+    """A source restored from a VM snapshot may have its clock put back too: its new run's RP
+    times are then older than the receiver's RP 5. Its fence says its committed cycle (2),
+    so its commit of 3 at RP time 0.5 is still its own RP 3 (before, a commit was told from a
+    repeat by a newer RP time: this one was taken for a repeat, the old RP 5 served, and in a
+    group the receiver refused every prepare of ids up to 5). Its ids far above the old ones
+    (a record taken while it ran) change nothing either: the old RPs 3-5 go all the same."""
+    s, _ = committed_history(tmp_path)
+    try:
+        assert new_run(s, 3, 0.5) == newest(s) and cycles_of(s) == [(3, 0.5)]
+        assert s.record["base_cycle"] is None
+    finally:
+        s.close()
+    s = None
+    os.mkdir(tmp_path / "far")
+    s, _ = committed_history(tmp_path / "far")
+    try:
+        far = 3 + (1 << 20)
+        assert new_run(s, far, 13.0) == newest(s) and cycles_of(s) == [(far, 13.0)]
     finally:
         s.close()
 
@@ -674,9 +700,10 @@ def test_the_handshake_and_the_link_resync_a_receiver_that_prepared_after_the_re
     fake = _Metadata(monkeypatch, "S")
     fake.prepared = {u: s["prepared"]["cycle"] for u, s in states.items()}
     a, b = states
-    links = link.Link([a, b], ours=[a, b])   # the handshake could not reach them
-    assert links.commit("S", 5, 5.0) == 1
-    assert fake.writes == [(b, link.MAGIC_PREPARE), (b, link.MAGIC_COMMIT)], "a commit went to a"
+    links = link.Link([a, b], ours=[a, b], committed=5)   # the handshake could not reach them
+    assert links.commit("S", 6, 6.0) == 1   # both fenced first: the fence drops a's prepared 6
+    assert fake.writes == [(a, link.MAGIC_FENCE), (b, link.MAGIC_FENCE), (b, link.MAGIC_COMMIT)], \
+        "a commit went to a"
     assert list(links.take_diverged()) == [link.meta_uri(a)]
 
 
