@@ -694,8 +694,8 @@ class Session:
 
     def _make_record(self, clean, outstanding, committed_cycle, rp_time, exact=False):
         """The record's content as of now (the tracker's open cycle, the dirty-region log's
-        state), made by the caller, never on the record thread. ``exact``: the open cycle is the next id (a stop); otherwise ids are
-        reserved ahead."""
+        state), made by the caller, never on the record thread. ``exact``: the open cycle is
+        the next id (a stop); otherwise ids are reserved ahead."""
         return records.make(
             self.plan.session_id, clean=clean, committed_cycle=committed_cycle, rp_time=rp_time,
             next_cycle=self.tracker.cycle + (0 if exact else records.RESERVE),
