@@ -237,7 +237,7 @@ class Link:
     def __init__(self, data_uris, timeout=META_TIMEOUT, ours=(), committed=None):
         self._uris = sorted({meta_uri(u): u for u in data_uris}.items())
         # The session's newest commit before the next ``commit`` (at first the one it resumes
-        # from), and the receivers fenced since this link was made (``_fence_first``).
+        # from), and the receivers fenced since this link was made (``fence_new``).
         self._committed = committed
         self._fenced = set()
         self._timeout = timeout
@@ -298,7 +298,7 @@ class Link:
         source, its record then       N prepared on some, the     those are resynced in full
         older than N (its state       source's record says < N    (``mismatch``); the first
         directory restored, or the                                fence there (before any
-        record not written before                                 record: ``_fence_first``)
+        record not written before                                 record: ``fence_new``)
         its crash)                                                drops their prepared RPs
                                                                   after the record, never shown
         source, its record then       N shown on some, the        those are resynced in full
@@ -314,8 +314,9 @@ class Link:
         committed cycles after the source's, until it took one (it refuses a prepare of them)."""
         body = {"session_id": session_id, "cycle": cycle, "rp_time": rp_time}
         self.unsettled = False
-        before, self._committed = self._committed, cycle   # the source counts it committed
-        if not self._fence_first(session_id, before, cycle):
+        fenced = self.fence_new(session_id, cycle)
+        self._committed = cycle   # the source counts it committed
+        if not fenced:
             return 0
         live = [(meta, uri) for meta, uri in self._uris if meta not in self._diverged]
         # The receivers: a plain export's handle is None (one not connected yet is not in
@@ -347,18 +348,21 @@ class Link:
                 self.unsettled = True
         return done
 
-    def _fence_first(self, session_id, committed_cycle, cycle):
-        """Fence each receiver this link has not fenced yet, before the first record it sends
-        there: a run whose first cycles copied nothing (empty reports) commits without a copy,
-        so without the copy's fence, and the fence is what tells a receiver the source's
-        committed cycle (``committed_cycle``: before this commit), by which it drops and folds
-        away the RPs of a history the source abandoned (``receiver.store.Store.fence``). False,
-        logged, if one could not be fenced: no receiver is sent the commit of ``cycle``."""
+    def fence_new(self, session_id, cycle):
+        """Before the commit of ``cycle``: fence each receiver this link has not fenced yet, so
+        that the first record it gets from this link is a fence. A run whose first cycles
+        copied nothing (empty reports) commits without a copy, so without the copy's fence, and
+        the fence is what tells a receiver the source's committed cycle (the one before
+        ``cycle``), by which it drops and folds away the RPs of a history the source abandoned
+        (``receiver.store.Store.fence``). The caller calls it before it writes its own record,
+        so that ``has_receivers`` knows every receiver by then (a receiver's commit must be
+        recorded first); ``commit`` calls it too. False, logged, if one could not be fenced:
+        no receiver is then sent the commit of ``cycle``. O(receivers not fenced yet)."""
         for meta, data_uri in self._uris:
             if meta in self._fenced or meta in self._diverged:
                 continue
             try:
-                self.fence(data_uri, session_id, committed_cycle)
+                self.fence(data_uri, session_id, self._committed)
             except ReplicaError as e:
                 log.warning("receiver %s could not be fenced before its first commit record (%s): "
                             "no receiver shows cycle %d; the next commit covers it", meta, e, cycle)

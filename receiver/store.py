@@ -316,10 +316,6 @@ class Store:
         # older. Numbers of this process: a restart ends every older connection anyway.
         self.meta_epoch = 0
         self._fences = 0
-        # The session whose last fence showed this receiver holding commits of a history it
-        # abandoned (see ``fence``): its next commit folds them away. Until that commit; a
-        # restart forgets it, and the source's next connection fences again.
-        self._abandoned = None
         self._fold_lock = threading.Lock()
         self._record_lock = threading.Lock()
         self._fold_thread = None
@@ -729,19 +725,23 @@ class Store:
         cycle are of a history it abandoned. Prepared ones are dropped, never shown, before
         any write of the new one arrives (``_discard``: a crash before its record leaves them
         prepared, and the next fence drops them); committed ones are folded away by the
-        session's next commit (``commit``)."""
+        session's next commit (``commit``), marked ``abandoned`` in the record until then."""
         with self._fold_lock, self._quiesce():
             r = self.record
             if session_id is not None and committed_cycle is not None:
                 self._discard([p for p in r["prepared"] if p["session_id"] == session_id
                                and p["cycle"] > committed_cycle],
                               f"fence of a source at committed cycle {committed_cycle}")
-                if r["session_id"] == session_id and (r["committed_cycle"] or 0) > committed_cycle:
+                if r["session_id"] == session_id and (r["committed_cycle"] or 0) > committed_cycle \
+                        and r.get("abandoned") != session_id:
                     log.warning("session %s is at committed cycle %d, and this receiver committed "
                                 "%d: a history its source abandoned (its state restored); its next "
                                 "commit folds the retained RPs into the base", session_id,
                                 committed_cycle, r["committed_cycle"])
-                    self._abandoned = session_id
+                    # Kept in the record until that commit: after a restart of this receiver
+                    # the source's next fence may carry a cycle of its new run, past ours.
+                    with self._record_lock:
+                        self._write_record(dict(self.record, abandoned=session_id))
             self._fences += 1
             self.epochs[name] = self.meta_epoch = self._fences
         log.info("export %r fenced: its connections opened before refuse every request", name)
@@ -776,7 +776,7 @@ class Store:
         with self._fold_lock:
             self._admit_record("commit", epoch)
             r = self.record
-            abandons = self._abandoned == session_id
+            abandons = self.record.get("abandoned") == session_id
             if r["session_id"] != session_id or cycle > (r["committed_cycle"] or 0) or abandons:
                 self._discard(self._stale(session_id, cycle, rp_time), f"commit of cycle {cycle}")
                 r = self.record
@@ -956,7 +956,8 @@ class Store:
                            prepared=self.record["prepared"] + [dict(rp, session_id=session_id)])
             else:
                 new = dict(self.record, session_id=session_id, committed_cycle=cycle, rp_time=rp_time,
-                           commit_time=now, rps=self.record["rps"] + [rp], pending=pending)
+                           commit_time=now, rps=self.record["rps"] + [rp], pending=pending,
+                           abandoned=None)
                 if unnamed_base:
                     new.update(base_cycle=None, base_rp_time=None)
             with self._record_lock:
@@ -970,8 +971,6 @@ class Store:
                     # record's fsync makes it durable); the copier hears of the failure.
                     self.record, unsure = new, e
                     self._unsure = True   # until a record write is durable, a repeat redoes it
-                if not prepare:
-                    self._abandoned = None
         except BaseException:
             for j in fresh.values():
                 j.unlink()
@@ -1182,7 +1181,7 @@ def load(state_dir, targets, sizes):
         return {"version": VERSION, "session_id": None, "committed_cycle": None, "rp_time": None,
                 "commit_time": None, "base_cycle": None, "base_rp_time": None, "folding": None,
                 "next_seq": 1, "rps": [], "prepared": [],
-                "pending": {}, "targets": expected, "promoted": None}
+                "pending": {}, "targets": expected, "promoted": None, "abandoned": None}
     if record["targets"] != expected:
         raise StoreError(f"state directory {state_dir} holds the journals of other "
                          f"targets ({_describe(record['targets'])}); use another --state")

@@ -578,6 +578,9 @@ class Session:
         self._publish(action.report, action.cycle)
         diverged = {}
         if action.point_in_time:
+            if self.receivers is not None:   # so that one met for the first time is known to be a
+                # receiver (``has_receivers``) before _record_due decides whether to wait
+                self.receivers.fence_new(self.plan.session_id, action.cycle)
             wait = self._record_due(action.cycle)
             if wait is not None:
                 self._save_record(clean=False, wait=wait)

@@ -635,7 +635,8 @@ def _median_range(ratios):
 
 STEP_NAMES = {"Arm": "arm the keep-aside", "CloseCycle": "RP and drain", "BuildReport": "report",
               "Copy": "copy", "Flush": "flush the replica", "Commit": "commit (with the record)",
-              "_save_record": "  of which the record", "Publish": "publish the report",
+              "_save_record": "  of which the record (its hand-off, where written behind)",
+              "Publish": "publish the report",
               "Release": "release the keep-aside"}
 
 

@@ -698,6 +698,8 @@ def test_a_commit_does_not_wait_for_a_folded_journals_files_to_go(tmp_path, monk
 def test_writes_are_invisible_until_the_commit_record(procs, tmp_path):
     target = make_image(str(tmp_path / "t.img"), 8 * MiB)
     r = Receiver(procs, str(tmp_path), [target])
+    lk = link.Link([r.uri()])
+    lk.fence(r.uri(), "s1", None)   # as a copier does before it opens data connections
     h = nbd.NBD()
     h.connect_uri(r.uri())
     # Before a first commit there is no RP: writes (an initial sync) go into the target, and
@@ -707,18 +709,18 @@ def test_writes_are_invisible_until_the_commit_record(procs, tmp_path):
         h.pread(4, 0)
     with pytest.raises(nbd.Error):
         r.read("@0", BLOCK)
-    assert link.Link([r.uri()]).commit("s1", 6, time.time()) == 1
+    assert lk.commit("s1", 6, time.time()) == 1
     assert h.pread(4, 0) == b"SSSS"
     assert r.read("@6", BLOCK)[:4] == b"SSSS"
     h.pwrite(b"A" * 65536, 4096)
     h.flush()
     assert h.pread(8, 4096) == bytes(8), "a write before its commit is visible"
-    assert link.Link([r.uri()]).commit("s1", 7, time.time()) == 1
+    assert lk.commit("s1", 7, time.time()) == 1
     assert h.pread(8, 4096) == b"A" * 8
     h.pwrite(b"B" * 4096, 4096)
     h.zero(4096, 8192)
     h.flush()
-    assert link.Link([r.uri()]).commit("s1", 8, time.time()) == 1
+    assert lk.commit("s1", 8, time.time()) == 1
     assert (h.pread(4, 4096), h.pread(4, 8192), h.pread(4, 12288)) == (b"BBBB", bytes(4), b"AAAA")
     h.shutdown()
     assert r.read("@7", 16384)[4096:] == b"A" * 12288
@@ -1140,7 +1142,8 @@ def test_commit_travels_over_tls(procs, tmp_path):
 
 class _Receivers:
     """Stand-ins for the metadata connections of copier.receiver.Link: ``states`` {data URI:
-    the state the receiver shows on its next connection}; commits are counted."""
+    the state the receiver shows on its next connection}; every call is logged in ``commits``
+    as (data URI, what: "fencing", "committing to", "flushing", ...)."""
 
     def __init__(self, monkeypatch, states):
         self.states, self.commits = states, []
@@ -1148,15 +1151,16 @@ class _Receivers:
         monkeypatch.setattr(link, "_open", lambda uri, timeout: handle(uri))
         monkeypatch.setattr(link, "_read_state", lambda h, timeout: self.states[h.uri])
         monkeypatch.setattr(link, "_close", lambda h, timeout=1.0: None)
-        monkeypatch.setattr(link, "_call", lambda h, issue, timeout, what: self.commits.append(h.uri))
+        monkeypatch.setattr(link, "_call", lambda h, issue, timeout, what: self.commits.append((h.uri, what)))
 
 
 def test_a_receiver_the_session_resumes_is_checked_on_its_first_connection(monkeypatch):
     """The start-up handshake could not reach it: a receiver that then shows another history
     (restarted on another state directory) must not get this session's increments."""
     fake = _Receivers(monkeypatch, {"nbd://r/": {"session_id": None, "committed_cycle": None}})
-    resumed = link.Link(["nbd://r/"], ours=["nbd://r/"])
-    assert resumed.commit("S", 8, 8.0) == 0 and fake.commits == []
+    resumed = link.Link(["nbd://r/"], ours=["nbd://r/"], committed=7)
+    assert resumed.commit("S", 8, 8.0) == 0   # fenced (that refuses nothing of ours), not committed
+    assert [what for _, what in fake.commits if what != "flushing"] == ["fencing"]
     assert list(resumed.take_diverged().values()) == ["the receiver has no commit of this session"]
     fresh = link.Link(["nbd://r/"])   # a full sync: a receiver new to the session is fine
     assert fresh.commit("S", 8, 8.0) == 1
@@ -1178,7 +1182,7 @@ def test_a_receiver_whose_state_went_back_gets_no_commit(monkeypatch):
     directory rolled back, or a commit record power loss undid): committing 12 over it would
     make an RP without cycles 8-10."""
     fake = _Receivers(monkeypatch, {"nbd://r/": {"session_id": "S", "committed_cycle": 9}})
-    receivers = link.Link(["nbd://r/"], ours=["nbd://r/"])
+    receivers = link.Link(["nbd://r/"], ours=["nbd://r/"], committed=9)
     assert receivers.commit("S", 10, 10.0) == 1
     fake.states["nbd://r/"] = {"session_id": "S", "committed_cycle": 7}
     receivers.close()   # the next commit connects afresh

@@ -578,7 +578,8 @@ def test_the_fence_not_the_clock_tells_a_new_run(tmp_path):
     so its commit of 3 at RP time 0.5 is still its own RP 3 (before, a commit was told from a
     repeat by a newer RP time: this one was taken for a repeat, the old RP 5 served, and in a
     group the receiver refused every prepare of ids up to 5). Its ids far above the old ones
-    (a record taken while it ran) change nothing either: the old RPs 3-5 go all the same."""
+    (a record taken while it ran) change nothing either: the old RPs 3-5 go all the same, also
+    after a restart of the receiver between the fence and the commit (the mark is recorded)."""
     s, _ = committed_history(tmp_path)
     try:
         assert new_run(s, 3, 0.5) == newest(s) and cycles_of(s) == [(3, 0.5)]
@@ -588,9 +589,28 @@ def test_the_fence_not_the_clock_tells_a_new_run(tmp_path):
     s = None
     os.mkdir(tmp_path / "far")
     s, _ = committed_history(tmp_path / "far")
+    far = 3 + (1 << 20)
     try:
-        far = 3 + (1 << 20)
         assert new_run(s, far, 13.0) == newest(s) and cycles_of(s) == [(far, 13.0)]
+    finally:
+        s.close()
+    # The receiver restarted between the fence that found the history abandoned and the new
+    # run's first commit there, whose next fence says a cycle of the new run, past RP 5.
+    os.mkdir(tmp_path / "restart")
+    s, _ = committed_history(tmp_path / "restart")
+    try:
+        s.fence("", "a", 2)
+    finally:
+        s.close()
+    s = None
+    s = reopen(tmp_path / "restart")
+    try:
+        assert s.record["abandoned"] == "a", "the receiver forgot the abandoned history"
+        s.fence("", "a", far)
+        s.write("", b"\x33" * MiB, 0)
+        s.commit("a", far + 1, 14.0)
+        assert cycles_of(s) == [(far + 1, 14.0)] and s.record["abandoned"] is None
+        assert newest(s) == b"\x33" * MiB
     finally:
         s.close()
 

@@ -10,7 +10,8 @@ import threading
 import pytest
 
 from conftest import wait_until
-from copier.receiver import Link as ReceiverLink
+from copier.receiver import Link as ReceiverLink, meta_uri
+from nbd_plugin.params import Config
 from replication import driver, record
 from test_session import make_session, rp, write  # noqa: F401 (make_session: a fixture)
 
@@ -158,3 +159,47 @@ def test_a_receiver_takes_a_commit_only_once_it_is_recorded(make_session, held, 
     held.free.set()
     wait_until(lambda: len(seen) >= taken + 3, what="three more commits taken by the receiver")
     assert all(recorded == cycle for cycle, recorded in seen), seen
+
+
+def test_a_receiver_met_by_a_runs_first_commit_takes_it_recorded(make_session, held, tmp_path,  # noqa: F811
+                                                                  monkeypatch):
+    """A clean restart with nothing outstanding commits its first cycle without a copy, so
+    without the copy's fence: the receiver is met only at that commit. It is fenced before
+    the session decides whether to wait for the record (``Link.fence_new``), so its commit is
+    on disk before the receiver takes it (else the first record went behind, and a crash then
+    left the receiver ahead of the record: a full resync, its RPs folded away)."""
+    state = str(tmp_path / "state")
+    seen = []
+
+    def fence(self, data_uri, session_id, committed_cycle):   # as a receiver answers it
+        self._seen_receiver = True
+        self._fenced.add(meta_uri(data_uri))
+
+    def commit(self, session_id, cycle, rp_time):
+        self.fence_new(session_id, cycle)
+        seen.append((cycle, on_disk(state)["committed_cycle"]))
+        return 1
+    monkeypatch.setattr(ReceiverLink, "fence", fence)
+    monkeypatch.setattr(ReceiverLink, "commit", commit)
+    s, backend, src, dst = make_session(cycle="0.2", config=[("state", state)])
+    rp(s)
+    assert s.stop()
+    held.armed.set()   # from now on a record written behind waits for the test
+    cfg = Config()
+    for key, value in (("source", src), ("cycle", "0.2"), ("state", state),
+                       ("replica", s.devices[0].replica_uri)):
+        cfg.add(key, value)
+    cfg.complete()
+    again = driver.Session(cfg, {"": backend})
+    again.start()
+    try:
+        wait_until(held.held.is_set, what="the new run's first record held on the record thread")
+        taken = len(seen)
+        threading.Event().wait(0.5)   # 0.2 s cycles: a commit that did not wait shows by now
+        assert len(seen) == taken, f"the receiver took a commit whose record was held: {seen}"
+        held.free.set()
+        wait_until(lambda: any(c >= again.plan.first_cycle for c, _ in seen), what="the new run's commit")
+        assert all(recorded == cycle for cycle, recorded in seen if cycle >= again.plan.first_cycle), seen
+    finally:
+        held.free.set()
+        again.stop()
