@@ -202,7 +202,7 @@ def _rps(args):
     if args.group:
         return _group(args, [(where, status, offline)] + [_member(path) for path in args.group])
     if offline:   # with --json on stderr: stdout stays the list of RPs a running receiver gives
-        print(f"offline: no receiver answers at {_control(args)}; read from "
+        print(f"offline: no receiver answers at {offline}; read from "
               f"{os.path.join(where, stores.RECORD)}", file=sys.stderr if args.json else sys.stdout)
     print(json.dumps(status["rps"], indent=2) if args.json else format_rps(status))
     return 0

@@ -776,7 +776,7 @@ class Store:
         with self._fold_lock:
             self._admit_record("commit", epoch)
             r = self.record
-            abandons = self.record.get("abandoned") == session_id
+            abandons = r.get("abandoned") == session_id
             if r["session_id"] != session_id or cycle > (r["committed_cycle"] or 0) or abandons:
                 self._discard(self._stale(session_id, cycle, rp_time), f"commit of cycle {cycle}")
                 r = self.record
@@ -1146,9 +1146,8 @@ def _entries(log_path):
 def _on_disk(state_dir):
     """The record in ``state_dir`` as it is on disk now, or None if it cannot be read."""
     try:
-        with open(os.path.join(state_dir, RECORD), encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, ValueError):
+        return read_record(state_dir)
+    except StoreError:
         return None
 
 
